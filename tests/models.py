@@ -1,0 +1,31 @@
+"""Tiny models for tests: a plain causal transformer (forward(x) -> logits) and a tiny HF GPT-2."""
+import torch
+from torch import nn
+
+
+class TinyCausalLM(nn.Module):
+    """A plain nn.Module the way users write them: forward(idx) returns logits, no attention_mask."""
+
+    def __init__(self, vocab_size=50, d_model=32, n_heads=2, n_layers=1, max_len=128, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=dropout, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, idx):
+        seq = idx.shape[1]
+        h = self.embed(idx) + self.pos(torch.arange(seq, device=idx.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        return self.head(self.blocks(h, mask=causal, is_causal=True))
+
+
+def tiny_gpt2(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=128, dropout=0.0, pad_token_id=None, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, pad_token_id=pad_token_id,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    return GPT2LMHeadModel(config)

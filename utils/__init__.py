@@ -1,0 +1,1 @@
+"""Padding-correct training utilities for small causal language models."""

@@ -1,0 +1,1 @@
+"""Building blocks of the fine-tuning loop: loss, data, model calls, metrics, distributed, checkpoints."""

@@ -1,0 +1,142 @@
+"""Checkpoints that resume bit-for-bit: atomic folders, everything the next step depends on.
+
+Layout: ``output_dir/checkpoints/step-<global step>/`` holding ``model.pt``, ``optimizer.pt``,
+``trainer_state.pt`` and ``meta.json`` (written last; lists every file's size). A folder is built
+as ``.tmp-step-<N>`` and renamed when complete, so a crash while saving never damages the
+checkpoints already there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Settings that fix the order of the data; resuming with others would not continue the same run.
+ORDER_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length")
+STEP_PREFIX = "step-"
+
+
+def data_fingerprint(source) -> str:
+    """sha256 over every training token, mask and label: a resume must see the same data."""
+    digest = hashlib.sha256()
+    tensors = ([t for ex in source.examples for t in (ex.input_ids, ex.attention_mask, ex.labels)]
+               if hasattr(source, "examples") else [t for b in source.plan(1) for t in b.values()])
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().long().numpy().tobytes())
+        else:
+            digest.update(b"-")
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_file(obj, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_folder(final: Path, payload: dict[str, object], meta: dict) -> None:
+    """Write every file under a temporary name, fsync, then rename the folder into place."""
+    tmp = final.with_name(".tmp-" + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, obj in payload.items():
+        _save_file(obj, tmp / name)
+    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in payload})
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    if final.exists():  # re-saving the same step (or 'best'): move the old one aside first
+        old = final.with_name(".old-" + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, *, model_state, optimizer_state, trainer_state: dict, meta: dict) -> Path:
+    final = checkpoints_dir / f"{STEP_PREFIX}{step}"
+    _write_folder(final, {"model.pt": model_state, "optimizer.pt": optimizer_state, "trainer_state.pt": trainer_state},
+                  dict(meta, step=step))
+    return final
+
+
+def save_best(checkpoints_dir: Path, *, model_state, meta: dict) -> Path:
+    final = checkpoints_dir / "best"
+    _write_folder(final, {"model.pt": model_state}, meta)
+    return final
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step folders; ``best`` is separate and always kept."""
+    for folder in step_folders(checkpoints_dir)[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def step_folders(checkpoints_dir: Path) -> list[Path]:
+    """Complete-looking step folders, newest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    folders = [p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+               and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """Read one folder; raise if any file is missing, truncated or unreadable."""
+    meta = json.loads((folder / "meta.json").read_text())
+    for name, size in meta["files"].items():
+        actual = (folder / name).stat().st_size
+        if actual != size:
+            raise OSError(f"{name} has {actual} bytes, expected {size} (truncated)")
+    loaded = {name: torch.load(folder / name, map_location="cpu", weights_only=False) for name in meta["files"]}
+    return {"meta": meta, "folder": folder, **loaded}
+
+
+def find_resumable(checkpoints_dir: Path) -> dict | None:
+    """The newest checkpoint that loads; unreadable ones are skipped with a warning naming them."""
+    for folder in step_folders(checkpoints_dir):
+        try:
+            return load_checkpoint(folder)
+        except Exception as error:  # noqa: BLE001 - any damage means: try the next one
+            warnings.warn(f"Skipping checkpoint {folder}: it is incomplete or unreadable ({type(error).__name__}: {error}).",
+                          UserWarning, stacklevel=2)
+    return None
+
+
+def check_compatible(meta: dict, *, settings: dict, fingerprint: str, world_size: int) -> None:
+    """Refuse a resume that would not continue the same run, naming what differs."""
+    if meta["data_fingerprint"] != fingerprint:
+        raise ValueError("Cannot resume: the checkpoint was made on different training data (its fingerprint differs). "
+                         "Pass the same train_data, or start fresh with resume_from_checkpoint=False.")
+    for name in ORDER_SETTINGS:
+        if meta["settings"][name] != settings[name]:
+            raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this run "
+                             f"has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
+    if meta.get("world_size", 1) != world_size:
+        raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this run "
+                         f"has {world_size}. Launch the same number of processes, or start fresh.")

@@ -1,0 +1,56 @@
+"""Input checks that run before the first optimizer step: a clear ValueError beats a device-side assert."""
+from __future__ import annotations
+
+import torch
+
+from .data import ExampleBatches
+from .loss import IGNORE_INDEX
+
+
+def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(
+            f"pad_token_id={pad_token_id} is outside the vocabulary [0, {vocab_size}). Set config.pad_token_id "
+            "(or the tokenizer's pad token) to an id the model's embedding has, e.g. the EOS id."
+        )
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, where: str, allow_ignore: bool = False) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow_ignore:
+        bad &= ids != IGNORE_INDEX
+    if bool(bad.any()):
+        value = int(ids[bad][0])
+        kind = "negative" if value < 0 else f">= the vocabulary size {vocab_size}"
+        extra = " (only -100 is allowed in labels, meaning 'ignore')" if allow_ignore else ""
+        raise ValueError(
+            f"{where} holds token id {value}, which is {kind}{extra}. Tokenize with the tokenizer that matches "
+            f"the model, or set config.vocab_size to the model's real vocabulary size."
+        )
+
+
+def check_token_ids(source, vocab_size: int, what: str) -> None:
+    """Scan every token id (and label) once; name the example and the offending id."""
+    if isinstance(source, ExampleBatches):
+        items = ((f"Example {i} of the {what}", ex.input_ids, ex.labels) for i, ex in enumerate(source.examples))
+    else:
+        items = ((f"Batch {i} of the {what}", b["input_ids"], b.get("labels")) for i, b in enumerate(source.plan(1)))
+    for where, input_ids, labels in items:
+        _check_ids(torch.as_tensor(input_ids), vocab_size, where)
+        if labels is not None:
+            _check_ids(torch.as_tensor(labels), vocab_size, where + " (labels)", allow_ignore=True)
+
+
+def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
+    """One forward pass's logits must be (batch, seq, vocab) and agree with the vocabulary."""
+    input_ids = batch["input_ids"]
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"The model returned logits of shape {tuple(logits.shape)} for input_ids of shape {tuple(input_ids.shape)}; "
+            "expected (batch, seq_len, vocab_size) with one row of logits per input position."
+        )
+    if logits.shape[-1] != vocab_size:
+        raise ValueError(
+            f"The model's logits have last dimension {logits.shape[-1]} but the vocabulary size is {vocab_size}. "
+            "Make the output layer match the tokenizer (resize the embeddings) or fix config.vocab_size."
+        )

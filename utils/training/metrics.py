@@ -1,0 +1,200 @@
+"""MetricsTracker: per-step and per-epoch metrics, CSV that survives a crash, W&B, plots, progress.
+
+Every loss and accuracy here is over real target tokens only, and every name says so
+("excl_padding"): numbers from loops that counted padding are not comparable.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+EPOCH_COLUMNS = [
+    "epoch", "global_step",
+    "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity",
+    "train/accuracy_excl_padding", "val/accuracy_excl_padding", "learning_rate",
+    "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
+    "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s",
+]
+STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
+                "train/step_real_tokens", "train/real_tokens_per_sec"]
+
+
+def safe_exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _WandbLogger:
+    """Thin wrapper: any failure of wandb (missing, no key, no network) turns it off with one warning."""
+
+    def __init__(self):
+        self.run = None
+        self.failed_reason = None
+
+    def start(self, *, project, name, mode, config, run_id=None, directory=None) -> None:
+        try:
+            import wandb
+
+            kwargs = dict(project=project or "tier3-fine-tuning", name=name, config=config, dir=directory)
+            if mode:
+                kwargs["mode"] = mode
+            if run_id:
+                kwargs.update(id=run_id, resume="allow")
+            self.run = wandb.init(**kwargs)
+        except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self._fail(error)
+
+    def log(self, values: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(values, step=step)
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+    def finish(self, summary: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            for key, value in summary.items():
+                self.run.summary[key] = value
+            self.run.finish()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+        self.run = None
+
+    def _fail(self, error: Exception) -> None:
+        self.failed_reason = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"W&B logging is off for the rest of this run ({self.failed_reason}). Training continues; every metric "
+            "is still in the returned results and in the CSV files of output_dir. Install wandb, run `wandb login`, "
+            "or pass wandb_mode='offline' to log without a network.",
+            UserWarning,
+            stacklevel=3,
+        )
+        self.run = None
+
+    @property
+    def run_id(self):
+        return getattr(self.run, "id", None)
+
+
+class MetricsTracker:
+    """Collects metrics; on the main process it also writes files, logs to W&B and shows progress."""
+
+    def __init__(self, output_dir: str, *, is_main: bool = True, use_wandb: bool = False, progress: bool = True):
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.step_rows: list[dict] = []
+        self.epoch_rows: list[dict] = []
+        self.wandb = _WandbLogger() if (use_wandb and is_main) else None
+        self.wandb_run_id = None
+        self.show_progress = progress and is_main
+        self.bar = None
+        self._last_flush_time = None
+
+    # -- run lifecycle -------------------------------------------------------------------------
+    def start(self, config: dict, *, total_steps: int, wandb_project=None, wandb_run_name=None, wandb_mode=None) -> None:
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.wandb is not None:
+            self.wandb.start(project=wandb_project, name=wandb_run_name, mode=wandb_mode, config=config,
+                             run_id=self.wandb_run_id, directory=os.environ.get("WANDB_DIR"))
+            self.wandb_run_id = self.wandb.run_id or self.wandb_run_id
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=len(self.step_rows), desc="fine-tuning", unit="step", dynamic_ncols=True)
+        self._last_flush_time = time.perf_counter()
+
+    def finish(self, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.write_files()
+        if self.wandb is not None:
+            self.wandb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+
+    # -- recording -------------------------------------------------------------------------------
+    def log_steps(self, rows: list[dict]) -> None:
+        """Rows of optimizer steps already read from the device (one host sync per flush)."""
+        now = time.perf_counter()
+        elapsed = max(now - (self._last_flush_time or now), 1e-9)
+        self._last_flush_time = now
+        tokens_per_sec = sum(r["train/step_real_tokens"] for r in rows) / elapsed
+        for row in rows:
+            row["train/real_tokens_per_sec"] = tokens_per_sec
+            self.step_rows.append(row)
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.bar is not None and rows:
+            self.bar.update(len(rows))
+            self.bar.set_postfix(loss_excl_pad=f"{rows[-1]['train/step_loss_excl_padding']:.4f}",
+                                 tok_s=f"{tokens_per_sec:,.0f}")
+
+    def log_epoch(self, row: dict) -> dict:
+        row = {column: row.get(column) for column in EPOCH_COLUMNS}
+        self.epoch_rows.append(row)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if v is not None and k != "global_step"}, step=row["global_step"])
+        self.write_files()
+        return row
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def epochs_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.epoch_rows, columns=EPOCH_COLUMNS)
+
+    def steps_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.step_rows, columns=STEP_COLUMNS)
+
+    @property
+    def epochs_csv(self) -> Path:
+        return self.output_dir / "metrics_epochs.csv"
+
+    @property
+    def steps_csv(self) -> Path:
+        return self.output_dir / "metrics_steps.csv"
+
+    def write_files(self) -> None:
+        """Rewrite the CSVs (and a JSON copy) atomically: a crash mid-write leaves the previous version."""
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.epochs_csv, self.epochs_frame().to_csv(index=False))
+        _write_atomically(self.steps_csv, self.steps_frame().to_csv(index=False))
+        history = {"epochs": self.epoch_rows, "steps": self.step_rows}
+        _write_atomically(self.output_dir / "metrics_history.json", json.dumps(history, default=float))
+
+    def state_dict(self) -> dict:
+        return {"step_rows": list(self.step_rows), "epoch_rows": list(self.epoch_rows), "wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_rows = list(state["step_rows"])
+        self.epoch_rows = list(state["epoch_rows"])
+        self.wandb_run_id = state.get("wandb_run_id")
+
+    def plot(self) -> dict[str, str]:
+        from .plots import save_training_plots
+
+        if not self.is_main or not self.epoch_rows:
+            return {}
+        return save_training_plots(self.epochs_frame(), self.steps_frame(), self.output_dir)

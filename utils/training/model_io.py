@@ -1,0 +1,78 @@
+"""Calling a user's model: plain nn.Module or Hugging Face, whatever it returns."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def _forward_parameters(model: nn.Module):
+    try:
+        return inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+class ModelCaller:
+    """Calls ``model`` the way its forward expects and returns the logits tensor.
+
+    Models whose forward names ``attention_mask`` get it (with ``input_ids=``); every other
+    model is called positionally, ``model(input_ids)``, since custom modules name that
+    argument ``x``, ``idx`` or ``src``.
+    """
+
+    def __init__(self, model: nn.Module):
+        params = _forward_parameters(model)
+        self.accepts_attention_mask = "attention_mask" in params
+        self.accepts_input_ids = "input_ids" in params
+        # Hugging Face models otherwise return a key/value cache nobody reads during training.
+        self.extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+
+    def __call__(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        if self.accepts_attention_mask:
+            kwargs = dict(attention_mask=batch.get("attention_mask"), **self.extra_kwargs)
+            output = model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
+        else:
+            output = model(input_ids)
+        return extract_logits(output)
+
+
+def extract_logits(output) -> torch.Tensor:
+    """Logits from a tensor, a tuple (first item), a dict or a Hugging Face ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and output.get("logits") is not None:
+        return output["logits"]
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"The model returned {type(output).__name__}, which holds no logits. Return a logits tensor "
+        "of shape (batch, seq_len, vocab_size), a tuple whose first item is that tensor, or a dict/"
+        "ModelOutput with a 'logits' entry."
+    )
+
+
+def vocab_size_of(model: nn.Module, config=None) -> int | None:
+    """``config.vocab_size``, else the rows of the model's output embedding, else None."""
+    size = getattr(config, "vocab_size", None) if config is not None else None
+    if size is not None:
+        return int(size)
+    inner = unwrap(model)
+    get_output = getattr(inner, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    inner_config = getattr(inner, "config", None)
+    if inner_config is not None and getattr(inner_config, "vocab_size", None) is not None:
+        return int(inner_config.vocab_size)
+    return None

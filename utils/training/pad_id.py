@@ -1,0 +1,45 @@
+"""Where the pad id comes from: config, then tokenizer, then a warned fallback."""
+from __future__ import annotations
+
+import warnings
+
+
+def _int_attr(obj, name):
+    value = getattr(obj, name, None) if obj is not None else None
+    # Some tokenizers report a list of eos ids; the first is the canonical one.
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def detect_pad_token_id(config, tokenizer=None) -> tuple[int, str]:
+    """Return ``(pad_token_id, source)``; ``source`` says where it was found (for logs and W&B).
+
+    Order: ``config.pad_token_id`` -> tokenizer (argument, else ``config.tokenizer``)
+    ``.pad_token_id`` -> tokenizer ``.eos_token_id`` (GPT-2 convention, warned) -> 0 (warned).
+    ``None`` values are skipped and missing attributes never raise.
+    """
+    pad = _int_attr(config, "pad_token_id")
+    if pad is not None:
+        return pad, "config.pad_token_id"
+    if tokenizer is None:
+        tokenizer = getattr(config, "tokenizer", None) if config is not None else None
+    pad = _int_attr(tokenizer, "pad_token_id")
+    if pad is not None:
+        return pad, "tokenizer.pad_token_id"
+    eos = _int_attr(tokenizer, "eos_token_id")
+    if eos is not None:
+        warnings.warn(
+            f"The tokenizer has no pad_token_id; using its eos_token_id ({eos}) as the pad id "
+            "(the GPT-2 convention). Set tokenizer.pad_token or config.pad_token_id to choose another.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return eos, "tokenizer.eos_token_id"
+    warnings.warn(
+        "No pad_token_id found in the config or the tokenizer, defaulting to 0. If token 0 is a real "
+        "token of your vocabulary, set config.pad_token_id (or tokenizer.pad_token_id) to your pad id.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return 0, "default 0"
