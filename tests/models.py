@@ -10,7 +10,9 @@ class TinyCausalLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=dropout, batch_first=True)
+        # bias=False: the key bias gets only rounding-noise gradients (softmax ignores it), which Adam would
+        # amplify into updates that differ with batch shape.
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=dropout, batch_first=True, bias=False)
         self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, vocab_size)
 
