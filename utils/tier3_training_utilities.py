@@ -276,9 +276,10 @@ def _train(run: _Run) -> dict:
 
 def _train_epoch(run: _Run, epoch: int) -> None:
     settings, state = run.settings, run.state
-    plan = run.train.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
-                          seed=settings.random_seed, epoch=epoch, world_size=run.ctx.world_size, rank=run.ctx.rank)
     accum = settings.gradient_accumulation_steps
+    plan = run.train.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
+                          seed=settings.random_seed, epoch=epoch, accumulation=accum, world_size=run.ctx.world_size,
+                          rank=run.ctx.rank)
     groups = [plan[i:i + accum] for i in range(0, len(plan), accum)]
     run.train_model.train()
     pending = []

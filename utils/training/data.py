@@ -177,26 +177,30 @@ class PaddingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _length_grouped(order: list[int], lengths: list[int], global_batch: int, generator, shuffle_batches: bool) -> list[int]:
-    """Mega-batches of many batches, sorted by length inside, so each batch holds similar lengths."""
-    mega = global_batch * MEGA_BATCH_FACTOR
+def _length_grouped(order: list[int], lengths: list[int], step_size: int, generator, shuffle_batches: bool) -> list[int]:
+    """Mega-batches of many optimizer steps, sorted by length inside, so each step holds similar lengths.
+
+    Grouping works on whole optimizer steps (``batch_size * accumulation * processes`` examples), so
+    how a step is split into micro-batches and processes does not change which examples it holds.
+    """
+    mega = step_size * MEGA_BATCH_FACTOR
     batches = []
     for start in range(0, len(order), mega):
         chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
-    # Only the very last batch can be short; it stays last so shards stay aligned to global batches.
-    full, tail = (batches[:-1], batches[-1:]) if len(batches[-1]) < global_batch else (batches, [])
+        batches += [chunk[i:i + step_size] for i in range(0, len(chunk), step_size)]
+    # Only the very last step can be short; it stays last so shards stay aligned to steps.
+    full, tail = (batches[:-1], batches[-1:]) if len(batches[-1]) < step_size else (batches, [])
     if shuffle_batches:
         full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
     return [i for batch in full + tail for i in batch]
 
 
-def epoch_order(lengths, batch_size, *, shuffle, group_by_length, seed, epoch, world_size=1) -> list[int]:
+def epoch_order(lengths, step_size, *, shuffle, group_by_length, seed, epoch) -> list[int]:
     """Global example order of one epoch: a pure function of the settings, so a resume can replay it."""
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist() if shuffle else list(range(len(lengths)))
     if group_by_length:
-        order = _length_grouped(order, lengths, batch_size * world_size, generator, shuffle_batches=shuffle)
+        order = _length_grouped(order, lengths, step_size, generator, shuffle_batches=shuffle)
     return order
 
 
@@ -221,9 +225,10 @@ class ExampleBatches:
         self.collator = collator
         self.lengths = [len(ex) for ex in examples]
 
-    def plan(self, batch_size, *, shuffle, group_by_length, seed, epoch, world_size=1, rank=0):
-        order = epoch_order(self.lengths, batch_size, shuffle=shuffle, group_by_length=group_by_length,
-                            seed=seed, epoch=epoch, world_size=world_size)
+    def plan(self, batch_size, *, shuffle, group_by_length, seed, epoch, accumulation=1, world_size=1, rank=0):
+        """This rank's micro-batches of one epoch, in order; consecutive ``accumulation`` of them form a step."""
+        order = epoch_order(self.lengths, batch_size * accumulation * world_size, shuffle=shuffle,
+                            group_by_length=group_by_length, seed=seed, epoch=epoch)
         return shard_batches(order, batch_size, world_size, rank)
 
     def eval_plan(self, batch_size, world_size=1, rank=0):

@@ -1,0 +1,41 @@
+"""Run by tests/test_distributed.py, once under torchrun (2 processes) and once alone."""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import TinyCausalLM  # noqa: E402
+from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
+
+VOCAB, PAD = 50, 0
+
+
+def sequences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 61, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def main(out_dir: str, batch_size: int) -> None:
+    rank = int(__import__("os").environ.get("RANK", 0))
+    train, val = sequences(37, seed=1), sequences(13, seed=2)  # neither divisible by 2 or by 8
+    for name, order in {"ordered": dict(shuffle=False, group_by_length=False),
+                        "shuffled_grouped": dict(shuffle=True, group_by_length=True)}.items():
+        torch.manual_seed(0)
+        model = TinyCausalLM(vocab_size=VOCAB)
+        result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val, n_epochs=2,
+                                  batch_size=batch_size, gradient_accumulation_steps=2, learning_rate=1e-2,
+                                  lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0, progress=False,
+                                  save_plots=False, output_dir=f"{out_dir}/{name}-run", **order)
+        summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step")}
+        summary["val_real_tokens"] = int(result["metrics_summary"]["val/real_tokens"].iloc[-1])
+        Path(f"{out_dir}/{name}-rank{rank}.json").write_text(json.dumps(summary))
+        if rank == 0:
+            torch.save(model.state_dict(), f"{out_dir}/{name}-weights.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
