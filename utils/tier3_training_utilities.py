@@ -283,17 +283,21 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     groups = [plan[i:i + accum] for i in range(0, len(plan), accum)]
     run.train_model.train()
     pending = []
-    for step_in_epoch in range(state.step_in_epoch, len(groups)):  # a resume skips the steps already done
-        batches = [to_device(run.train.collate(planned), run.device) for planned in groups[step_in_epoch]]
-        pending.append(_optimizer_step(run, batches))
-        state.global_step += 1
-        state.step_in_epoch = step_in_epoch + 1
-        checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
-        if checkpoint_due or len(pending) >= settings.log_every or state.step_in_epoch == len(groups):
-            _flush_steps(run, pending, epoch)
-            pending = []
-        if checkpoint_due:
-            _save_checkpoint(run)
+    try:
+        for step_in_epoch in range(state.step_in_epoch, len(groups)):  # a resume skips the steps already done
+            batches = [to_device(run.train.collate(planned), run.device) for planned in groups[step_in_epoch]]
+            pending.append(_optimizer_step(run, batches))
+            state.global_step += 1
+            state.step_in_epoch = step_in_epoch + 1
+            checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+            if checkpoint_due or len(pending) >= settings.log_every or state.step_in_epoch == len(groups):
+                flushing, pending = pending, []
+                _flush_steps(run, flushing, epoch)
+            if checkpoint_due:
+                _save_checkpoint(run)
+    except KeyboardInterrupt:
+        _flush_steps(run, pending, epoch)  # every completed step stays in the history
+        raise
 
 
 def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
