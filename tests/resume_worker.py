@@ -1,0 +1,62 @@
+"""Run by tests/test_checkpoints.py: an uninterrupted run, a run SIGKILLed mid-epoch, and its resume."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import TinyCausalLM  # noqa: E402
+from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
+
+VOCAB, PAD = 50, 0
+KILL_AT_FORWARD = 15  # micro-batch 15 = optimizer step 8 of 10, the 3rd step of epoch 2
+SETTINGS = dict(n_epochs=2, batch_size=4, gradient_accumulation_steps=2, checkpoint_every=3, keep_checkpoints=2,
+                shuffle=True, learning_rate=3e-3, warmup_ratio=0.2, lr_schedule="cosine", max_grad_norm=1.0,
+                progress=False, save_plots=False)
+
+
+class KillableLM(nn.Module):
+    """Dropout on; optionally SIGKILLs its own process at a training forward (no clean-up can run)."""
+
+    def __init__(self, kill_at=None):
+        super().__init__()
+        self.lm = TinyCausalLM(vocab_size=VOCAB, dropout=0.1)
+        self.kill_at, self.calls = kill_at, 0
+
+    def forward(self, idx):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.lm(idx)
+
+
+def data(seed=1, n=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 41, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def run(mode: str, out_dir: str, **overrides) -> dict:
+    torch.manual_seed(123)  # initial weights; a resume replaces them from the checkpoint
+    model = KillableLM(kill_at=KILL_AT_FORWARD if mode == "killed" else None)
+    settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume", **overrides)
+    train = overrides.pop("train", None) or data()
+    settings.pop("train", None)
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, data(seed=2, n=10), **settings)
+    torch.save(model.state_dict(), Path(out_dir) / f"{mode}-weights.pt")
+    summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step",
+                                      "resumed_from_step", "resumed_from_checkpoint", "wandb_run_id")}
+    summary["epochs"] = result["metrics_summary"].drop(columns=["train/real_tokens_per_sec", "epoch_time_s"]).to_dict("list")
+    (Path(out_dir) / f"{mode}.json").write_text(json.dumps(summary))
+    return result
+
+
+if __name__ == "__main__":
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    run(sys.argv[1], sys.argv[2], **extra)
