@@ -75,7 +75,7 @@ def test_all_padding_batch_is_zero_not_nan():
     ids = torch.zeros(2, 6, dtype=torch.long)
     logits = _logits(2, 6, 16)
     stats = masked_lm_loss(logits, ids, pad_token_id=0)
-    assert int(stats.real_targets) == 0 and float(stats.loss_sum) == 0.0
+    assert int(stats.real_targets) == 0 and stats.loss_sum.item() == 0.0
     stats.loss_sum.backward()
     assert torch.all(logits.grad == 0) and torch.isfinite(logits.grad).all()
 
