@@ -96,7 +96,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps already done in ``epoch``
     global_step: int = 0
-    epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(("loss_sum", "real", "correct", "positions"), 0.0))
+    epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(("loss_sum", "real", "correct", "positions", "train_seconds"), 0.0))
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
@@ -167,7 +167,8 @@ def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=3, 
     pad_token_id, pad_source = detect_pad_token_id(config if config is not None else getattr(model, "config", None), tokenizer)
     model.to(device)
 
-    train, val, vocab_size = _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx)
+    train, val, vocab_size = _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx,
+                                           settings.padding_multiple(device))
     caller = ModelCaller(model)
     _check_model_output(model, caller, train, device, vocab_size)
 
@@ -204,7 +205,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx):
+def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx, padding_multiple):
     vocab_size = vocab_size_of(model, config)
     if train_data is None:
         if vocab_size is None:
@@ -213,14 +214,14 @@ def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, c
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
                       UserWarning, stacklevel=3)
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train = batch_source(train_data, pad_token_id, settings.pad_to_multiple_of, "training data")
+    train = batch_source(train_data, pad_token_id, padding_multiple, "training data")
     if val_data is None:
         if not isinstance(train, ExampleBatches):
             raise ValueError("val_data=None needs train_data as a list of examples to hold out from; pass val_data.")
         train_examples, val_examples = split_train_val(train.examples, settings.val_fraction, settings.random_seed)
         train, val = ExampleBatches(train_examples, train.collator), ExampleBatches(val_examples, train.collator)
     else:
-        val = batch_source(val_data, pad_token_id, settings.pad_to_multiple_of, "validation data")
+        val = batch_source(val_data, pad_token_id, padding_multiple, "validation data")
     if ctx.enabled and not (train.plannable and val.plannable):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
@@ -283,6 +284,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     groups = [plan[i:i + accum] for i in range(0, len(plan), accum)]
     run.train_model.train()
     pending = []
+    started = time.perf_counter()
     try:
         for step_in_epoch in range(state.step_in_epoch, len(groups)):  # a resume skips the steps already done
             batches = [to_device(run.train.collate(planned), run.device) for planned in groups[step_in_epoch]]
@@ -298,6 +300,8 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     except KeyboardInterrupt:
         _flush_steps(run, pending, epoch)  # every completed step stays in the history
         raise
+    finally:
+        state.epoch_sums["train_seconds"] += time.perf_counter() - started  # training only, no validation
 
 
 def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
@@ -360,7 +364,7 @@ def _record_epoch(run: _Run, epoch: int, val: dict, seconds: float) -> None:
         "train/real_tokens": int(sums["real"]), "train/padded_tokens": int(sums["positions"] - sums["real"]),
         "train/pad_fraction": (sums["positions"] - sums["real"]) / max(sums["positions"], 1.0),
         "val/real_tokens": val["real_tokens"], "val/padded_tokens": val["padded_tokens"],
-        "train/real_tokens_per_sec": (np.mean([r["train/real_tokens_per_sec"] for r in steps]) if steps else None),
+        "train/real_tokens_per_sec": sums["real"] / max(sums["train_seconds"], 1e-9),  # training phase only
         "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
     })
     run.tracker.message(f"epoch {epoch + 1}/{run.settings.n_epochs}: train loss (excl. padding) {train_loss:.4f} | "

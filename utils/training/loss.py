@@ -53,12 +53,14 @@ def masked_lm_loss(logits, input_ids, labels=None, attention_mask=None, pad_toke
     Excluded targets get ``ignore_index``: zero loss and exactly zero gradient. A batch with
     no real target returns zeros, never NaN (``reduction="sum"``).
     """
-    targets = shifted_targets(input_ids, labels, attention_mask, pad_token_id).reshape(-1)
-    vocab_size = logits.shape[-1]
+    shifted = shifted_targets(input_ids, labels, attention_mask, pad_token_id)
+    # The last position predicts nothing: give it an ignored target instead of slicing the logits,
+    # which would copy a (batch, seq, vocab) tensor every step.
+    targets = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
     # fp32 for the softmax: under bf16/fp16 autocast the log-sum-exp loses precision.
-    flat_logits = logits[:, :-1, :].reshape(-1, vocab_size).float()
-    loss_sum = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(flat_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     real = targets != IGNORE_INDEX
     with torch.no_grad():
         correct = ((flat_logits.argmax(dim=-1) == targets) & real).sum()
-    return LossStats(loss_sum=loss_sum, real_targets=real.sum(), correct=correct, target_positions=targets.numel())
+    return LossStats(loss_sum=loss_sum, real_targets=real.sum(), correct=correct, target_positions=shifted.numel())

@@ -22,7 +22,7 @@ class FineTuneSettings:
     shuffle: bool = True
     random_seed: int = 42
     group_by_length: bool = True  # see CLAUDE.md: measured faster, same token-weighted loss
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | str | None = "auto"  # "auto": 64 on CUDA (bounded shapes), exact lengths on CPU
     mixed_precision: str | None = None  # "bf16" or "fp16" autocast on CUDA
     val_fraction: float = 0.2
     output_dir: str | None = None
@@ -65,8 +65,14 @@ class FineTuneSettings:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+        if self.pad_to_multiple_of not in (None, "auto") and (not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be an int >= 1, None or 'auto', got {self.pad_to_multiple_of!r}.")
+
+    def padding_multiple(self, device) -> int | None:
+        """On CUDA every new batch shape costs time the first time it runs; a multiple of 64 bounds the shapes."""
+        if self.pad_to_multiple_of == "auto":
+            return 64 if device.type == "cuda" else None
+        return self.pad_to_multiple_of
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}.")
         if self.keep_checkpoints < 1:
