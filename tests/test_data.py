@@ -1,0 +1,77 @@
+"""Batch planning: length grouping, determinism, sharding like DistributedSampler, dynamic padding (issue 8)."""
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models import TinyCausalLM
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.data import Example, ExampleBatches, PaddingCollator, epoch_order, shard_batches
+
+_RNG = random.Random(0)
+LENGTHS = [_RNG.randint(2, 128) for _ in range(1000)]
+
+
+def _source():
+    return ExampleBatches([Example(torch.ones(n, dtype=torch.long)) for n in LENGTHS], PaddingCollator(0))
+
+
+def _padding(plan):
+    padded = real = 0
+    for batch in plan:
+        lengths = [LENGTHS[i] for i, _ in batch]
+        padded += max(lengths) * len(lengths) - sum(lengths)
+        real += sum(lengths)
+    return padded / (padded + real)
+
+
+def test_length_grouping_cuts_padding_and_covers_every_example_once():
+    source = _source()
+    grouped = source.plan(16, shuffle=True, group_by_length=True, seed=1, epoch=0)
+    shuffled = source.plan(16, shuffle=True, group_by_length=False, seed=1, epoch=0)
+    assert sorted(i for b in grouped for i, _ in b) == list(range(len(LENGTHS)))
+    assert _padding(grouped) < 0.05 < 0.3 < _padding(shuffled)
+
+
+def test_order_is_deterministic_per_seed_and_epoch():
+    source = _source()
+    plan = lambda seed, epoch: source.plan(8, shuffle=True, group_by_length=True, seed=seed, epoch=epoch)  # noqa: E731
+    assert plan(3, 0) == plan(3, 0)
+    assert plan(3, 0) != plan(3, 1) and plan(3, 0) != plan(4, 0)
+
+
+def test_sharding_matches_distributed_sampler_and_marks_repeats():
+    order = list(range(11))
+    ranks = [shard_batches(order, 2, world_size=3, rank=r) for r in range(3)]
+    assert [i for b in ranks[0] for i, _ in b] == [0, 3, 6, 9]
+    assert [i for b in ranks[1] for i, _ in b] == [1, 4, 7, 10]
+    assert [i for b in ranks[2] for i, _ in b] == [2, 5, 8, 0]  # DistributedSampler repeats index 0 ...
+    assert [c for b in ranks[2] for _, c in b] == [True, True, True, False]  # ... and that repeat does not count
+
+
+def test_grouping_keeps_whole_optimizer_steps_together():
+    # The same examples form each optimizer step however it is split into micro-batches and processes.
+    steps = lambda order, size: [sorted(order[i:i + size]) for i in range(0, len(order), size)]  # noqa: E731
+    one = epoch_order(LENGTHS, 16, shuffle=True, group_by_length=True, seed=0, epoch=0)
+    assert steps(one, 16) == steps(epoch_order(LENGTHS, 8 * 2, shuffle=True, group_by_length=True, seed=0, epoch=0), 16)
+
+
+def test_collator_pads_to_a_multiple():
+    batch = PaddingCollator(pad_token_id=99, pad_to_multiple_of=8)([(Example(torch.arange(1, 10)), True)])
+    assert batch["input_ids"].shape == (1, 16) and batch["attention_mask"].sum() == 9
+    assert (batch["input_ids"][0, 9:] == 99).all() and (batch["labels"][0, 9:] == -100).all()
+
+
+def test_pad_to_multiple_of_does_not_change_the_loss():
+    data = [torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in range(2, 40)]
+
+    def train(multiple):
+        torch.manual_seed(0)
+        return test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0), data, data[:10],
+                                n_epochs=1, batch_size=4, pad_to_multiple_of=multiple, progress=False, save_plots=False)
+
+    exact, padded = train(None), train(8)
+    assert padded["metrics_summary"]["train/pad_fraction"].iloc[0] > exact["metrics_summary"]["train/pad_fraction"].iloc[0]
+    assert padded["loss_history"] == pytest.approx(exact["loss_history"], rel=1e-5)
+    assert padded["final_val_loss"] == pytest.approx(exact["final_val_loss"], rel=1e-5)
