@@ -127,3 +127,11 @@ def test_load_best_model_at_end_restores_the_best_epoch():
     assert best < len(losses) - 1  # the best epoch is not simply the last one
     assert result["best_epoch"] == best + 1 and Path(result["best_checkpoint"]).name == "best"
     assert evaluate_perplexity(model, val, config, batch_size=4)["loss"] == pytest.approx(losses[best], rel=1e-6)
+
+
+def test_raising_n_epochs_continues_a_finished_run(runs, tmp_path):
+    _, killed, _ = runs
+    shutil.copytree(killed / "run", tmp_path / "run")
+    result = resume_worker.run("resume", str(tmp_path), n_epochs=3)
+    assert result["resumed_from_step"] == 10 and result["global_step"] == 15
+    assert list(result["metrics_summary"]["epoch"]) == [1, 2, 3] and len(result["loss_history"]) == 15
