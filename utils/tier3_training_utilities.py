@@ -66,7 +66,8 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
     source = data if isinstance(data, (ExampleBatches, LoaderBatches)) else batch_source(data, pad_token_id, what="validation data")
     device = device or next(model.parameters()).device
     caller = caller or ModelCaller(model)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, real targets, correct
+    positions = 0  # a Python int: known from shapes, no device round trip
     was_training = model.training
     model.eval()
     try:
@@ -76,10 +77,11 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
                 with autocast():
                     logits = caller(model, batch)
                 stats = masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
-                totals += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double(),
-                                       torch.tensor(float(stats.target_positions), dtype=torch.float64, device=device)])
+                totals += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double()])
+                positions += stats.target_positions
     finally:
         model.train(was_training)
+    totals = torch.cat([totals, totals.new_tensor([positions])])
     loss_sum, real, correct, positions = all_reduce_sum(totals, ctx).tolist()
     loss = loss_sum / max(real, 1.0)
     return {"loss": loss, "perplexity": safe_exp(loss), "accuracy": correct / max(real, 1.0),
@@ -309,15 +311,16 @@ def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
     # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
     real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, run.pad_token_id) for b in batches]).sum().float(), run.ctx)
     divisor = real_in_step.clamp(min=1) / run.ctx.world_size  # DDP averages gradients over processes; undo it
-    sums = torch.zeros(4, dtype=torch.float64, device=run.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss sum, real targets, correct
+    positions = 0
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         sync = run.train_model.no_sync() if run.ctx.enabled and not last else contextlib.nullcontext()
         with sync:
             stats = _compute_loss_and_backward(run.train_model, batch, run.pad_token_id, caller=run.caller,
                                                loss_divisor=divisor, autocast=run.autocast, scaler=run.scaler)
-        sums += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double(),
-                             torch.tensor(float(stats.target_positions), dtype=torch.float64, device=run.device)])
+        sums += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double()])
+        positions += stats.target_positions
     run.scaler.unscale_(run.optimizer)
     max_norm = run.settings.max_grad_norm if run.settings.max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # returns the norm before clipping
@@ -326,14 +329,16 @@ def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"sums": sums, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
+    return {"sums": sums, "positions": positions, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
 
 
 def _flush_steps(run: _Run, pending: list[dict], epoch: int) -> None:
     """Read pending steps from the device in one sync (one all-reduce under torchrun) and record them."""
     if not pending:
         return
-    sums = all_reduce_sum(torch.stack([p["sums"] for p in pending]), run.ctx).cpu().tolist()
+    device_sums = torch.stack([p["sums"] for p in pending])
+    positions = device_sums.new_tensor([[p["positions"]] for p in pending])
+    sums = all_reduce_sum(torch.cat([device_sums, positions], dim=1), run.ctx).cpu().tolist()
     norms = torch.stack([p["grad_norm"] for p in pending]).cpu().tolist()
     first_step = run.state.global_step - len(pending) + 1
     rows = []
