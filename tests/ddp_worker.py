@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py, once under torchrun (2 processes) and once alone."""
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,15 +23,27 @@ def sequences(n, seed):
 def main(out_dir: str, batch_size: int) -> None:
     rank = int(__import__("os").environ.get("RANK", 0))
     train, val = sequences(37, seed=1), sequences(13, seed=2)  # neither divisible by 2 or by 8
-    for name, order in {"ordered": dict(shuffle=False, group_by_length=False),
-                        "shuffled_grouped": dict(shuffle=True, group_by_length=True)}.items():
+    runs = {"ordered": dict(shuffle=False, group_by_length=False),
+            "shuffled_grouped": dict(shuffle=True, group_by_length=True),
+            # One epoch with checkpoints, then a second call that resumes and trains to 2 epochs.
+            "resumed": dict(shuffle=True, group_by_length=True, n_epochs=1, checkpoint_every=2),
+            "resumed ": dict(shuffle=True, group_by_length=True, resume_from_checkpoint=True)}
+    for name, options in runs.items():
+        name = name.strip()
         torch.manual_seed(0)
         model = TinyCausalLM(vocab_size=VOCAB)
-        result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val, n_epochs=2,
+        options = dict(dict(n_epochs=2), **options)
+        result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val,
                                   batch_size=batch_size, gradient_accumulation_steps=2, learning_rate=1e-2,
                                   lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0, progress=False,
-                                  save_plots=False, output_dir=f"{out_dir}/{name}-run", **order)
-        summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step")}
+                                  save_plots=False, output_dir=f"{out_dir}/{name}-run", **options)
+        if name == "resumed" and not options.get("resume_from_checkpoint"):
+            # Drop the epoch-end checkpoint so that the resume starts mid-epoch, from step-2.
+            if rank == 0:
+                shutil.rmtree(f"{out_dir}/{name}-run/checkpoints/step-3", ignore_errors=True)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step", "resumed_from_step")}
         summary["val_real_tokens"] = int(result["metrics_summary"]["val/real_tokens"].iloc[-1])
         Path(f"{out_dir}/{name}-rank{rank}.json").write_text(json.dumps(summary))
         if rank == 0:

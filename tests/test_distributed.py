@@ -44,3 +44,18 @@ def test_only_rank_zero_writes_files(runs):
     _, multi = runs
     assert (multi / "ordered-run" / "metrics_epochs.csv").exists()
     assert len(list(multi.glob("ordered-run*"))) == 1
+
+
+def test_checkpoint_and_resume_under_torchrun(runs):
+    single, multi = runs
+    uninterrupted = json.loads((multi / "shuffled_grouped-rank0.json").read_text())
+    ranks = [json.loads((multi / f"resumed-rank{r}.json").read_text()) for r in (0, 1)]
+    # 37 examples / (4 x 2 x 2) = 3 steps per epoch: step 2 is mid-epoch.
+    assert ranks[0] == ranks[1] and ranks[0]["resumed_from_step"] == 2
+    assert ranks[0]["loss_history"] == uninterrupted["loss_history"]
+    assert ranks[0]["final_val_loss"] == uninterrupted["final_val_loss"]
+    weights = torch.load(multi / "resumed-weights.pt")
+    for key, value in torch.load(multi / "shuffled_grouped-weights.pt").items():
+        assert torch.equal(weights[key], value), key
+    # After the resume: step-3 and step-6 end the epochs, step-2 was pruned (keep 2); only rank 0 wrote them.
+    assert sorted(p.name for p in (multi / "resumed-run" / "checkpoints").iterdir()) == ["best", "step-3", "step-6"]

@@ -136,3 +136,20 @@ def test_hugging_face_model_gets_attention_mask_and_trains():
                               progress=False, save_plots=False)
     assert result["final_val_loss"] < before["loss"]
     assert result["pad_token_id_source"] == "config.pad_token_id"
+
+
+def test_torch_dataset_of_dicts_is_accepted():
+    class Lines(torch.utils.data.Dataset):
+        def __init__(self, sequences):
+            self.sequences = sequences
+
+        def __len__(self):
+            return len(self.sequences)
+
+        def __getitem__(self, index):
+            return {"input_ids": self.sequences[index], "attention_mask": torch.ones_like(self.sequences[index])}
+
+    sequences = _sequences(12, 2, 20, seed=9)
+    model = _model()
+    as_dataset = evaluate_perplexity(model, Lines(sequences), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), batch_size=4)
+    assert as_dataset["loss"] == pytest.approx(_exact_loss(model, sequences), rel=1e-6)
