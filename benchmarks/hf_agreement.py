@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.data import load_wikitext, prepare_lm_dataset, train_bpe_tokenizer  # noqa: E402
 from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
+from utils.training.loss import masked_lm_loss  # noqa: E402
 
 
 def tiny_gpt2(vocab, seed):
@@ -35,13 +35,11 @@ def per_example_sums(model, examples, eos=None):
     out = []
     model.eval()
     with torch.no_grad():
-        for e in examples:
+        for e in examples:  # one sequence at a time: no padding anywhere, so nothing to mask but EOS
             ids = torch.tensor(e["input_ids"])[None]
-            targets = ids[0, 1:].clone()
-            if eos is not None:
-                targets[targets == eos] = -100
-            logits = model(input_ids=ids).logits[0, :-1].double()
-            out.append((F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item(), int((targets != -100).sum())))
+            labels = ids.masked_fill(ids == eos, -100) if eos is not None else ids
+            stats = masked_lm_loss(model(input_ids=ids).logits.double(), ids, labels, torch.ones_like(ids))
+            out.append((stats.loss_sum.item(), int(stats.real_targets)))
     return out
 
 
