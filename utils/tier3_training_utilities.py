@@ -1,4 +1,4 @@
-"""Public entry points: ``test_fine_tuning``, ``evaluate_perplexity``, ``test_hyperparameter_search``.
+"""Public entry points: ``test_fine_tuning`` and ``evaluate_perplexity``.
 
 This file is the orchestration: check inputs -> build data -> per epoch: train, validate,
 record, checkpoint -> return results. The pieces live in ``utils/training/``. The rule that
@@ -30,7 +30,7 @@ from .training.optim import build_optimizer, build_scheduler
 from .training.pad_id import detect_pad_token_id
 from .training.settings import FineTuneSettings
 
-__all__ = ["test_fine_tuning", "evaluate_perplexity", "test_hyperparameter_search"]
+__all__ = ["test_fine_tuning", "evaluate_perplexity"]
 
 
 def _detect_pad_token_id(config, tokenizer=None) -> int:
@@ -172,7 +172,7 @@ def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=3, 
     train, val, vocab_size = _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx,
                                            settings.padding_multiple(device))
     caller = ModelCaller(model)
-    _check_model_output(model, caller, train, device, vocab_size)
+    vocab_size = _check_model_output(model, caller, train, val, pad_token_id, device, vocab_size)
 
     steps_per_epoch = math.ceil(len(train.plan(settings.batch_size, shuffle=False, group_by_length=False, seed=0,
                                                epoch=0, world_size=ctx.world_size, rank=ctx.rank))
@@ -234,10 +234,14 @@ def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, c
     return train, val, vocab_size
 
 
-def _check_model_output(model, caller, source, device, vocab_size) -> None:
-    """One forward pass in eval mode (draws no random numbers) to check the logits' shape."""
-    planned = source.plan(2, shuffle=False, group_by_length=False, seed=0, epoch=0)[0]
-    batch = to_device(source.collate(planned), device)
+def _check_model_output(model, caller, train, val, pad_token_id, device, vocab_size) -> int:
+    """One forward pass in eval mode (draws no random numbers) to check the logits; returns the vocab size.
+
+    When neither the config nor the model named the vocabulary, the logits' width is it, and the
+    token-id checks that ``_prepare_data`` could not run yet run now.
+    """
+    planned = train.plan(2, shuffle=False, group_by_length=False, seed=0, epoch=0)[0]
+    batch = to_device(train.collate(planned), device)
     was_training = model.training
     model.eval()
     try:
@@ -246,6 +250,12 @@ def _check_model_output(model, caller, source, device, vocab_size) -> None:
     finally:
         model.train(was_training)
     check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
+    if vocab_size is None:
+        vocab_size = logits.shape[-1]
+        check_pad_token_id(pad_token_id, vocab_size)
+        check_token_ids(train, vocab_size, "training data")
+        check_token_ids(val, vocab_size, "validation data")
+    return vocab_size
 
 
 def _train(run: _Run) -> dict:
@@ -268,13 +278,15 @@ def _train(run: _Run) -> dict:
     except _NonFiniteLoss as error:
         run.tracker.message(str(error))
         return {"stopped_early": True, "stop_reason": str(error), "interrupted": False}
-    except torch.OutOfMemoryError as error:
-        run.tracker.finish({})
-        raise torch.OutOfMemoryError(
-            f"Out of GPU memory at optimizer step {state.global_step} with batch_size={settings.batch_size}. Use a "
-            f"smaller batch_size and raise gradient_accumulation_steps to keep the effective batch "
-            f"(e.g. batch_size={max(1, settings.batch_size // 2)}, gradient_accumulation_steps="
-            f"{settings.gradient_accumulation_steps * 2}), or mixed_precision='bf16'.") from error
+    except Exception as error:
+        run.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
+        if isinstance(error, torch.OutOfMemoryError):
+            raise torch.OutOfMemoryError(
+                f"Out of GPU memory at optimizer step {state.global_step} with batch_size={settings.batch_size}. Use "
+                f"a smaller batch_size and raise gradient_accumulation_steps to keep the effective batch "
+                f"(e.g. batch_size={max(1, settings.batch_size // 2)}, gradient_accumulation_steps="
+                f"{settings.gradient_accumulation_steps * 2}), or mixed_precision='bf16'.") from error
+        raise
 
 
 def _train_epoch(run: _Run, epoch: int) -> None:
