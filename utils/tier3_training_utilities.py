@@ -165,6 +165,9 @@ def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=3, 
         random_seed=random_seed, **options)
     settings.validate()
     ctx, device = setup_distributed(torch.device(device) if device is not None else None)
+    if settings.mixed_precision and device.type != "cuda":
+        warnings.warn(f"mixed_precision={settings.mixed_precision!r} applies on CUDA only; training in float32 on "
+                      f"{device.type}.", UserWarning, stacklevel=2)
     _seed_everything(settings.random_seed)
     pad_token_id, pad_source = detect_pad_token_id(config if config is not None else getattr(model, "config", None), tokenizer)
     model.to(device)
