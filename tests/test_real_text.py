@@ -145,3 +145,12 @@ def test_one_epoch_matches_hugging_face_trainer(corpus, tmp_path):
     assert math.exp(ours_exact) == pytest.approx(math.exp(loop_exact), rel=0.01)
     assert math.exp(ours_exact) == pytest.approx(math.exp(hf_exact), rel=0.05)
     assert abs(hf_reported - hf_exact) > 1e-3  # HF's report is not the exact token-weighted loss
+
+
+def test_a_tokenizers_batch_output_is_accepted_as_data(corpus):
+    tokenizer, lines = corpus["tokenizer"], corpus["val"].lines[:12]
+    encoded = tokenizer(lines, truncation=True, max_length=64, padding=True)  # columns, padded, with masks
+    model = _gpt2()
+    from_columns = evaluate_perplexity(model, encoded, tokenizer=tokenizer, batch_size=4)
+    exact_loss, count = _exact_eval(model, [{"input_ids": tokenizer(line, truncation=True, max_length=64)["input_ids"]} for line in lines])
+    assert from_columns["tokens"] == count and from_columns["loss"] == pytest.approx(exact_loss, rel=1e-5)

@@ -94,6 +94,9 @@ def _strip_trailing_padding(example: Example, pad_token_id: int) -> Example:
 
 def to_examples(data, pad_token_id: int, what: str = "training data") -> list[Example]:
     """Examples from a list/Dataset of sequences or dicts; examples with no real target are skipped (warned)."""
+    if isinstance(data, Mapping) and "input_ids" in data:  # columns, e.g. a tokenizer's output for many texts
+        columns = {key: data[key] for key in ("input_ids", "attention_mask", "labels") if data.get(key) is not None}
+        data = [{key: column[i] for key, column in columns.items()} for i in range(len(columns["input_ids"]))]
     try:
         items = [data[i] for i in range(len(data))]
     except TypeError as error:
