@@ -92,9 +92,15 @@ def save_best(checkpoints_dir: Path, *, model_state, meta: dict) -> Path:
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step folders; ``best`` is separate and always kept."""
+    """Keep the newest ``keep`` step folders; ``best`` is separate and always kept.
+
+    Also removes ``.tmp-*``/``.old-*`` leftovers of saves that a crash interrupted (called right after a
+    complete save, so none of them is in use).
+    """
     for folder in step_folders(checkpoints_dir)[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
+    for leftover in list(checkpoints_dir.glob(".tmp-*")) + list(checkpoints_dir.glob(".old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def step_folders(checkpoints_dir: Path) -> list[Path]:
