@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .training import checkpoint as ckpt
-from .training.checks import check_logits, check_pad_token_id, check_token_ids
+from .training.checks import check_logits, check_vocabulary
 from .training.data import ExampleBatches, LoaderBatches, batch_source, split_train_val, synthetic_sequences, to_device
 from .training.distributed import DistContext, all_reduce_sum, barrier, setup_distributed, wrap_model
 from .training.loss import LossStats, count_real_targets, masked_lm_loss
@@ -77,7 +77,7 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
                 with autocast():
                     logits = caller(model, batch)
                 stats = masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
-                totals += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double()])
+                totals += stats.device_sums()
                 positions += stats.target_positions
     finally:
         model.train(was_training)
@@ -231,9 +231,7 @@ def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, c
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
     if vocab_size is not None:
-        check_pad_token_id(pad_token_id, vocab_size)
-        check_token_ids(train, vocab_size, "training data")
-        check_token_ids(val, vocab_size, "validation data")
+        check_vocabulary(vocab_size, pad_token_id, {"training data": train, "validation data": val})
     return train, val, vocab_size
 
 
@@ -255,9 +253,7 @@ def _check_model_output(model, caller, train, val, pad_token_id, device, vocab_s
     check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
     if vocab_size is None:
         vocab_size = logits.shape[-1]
-        check_pad_token_id(pad_token_id, vocab_size)
-        check_token_ids(train, vocab_size, "training data")
-        check_token_ids(val, vocab_size, "validation data")
+        check_vocabulary(vocab_size, pad_token_id, {"training data": train, "validation data": val})
     return vocab_size
 
 
@@ -334,7 +330,7 @@ def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
         with sync:
             stats = _compute_loss_and_backward(run.train_model, batch, run.pad_token_id, caller=run.caller,
                                                loss_divisor=divisor, autocast=run.autocast, scaler=run.scaler)
-        sums += torch.stack([stats.loss_sum.double(), stats.real_targets.double(), stats.correct.double()])
+        sums += stats.device_sums()
         positions += stats.target_positions
     run.scaler.unscale_(run.optimizer)
     max_norm = run.settings.max_grad_norm if run.settings.max_grad_norm is not None else math.inf
@@ -519,8 +515,7 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
     source = batch_source(data, pad_token_id, what="evaluation data")
     vocab_size = vocab_size_of(model, config)
     if vocab_size is not None:
-        check_pad_token_id(pad_token_id, vocab_size)
-        check_token_ids(source, vocab_size, "evaluation data")
+        check_vocabulary(vocab_size, pad_token_id, {"evaluation data": source})
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device

@@ -41,6 +41,13 @@ def check_token_ids(source, vocab_size: int, what: str) -> None:
             _check_ids(torch.as_tensor(labels), vocab_size, where + " (labels)", allow_ignore=True)
 
 
+def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
+    """The pad id and every token id of each source (``{"training data": source, ...}``) fit the vocabulary."""
+    check_pad_token_id(pad_token_id, vocab_size)
+    for what, source in sources.items():
+        check_token_ids(source, vocab_size, what)
+
+
 def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
     """One forward pass's logits must be (batch, seq, vocab) and agree with the vocabulary."""
     input_ids = batch["input_ids"]

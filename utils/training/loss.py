@@ -23,6 +23,10 @@ class LossStats:
     correct: torch.Tensor  # argmax predictions equal to the target
     target_positions: int  # all shifted positions of the batch, real or not (padding = this - real)
 
+    def device_sums(self) -> torch.Tensor:
+        """``[loss_sum, real_targets, correct]`` as one float64 tensor, detached, for accumulation on the device."""
+        return torch.stack([self.loss_sum.detach().double(), self.real_targets.double(), self.correct.double()])
+
 
 def shifted_targets(input_ids, labels=None, attention_mask=None, pad_token_id=None):
     """Targets for ``logits[:, :-1]``: label ``t+1`` for position ``t``, or IGNORE_INDEX.
