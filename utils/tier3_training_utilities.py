@@ -1,16 +1,18 @@
-"""Public entry points: ``test_fine_tuning`` and ``evaluate_perplexity``.
+"""Public entry points: ``test_fine_tuning``, ``test_hyperparameter_search`` and ``evaluate_perplexity``.
 
-This file is the orchestration: check inputs -> build data -> per epoch: train, validate,
-record, checkpoint -> return results. The pieces live in ``utils/training/``. The rule that
-holds everywhere: padding never counts. Every loss, accuracy and perplexity is a sum over
-real target tokens divided by their number (see ``utils/training/loss.py``).
+This file is the orchestration: settings -> data -> per epoch: train, validate, record,
+checkpoint -> results. The pieces live in ``utils/training/``. The rule that holds everywhere:
+padding never counts. Every loss, accuracy and perplexity is a sum over real target tokens
+divided by their number (``utils/training/loss.py``).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import random
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +23,34 @@ from torch import nn
 
 from .training import checkpoint as ckpt
 from .training.checks import check_logits, check_vocabulary
-from .training.data import ExampleBatches, LoaderBatches, batch_source, split_train_val, synthetic_sequences, to_device
+from .training.data import ExampleBatches, batch_source, split_train_val, synthetic_sequences, to_device
 from .training.distributed import DistContext, all_reduce_sum, barrier, setup_distributed, wrap_model
-from .training.loss import LossStats, count_real_targets, masked_lm_loss
+from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_algorithms, legacy_result_keys
+from .training.loss import TokenSums, count_real_targets, masked_lm_loss
 from .training.metrics import MetricsTracker, safe_exp
-from .training.model_io import ModelCaller, unwrap, vocab_size_of
+from .training.model_io import ModelCaller, eval_mode, unwrap, vocab_size_of
 from .training.optim import build_optimizer, build_scheduler
-from .training.pad_id import detect_pad_token_id
+from .training.pad_id import detect_pad_token_id, pad_is_eos
 from .training.settings import FineTuneSettings
 
-__all__ = ["test_fine_tuning", "evaluate_perplexity"]
+__all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
+
+
+def __getattr__(name):
+    # ``wandb`` as a module attribute, imported on first use: callers patch
+    # ``utils.tier3_training_utilities.wandb`` with a mock, and the import stays lazy otherwise.
+    if name == "wandb":
+        return importlib.import_module("wandb")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _wandb_module():
+    """A caller's mock of ``utils.tier3_training_utilities.wandb`` if there is one, else ``import wandb``
+    (which honours a mock placed in ``sys.modules``)."""
+    patched = globals().get("wandb")
+    if patched is not None and not isinstance(patched, types.ModuleType):
+        return patched
+    return importlib.import_module("wandb")
 
 
 def _detect_pad_token_id(config, tokenizer=None) -> int:
@@ -42,8 +62,8 @@ def _detect_pad_token_id(config, tokenizer=None) -> int:
 # The shared train step and validation pass
 # ----------------------------------------------------------------------------------------------
 def _compute_loss_and_backward(model, batch, pad_token_id, *, caller=None, loss_divisor=None,
-                               autocast=contextlib.nullcontext, scaler=None) -> LossStats:
-    """Forward one micro-batch, backward ``loss_sum / loss_divisor``; returns detached sums.
+                               autocast=contextlib.nullcontext, scaler=None) -> TokenSums:
+    """Forward one micro-batch, backward ``loss_sum / loss_divisor``; returns the batch's detached sums.
 
     ``loss_divisor`` is the real-target count of the whole optimizer step (all micro-batches, all
     processes), so accumulated gradients equal those of the one large batch. Default: this batch's.
@@ -51,11 +71,12 @@ def _compute_loss_and_backward(model, batch, pad_token_id, *, caller=None, loss_
     caller = caller or ModelCaller(model)
     with autocast():
         logits = caller(model, batch)
-    stats = masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
-    divisor = stats.real_targets.clamp(min=1) if loss_divisor is None else loss_divisor
-    loss = stats.loss_sum / divisor
+    sums = masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+    divisor = sums.real_targets.clamp(min=1) if loss_divisor is None else loss_divisor
+    loss = sums.loss_sum / divisor
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    return LossStats(stats.loss_sum.detach(), stats.real_targets, stats.correct, stats.target_positions)
+    sums.loss_sum = sums.loss_sum.detach()
+    return sums
 
 
 def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=None, caller=None,
@@ -63,29 +84,19 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
     """Token-weighted loss, perplexity and accuracy over all real targets of ``data``."""
     model = unwrap(model)  # DDP's forward would sync buffers; shards here may differ in batch count
     ctx = ctx or DistContext()
-    source = data if isinstance(data, (ExampleBatches, LoaderBatches)) else batch_source(data, pad_token_id, what="validation data")
+    source = batch_source(data, pad_token_id, what="validation data")
     device = device or next(model.parameters()).device
     caller = caller or ModelCaller(model)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, real targets, correct
-    positions = 0  # a Python int: known from shapes, no device round trip
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for planned in source.eval_plan(batch_size, world_size=ctx.world_size, rank=ctx.rank):
-                batch = to_device(source.collate(planned), device)
-                with autocast():
-                    logits = caller(model, batch)
-                stats = masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
-                totals += stats.device_sums()
-                positions += stats.target_positions
-    finally:
-        model.train(was_training)
-    totals = torch.cat([totals, totals.new_tensor([positions])])
-    loss_sum, real, correct, positions = all_reduce_sum(totals, ctx).tolist()
-    loss = loss_sum / max(real, 1.0)
-    return {"loss": loss, "perplexity": safe_exp(loss), "accuracy": correct / max(real, 1.0),
-            "real_tokens": int(real), "padded_tokens": int(positions - real)}
+    totals = TokenSums()
+    with eval_mode(model):
+        for planned in source.eval_plan(batch_size, world_size=ctx.world_size, rank=ctx.rank):
+            batch = to_device(source.collate(planned), device)
+            with autocast():
+                logits = caller(model, batch)
+            totals += masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+    totals = TokenSums.from_tensor(all_reduce_sum(totals.as_tensor(device), ctx))
+    return {"loss": totals.loss, "perplexity": safe_exp(totals.loss), "accuracy": totals.accuracy,
+            "real_tokens": int(totals.real_targets), "padded_tokens": int(totals.padded_positions)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,10 +109,20 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps already done in ``epoch``
     global_step: int = 0
-    epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(("loss_sum", "real", "correct", "positions", "train_seconds"), 0.0))
+    epoch_sums: TokenSums = field(default_factory=TokenSums)  # this epoch's training steps so far
+    train_seconds: float = 0.0  # this epoch's training phase (no validation)
+    run_seconds: float = 0.0  # the whole run: training and validation, every epoch
+    train_sequences: int = 0  # sequences trained on, the whole run
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainState:
+        return cls(**dict(values, epoch_sums=TokenSums(**values["epoch_sums"])))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch, self.epoch_sums, self.train_seconds = epoch, 0, TokenSums(), 0.0
 
 
 @dataclass
@@ -113,13 +134,15 @@ class _Run:
     ctx: DistContext
     device: torch.device
     pad_token_id: int
-    train: ExampleBatches | LoaderBatches
-    val: ExampleBatches | LoaderBatches
+    train: object  # ExampleBatches or LoaderBatches
+    val: object
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
     tracker: MetricsTracker
     data_fingerprint: str
+    steps_per_epoch: int
+    on_evaluation: object = None  # called with (step, val loss) after each validation; returns a stop reason or None
     state: TrainState = field(default_factory=TrainState)
     best_weights: dict | None = None
     best_checkpoint: str | None = None
@@ -129,79 +152,103 @@ class _Run:
     def checkpoints_dir(self) -> Path:
         return Path(self.settings.output_dir) / "checkpoints"
 
+    @property
+    def amp_enabled(self) -> bool:
+        return self.settings.precision is not None and self.device.type == "cuda"
+
     def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.mixed_precision)
-        if dtype is None or self.device.type != "cuda":
+        if not self.amp_enabled:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.precision])
 
 
-class _NonFiniteLoss(Exception):
-    pass
+class _StopTraining(Exception):
+    """Ends training at a step boundary with the results so far (non-finite loss, a pruned search trial)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # test_fine_tuning
 # ----------------------------------------------------------------------------------------------
-def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=3, learning_rate=5e-5,
-                     batch_size=4, use_wandb=False, *, gradient_accumulation_steps=1, weight_decay=0.01,
-                     max_grad_norm=1.0, lr_schedule="cosine", warmup_ratio=0.1, shuffle=True, random_seed=42,
-                     tokenizer=None, device=None, **options) -> dict:
+_D = FineTuneSettings.default
+
+
+def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=_D("n_epochs"),
+                     learning_rate=_D("learning_rate"), weight_decay=_D("weight_decay"), batch_size=_D("batch_size"),
+                     use_wandb=_D("use_wandb"), use_amp=_D("use_amp"),
+                     gradient_accumulation_steps=_D("gradient_accumulation_steps"), gradient_clip_norm=CLIP_NORM_DEFAULT,
+                     random_seed=_D("random_seed"), deterministic=_D("deterministic"),
+                     use_lr_schedule=_D("use_lr_schedule"), log_grad_dist_every=_D("log_grad_dist_every"),
+                     log_grad_histogram=_D("log_grad_histogram"), *, tokenizer=None, device=None, **options) -> dict:
     """Fine-tune ``model`` (in place) as a causal LM; padding never counts. Returns a results dict.
 
-    Further keywords (see ``FineTuneSettings``): ``group_by_length``, ``pad_to_multiple_of``,
-    ``mixed_precision``, ``output_dir``, ``checkpoint_every``, ``keep_checkpoints``,
-    ``resume_from_checkpoint``, ``early_stopping_patience``, ``load_best_model_at_end``,
-    ``wandb_project``, ``wandb_run_name``, ``wandb_mode``, ``progress``, ``log_every``, ``val_fraction``.
+    The positional order is the previous module's. ``gradient_clip_norm`` is ``max_grad_norm``;
+    ``use_amp=True`` is ``mixed_precision="fp16"``. Further keywords: see ``FineTuneSettings``.
     """
-    unknown = set(options) - FineTuneSettings.keyword_names()
-    if unknown:
-        raise TypeError(f"test_fine_tuning() got unknown keyword(s) {sorted(unknown)}; "
-                        f"known: {sorted(FineTuneSettings.keyword_names())}.")
-    settings = FineTuneSettings(
-        n_epochs=n_epochs, learning_rate=learning_rate, batch_size=batch_size, use_wandb=use_wandb,
-        gradient_accumulation_steps=gradient_accumulation_steps, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, shuffle=shuffle,
-        random_seed=random_seed, **options)
-    settings.validate()
+    settings = build_settings(
+        dict(n_epochs=n_epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
+             use_wandb=use_wandb, use_amp=use_amp, gradient_accumulation_steps=gradient_accumulation_steps,
+             random_seed=random_seed, deterministic=deterministic, use_lr_schedule=use_lr_schedule,
+             log_grad_dist_every=log_grad_dist_every, log_grad_histogram=log_grad_histogram),
+        options, gradient_clip_norm=gradient_clip_norm)
+    return _fine_tune(model, config, train_data, val_data, settings, tokenizer=tokenizer, device=device)
+
+
+test_fine_tuning.__test__ = False  # library API, not a pytest test
+
+
+def _fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
+               on_evaluation=None) -> dict:
+    """The engine behind ``test_fine_tuning`` and each search trial (which passes ``on_evaluation``)."""
+    with deterministic_algorithms(settings.deterministic):
+        run, resumed, pad_source = _start_run(model, config, train_data, val_data, settings, tokenizer, device, on_evaluation)
+        outcome = _train(run)
+        return _finish(run, outcome, resumed, pad_source)
+
+
+def _start_run(model, config, train_data, val_data, settings, tokenizer, device, on_evaluation):
     ctx, device = setup_distributed(torch.device(device) if device is not None else None)
-    if settings.mixed_precision and device.type != "cuda":
-        warnings.warn(f"mixed_precision={settings.mixed_precision!r} applies on CUDA only; training in float32 on "
-                      f"{device.type}.", UserWarning, stacklevel=2)
+    if settings.precision and device.type != "cuda":
+        warnings.warn(f"Mixed precision ({settings.precision}) applies on CUDA only; training in float32 on "
+                      f"{device.type}.", UserWarning, stacklevel=4)
     _seed_everything(settings.random_seed)
-    pad_token_id, pad_source = detect_pad_token_id(config if config is not None else getattr(model, "config", None), tokenizer)
+    config = config if config is not None else getattr(model, "config", None)
+    pad_token_id, pad_source = detect_pad_token_id(config, tokenizer)
     model.to(device)
+    model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
 
-    train, val, vocab_size = _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx,
-                                           settings.padding_multiple(device))
+    train, val, vocab_size = _prepare_data(model, config, train_data, val_data, pad_token_id,
+                                           pad_is_eos(pad_token_id, config, tokenizer), settings, ctx, device)
     caller = ModelCaller(model)
-    vocab_size = _check_model_output(model, caller, train, val, pad_token_id, device, vocab_size)
 
-    steps_per_epoch = math.ceil(len(train.plan(settings.batch_size, shuffle=False, group_by_length=False, seed=0,
-                                               epoch=0, world_size=ctx.world_size, rank=ctx.rank))
-                                / settings.gradient_accumulation_steps)
+    micro_batches = len(train.plan(settings.batch_size, shuffle=False, group_by_length=False, seed=0, epoch=0,
+                                   world_size=ctx.world_size, rank=ctx.rank))
+    steps_per_epoch = math.ceil(micro_batches / settings.gradient_accumulation_steps)
     optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
+    total_steps = settings.n_epochs * steps_per_epoch
     run = _Run(
         model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, settings.lr_schedule, settings.n_epochs * steps_per_epoch, settings.warmup_ratio),
-        scaler=torch.amp.GradScaler("cuda", enabled=settings.mixed_precision == "fp16" and device.type == "cuda"),
-        tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb, progress=settings.progress),
-        data_fingerprint=ckpt.data_fingerprint(train),
+        scheduler=build_scheduler(optimizer, settings.schedule, total_steps, settings.warmup_ratio, settings.warmup_steps),
+        scaler=torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda"),
+        tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
+                               progress=bool(settings.progress), wandb_module_getter=_wandb_module),
+        data_fingerprint=ckpt.data_fingerprint(train), steps_per_epoch=steps_per_epoch, on_evaluation=on_evaluation,
     )
     resumed = _resume(run)
     run_config = dict(settings.as_dict(), pad_token_id=pad_token_id, pad_token_id_source=pad_source,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=steps_per_epoch, model_class=type(model).__name__)
-    run.tracker.start(run_config, total_steps=settings.n_epochs * steps_per_epoch, wandb_project=settings.wandb_project,
-                      wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode)
+    run.tracker.start(run_config, total_steps=total_steps, wandb_project=settings.wandb_project,
+                      wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode, wandb_group=settings.wandb_group)
+    effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
+    run.tracker.message(f"Effective batch size: {effective_batch_size}")
+    run.tracker.message(f"Gradient accumulation steps: {settings.gradient_accumulation_steps}")
+    run.tracker.log_config_lines({"config/effective_batch_size": effective_batch_size,
+                                  "config/gradient_accumulation_steps": settings.gradient_accumulation_steps})
     if resumed is not None:
         ckpt.set_rng_state(resumed["trainer_state.pt"]["rng"][ctx.rank])  # last: nothing may draw random numbers after
         run.tracker.message(f"Resumed from {resumed['folder']} (optimizer step {run.state.global_step}).")
-
-    outcome = _train(run)
-    return _finish(run, outcome, resumed, pad_source, vocab_size)
-test_fine_tuning.__test__ = False  # library API, not a pytest test
+    return run, resumed, pad_source
 
 
 def _seed_everything(seed: int) -> None:
@@ -210,73 +257,76 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_data(model, config, train_data, val_data, pad_token_id, settings, ctx, padding_multiple):
-    vocab_size = vocab_size_of(model, config)
+def _prepare_data(model, config, train_data, val_data, pad_token_id, eos_is_pad, settings, ctx, device):
+    vocab_size = vocab_size_of(model, config)  # for synthetic data only; checked below
+    padding_multiple = settings.padding_multiple(device)
     if train_data is None:
         if vocab_size is None:
             raise ValueError("train_data=None needs the vocabulary size for synthetic data: set config.vocab_size.")
         warnings.warn("train_data=None: training on a SYNTHETIC set of 256 variable-length sequences (arithmetic "
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train = batch_source(train_data, pad_token_id, padding_multiple, "training data")
+    train = batch_source(train_data, pad_token_id, padding_multiple, "training data", eos_is_pad)
     if val_data is None:
         if not isinstance(train, ExampleBatches):
             raise ValueError("val_data=None needs train_data as a list of examples to hold out from; pass val_data.")
         train_examples, val_examples = split_train_val(train.examples, settings.val_fraction, settings.random_seed)
         train, val = ExampleBatches(train_examples, train.collator), ExampleBatches(val_examples, train.collator)
     else:
-        val = batch_source(val_data, pad_token_id, padding_multiple, "validation data")
+        val = batch_source(val_data, pad_token_id, padding_multiple, "validation data", eos_is_pad)
     if ctx.enabled and not (train.plannable and val.plannable):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
-    if vocab_size is not None:
-        check_vocabulary(vocab_size, pad_token_id, {"training data": train, "validation data": val})
+    vocab_size = _check_vocabulary_and_logits(model, config, {"training data": train, "validation data": val},
+                                              pad_token_id, device)
     return train, val, vocab_size
 
 
-def _check_model_output(model, caller, train, val, pad_token_id, device, vocab_size) -> int:
-    """One forward pass in eval mode (draws no random numbers) to check the logits; returns the vocab size.
+def _check_vocabulary_and_logits(model, config, sources: dict, pad_token_id, device) -> int:
+    """Token ids, pad id and one eval-mode forward's logits against the vocabulary; returns its size.
 
-    When neither the config nor the model named the vocabulary, the logits' width is it, and the
-    token-id checks that ``_prepare_data`` could not run yet run now.
+    With the size known (config or output embedding) the ids are checked before any forward, so a bad
+    id is named instead of failing inside the embedding; otherwise the logits' width is the size.
     """
-    planned = train.plan(2, shuffle=False, group_by_length=False, seed=0, epoch=0)[0]
-    batch = to_device(train.collate(planned), device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = caller(model, batch)
-    finally:
-        model.train(was_training)
+    vocab_size = vocab_size_of(model, config)
+    if vocab_size is not None:
+        check_vocabulary(vocab_size, pad_token_id, sources)
+    batch = to_device(next(iter(sources.values())).first_batch(), device)
+    with eval_mode(model):  # eval mode draws no random numbers
+        logits = ModelCaller(model)(model, batch)
     check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
     if vocab_size is None:
         vocab_size = logits.shape[-1]
-        check_vocabulary(vocab_size, pad_token_id, {"training data": train, "validation data": val})
+        check_vocabulary(vocab_size, pad_token_id, sources)
     return vocab_size
 
 
 def _train(run: _Run) -> dict:
     """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
     settings, state = run.settings, run.state
+    started = time.perf_counter() - state.run_seconds
     try:
         for epoch in range(state.epoch, settings.n_epochs):
-            started = time.perf_counter()
+            epoch_started = time.perf_counter()
             _train_epoch(run, epoch)
-            val = _run_validation_epoch(run.model, run.val, run.pad_token_id, batch_size=settings.batch_size,
-                                        device=run.device, caller=run.caller, ctx=run.ctx, autocast=run.autocast)
-            _record_epoch(run, epoch, val, time.perf_counter() - started)
-            stop_reason = _after_epoch(run, epoch, val)
+            val = _validate(run)
+            _record_epoch(run, epoch, val, time.perf_counter() - epoch_started)
+            improved = _track_best(run, epoch, val)
+            state.start_epoch(epoch + 1)
+            state.run_seconds = time.perf_counter() - started
+            if settings.checkpoint_every or settings.resume_from_checkpoint or settings.load_best_model_at_end:
+                _save_checkpoint(run, best=improved)
+            stop_reason = _evaluation_stop_reason(run, val) or _early_stopping_reason(run, epoch)
             if stop_reason:
                 return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False}
         return {"stopped_early": False, "stop_reason": None, "interrupted": False}
     except KeyboardInterrupt:
         run.tracker.message(f"Interrupted at optimizer step {state.global_step}; returning the metrics so far.")
         return {"stopped_early": True, "stop_reason": "interrupted (KeyboardInterrupt)", "interrupted": True}
-    except _NonFiniteLoss as error:
-        run.tracker.message(str(error))
-        return {"stopped_early": True, "stop_reason": str(error), "interrupted": False}
+    except _StopTraining as stop:
+        run.tracker.message(str(stop))
+        return {"stopped_early": True, "stop_reason": str(stop), "interrupted": False}
     except Exception as error:
         run.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
         if isinstance(error, torch.OutOfMemoryError):
@@ -286,35 +336,52 @@ def _train(run: _Run) -> dict:
                 f"(e.g. batch_size={max(1, settings.batch_size // 2)}, gradient_accumulation_steps="
                 f"{settings.gradient_accumulation_steps * 2}), or mixed_precision='bf16'.") from error
         raise
+    finally:
+        state.run_seconds = time.perf_counter() - started
 
 
 def _train_epoch(run: _Run, epoch: int) -> None:
     settings, state = run.settings, run.state
-    accum = settings.gradient_accumulation_steps
     plan = run.train.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
-                          seed=settings.random_seed, epoch=epoch, accumulation=accum, world_size=run.ctx.world_size,
-                          rank=run.ctx.rank)
-    groups = [plan[i:i + accum] for i in range(0, len(plan), accum)]
+                          seed=settings.random_seed, epoch=epoch, accumulation=settings.gradient_accumulation_steps,
+                          world_size=run.ctx.world_size, rank=run.ctx.rank)
     run.train_model.train()
     pending = []
     started = time.perf_counter()
     try:
-        for step_in_epoch in range(state.step_in_epoch, len(groups)):  # a resume skips the steps already done
-            batches = [to_device(run.train.collate(planned), run.device) for planned in groups[step_in_epoch]]
+        for step_in_epoch, planned_batches in _optimizer_steps(plan, settings.gradient_accumulation_steps, state.step_in_epoch):
+            batches = [to_device(run.train.collate(planned), run.device) for planned in planned_batches]
             pending.append(_optimizer_step(run, batches))
             state.global_step += 1
             state.step_in_epoch = step_in_epoch + 1
+            last_of_epoch = state.step_in_epoch == run.steps_per_epoch
             checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
-            if checkpoint_due or len(pending) >= settings.log_every or state.step_in_epoch == len(groups):
-                flushing, pending = pending, []
-                _flush_steps(run, flushing, epoch)
+            eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
+            if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
+                _record_steps(run, pending, epoch)
+                pending = []
             if checkpoint_due:
                 _save_checkpoint(run)
+            if eval_due:
+                _evaluate_mid_epoch(run, epoch)
     except KeyboardInterrupt:
-        _flush_steps(run, pending, epoch)  # every completed step stays in the history
+        _record_steps(run, pending, epoch)  # every completed step stays in the history
         raise
     finally:
-        state.epoch_sums["train_seconds"] += time.perf_counter() - started  # training only, no validation
+        state.train_seconds += time.perf_counter() - started  # training only, no validation
+
+
+def _optimizer_steps(plan, accumulation: int, skip: int):
+    """``(step index, micro-batches)`` of one epoch, read lazily; a resume skips the first ``skip`` steps."""
+    step, group = 0, []
+    for planned in plan:
+        group.append(planned)
+        if len(group) == accumulation:
+            if step >= skip:
+                yield step, group
+            step, group = step + 1, []
+    if group and step >= skip:
+        yield step, group
 
 
 def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
@@ -322,95 +389,109 @@ def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
     # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
     real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, run.pad_token_id) for b in batches]).sum().float(), run.ctx)
     divisor = real_in_step.clamp(min=1) / run.ctx.world_size  # DDP averages gradients over processes; undo it
-    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss sum, real targets, correct
-    positions = 0
+    sums = TokenSums()
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         sync = run.train_model.no_sync() if run.ctx.enabled and not last else contextlib.nullcontext()
         with sync:
-            stats = _compute_loss_and_backward(run.train_model, batch, run.pad_token_id, caller=run.caller,
+            sums += _compute_loss_and_backward(run.train_model, batch, run.pad_token_id, caller=run.caller,
                                                loss_divisor=divisor, autocast=run.autocast, scaler=run.scaler)
-        sums += stats.device_sums()
-        positions += stats.target_positions
+    run.state.train_sequences += sum(b["input_ids"].shape[0] for b in batches) * run.ctx.world_size
     run.scaler.unscale_(run.optimizer)
-    max_norm = run.settings.max_grad_norm if run.settings.max_grad_norm is not None else math.inf
+    settings = run.settings
+    if run.tracker.logs_gradients and (run.state.global_step + 1) % settings.log_grad_dist_every == 0:
+        run.tracker.log_gradients(run.model, run.state.global_step + 1, histograms=settings.log_grad_histogram)
+    max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # returns the norm before clipping
     learning_rate = run.optimizer.param_groups[0]["lr"]
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"sums": sums, "positions": positions, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
+    return {"sums": sums, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
 
 
-def _flush_steps(run: _Run, pending: list[dict], epoch: int) -> None:
-    """Read pending steps from the device in one sync (one all-reduce under torchrun) and record them."""
+def _record_steps(run: _Run, pending: list[dict], epoch: int) -> None:
+    """Read pending steps from the device in one sync (one all-reduce under torchrun), check and record them."""
     if not pending:
         return
-    device_sums = torch.stack([p["sums"] for p in pending])
-    positions = device_sums.new_tensor([[p["positions"]] for p in pending])
-    sums = all_reduce_sum(torch.cat([device_sums, positions], dim=1), run.ctx).cpu().tolist()
+    sums = all_reduce_sum(torch.stack([p["sums"].as_tensor(run.device) for p in pending]), run.ctx).cpu()
     norms = torch.stack([p["grad_norm"] for p in pending]).cpu().tolist()
     first_step = run.state.global_step - len(pending) + 1
     rows = []
-    for k, ((loss_sum, real, correct, positions), grad_norm) in enumerate(zip(sums, norms)):
-        step_loss = loss_sum / max(real, 1.0)
-        if not math.isfinite(step_loss):
+    for k, (step_sums, grad_norm) in enumerate(zip(map(TokenSums.from_tensor, sums), norms)):
+        if not math.isfinite(step_sums.loss):
             run.tracker.log_steps(rows)
-            raise _NonFiniteLoss(f"Training stopped: the loss became {step_loss} at optimizer step {first_step + k} "
-                                 f"(epoch {epoch + 1}). Lower the learning_rate (now {run.settings.learning_rate:g}) "
-                                 "or keep max_grad_norm clipping on; the results up to that step are returned.")
-        for key, value in zip(("loss_sum", "real", "correct", "positions"), (loss_sum, real, correct, positions)):
-            run.state.epoch_sums[key] += value
-        rows.append({"step": first_step + k, "epoch": epoch + 1, "train/step_loss_excl_padding": step_loss,
+            raise _StopTraining(f"Training stopped: the loss became {step_sums.loss} at optimizer step {first_step + k} "
+                                f"(epoch {epoch + 1}). Lower the learning_rate (now {run.settings.learning_rate:g}) "
+                                "or keep max_grad_norm clipping on; the results up to that step are returned.")
+        run.state.epoch_sums += step_sums
+        rows.append({"step": first_step + k, "epoch": epoch + 1, "train/step_loss_excl_padding": step_sums.loss,
                      "train/learning_rate": pending[k]["learning_rate"], "train/grad_norm": grad_norm,
-                     "train/step_real_tokens": int(real)})
+                     "train/step_real_tokens": int(step_sums.real_targets)})
     run.tracker.log_steps(rows)
 
 
+def _validate(run: _Run) -> dict:
+    return _run_validation_epoch(run.model, run.val, run.pad_token_id, batch_size=run.settings.batch_size,
+                                 device=run.device, caller=run.caller, ctx=run.ctx, autocast=run.autocast)
+
+
+def _evaluate_mid_epoch(run: _Run, epoch: int) -> None:
+    """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
+    val = _validate(run)
+    run.tracker.log_eval({"step": run.state.global_step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"],
+                          "val/perplexity": val["perplexity"], "val/accuracy_excl_padding": val["accuracy"]})
+    reason = _evaluation_stop_reason(run, val)
+    if reason:
+        raise _StopTraining(reason)
+    run.train_model.train()
+
+
+def _evaluation_stop_reason(run: _Run, val: dict) -> str | None:
+    return run.on_evaluation(run.state.global_step, val["loss"]) if run.on_evaluation else None
+
+
 def _record_epoch(run: _Run, epoch: int, val: dict, seconds: float) -> None:
-    sums = run.state.epoch_sums
-    train_loss = sums["loss_sum"] / max(sums["real"], 1.0)
+    sums, state = run.state.epoch_sums, run.state
     steps = [r for r in run.tracker.step_rows if r["epoch"] == epoch + 1]
     row = run.tracker.log_epoch({
-        "epoch": epoch + 1, "global_step": run.state.global_step,
-        "train/loss_excl_padding": train_loss, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
-        "train/accuracy_excl_padding": sums["correct"] / max(sums["real"], 1.0), "val/accuracy_excl_padding": val["accuracy"],
+        "epoch": epoch + 1, "global_step": state.global_step,
+        "train/loss_excl_padding": sums.loss, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
+        "train/accuracy_excl_padding": sums.accuracy, "val/accuracy_excl_padding": val["accuracy"],
         "learning_rate": steps[-1]["train/learning_rate"] if steps else None,  # the rate the last step used
-        "train/real_tokens": int(sums["real"]), "train/padded_tokens": int(sums["positions"] - sums["real"]),
-        "train/pad_fraction": (sums["positions"] - sums["real"]) / max(sums["positions"], 1.0),
-        "val/real_tokens": val["real_tokens"], "val/padded_tokens": val["padded_tokens"],
-        "train/real_tokens_per_sec": sums["real"] / max(sums["train_seconds"], 1e-9),  # training phase only
+        "train/real_tokens": int(sums.real_targets), "train/padded_tokens": int(sums.padded_positions),
+        "train/pad_fraction": sums.pad_fraction, "val/real_tokens": val["real_tokens"], "val/padded_tokens": val["padded_tokens"],
+        "train/real_tokens_per_sec": float(sums.real_targets) / max(state.train_seconds, 1e-9),  # training phase only
         "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
     })
-    run.tracker.message(f"epoch {epoch + 1}/{run.settings.n_epochs}: train loss (excl. padding) {train_loss:.4f} | "
+    run.tracker.message(f"epoch {epoch + 1}/{run.settings.n_epochs}: train loss (excl. padding) {sums.loss:.4f} | "
                         f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "
                         f"padded positions {row['train/pad_fraction']:.1%}")
 
 
-def _after_epoch(run: _Run, epoch: int, val: dict) -> str | None:
-    """Best model, early stopping and the end-of-epoch checkpoint; returns a stop reason or None."""
-    state, settings = run.state, run.settings
-    improved = val["loss"] < state.best_val_loss
-    if improved:
-        state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
-        if settings.load_best_model_at_end:
-            run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
-    else:
+def _track_best(run: _Run, epoch: int, val: dict) -> bool:
+    """Remember the best validation epoch (and its weights when they are to be restored)."""
+    state = run.state
+    if val["loss"] >= state.best_val_loss:
         state.epochs_without_improvement += 1
-    state.epoch, state.step_in_epoch = epoch + 1, 0
-    state.epoch_sums = TrainState().epoch_sums
-    if settings.checkpoint_every or settings.resume_from_checkpoint or settings.load_best_model_at_end:
-        _save_checkpoint(run, best=improved)
-    patience = settings.early_stopping_patience
-    if patience and state.epochs_without_improvement >= patience and epoch + 1 < settings.n_epochs:
+        return False
+    state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
+    if run.settings.load_best_model_at_end:
+        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    return True
+
+
+def _early_stopping_reason(run: _Run, epoch: int) -> str | None:
+    state, patience = run.state, run.settings.early_stopping_patience
+    if patience and state.epochs_without_improvement >= patience and epoch + 1 < run.settings.n_epochs:
         return (f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
                 f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
     return None
 
 
 def _save_checkpoint(run: _Run, best: bool = False) -> None:
-    """Only at optimizer-step boundaries, after pending steps are flushed. Rank 0 writes; all ranks wait."""
+    """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
     rng_states = [ckpt.rng_state()]
     if run.ctx.enabled:
         rng_states = [None] * run.ctx.world_size
@@ -456,34 +537,32 @@ def _resume(run: _Run) -> dict | None:
     trainer_state = loaded["trainer_state.pt"]
     run.scheduler.load_state_dict(trainer_state["scheduler"])
     run.scaler.load_state_dict(trainer_state["scaler"])
-    run.state = TrainState(**trainer_state["state"])
+    run.state = TrainState.from_dict(trainer_state["state"])
     run.tracker.load_state_dict(trainer_state["tracker"])
     run.last_checkpoint = str(loaded["folder"])
     best = run.checkpoints_dir / "best"
-    if run.settings.load_best_model_at_end and (best / "model.pt").exists():
+    if (best / "model.pt").exists():
         run.best_checkpoint = str(best)
-        run.best_weights = torch.load(best / "model.pt", map_location="cpu")
+        if run.settings.load_best_model_at_end:
+            run.best_weights = torch.load(best / "model.pt", map_location="cpu")
     return loaded
 
 
-def _finish(run: _Run, outcome: dict, resumed: dict | None, pad_source: str, vocab_size) -> dict:
+def _finish(run: _Run, outcome: dict, resumed: dict | None, pad_source: str) -> dict:
     tracker, state = run.tracker, run.state
-    if state.step_in_epoch and state.epoch_sums["real"]:  # a partial epoch (interrupted or stopped)
-        partial_train_loss = state.epoch_sums["loss_sum"] / state.epoch_sums["real"]
-    else:
-        partial_train_loss = None
+    partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if run.settings.load_best_model_at_end and run.best_weights is not None:
         run.model.load_state_dict(run.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
     frame = tracker.epochs_frame()
     last = frame.iloc[-1] if len(frame) else None
+    last_value = lambda column: None if last is None else float(last[column])  # noqa: E731
     results = {
-        "final_train_loss": partial_train_loss if partial_train_loss is not None else (None if last is None else float(last["train/loss_excl_padding"])),
-        "final_val_loss": None if last is None else float(last["val/loss_excl_padding"]),
-        "val_perplexity": None if last is None else float(last["val/perplexity"]),
-        "final_train_accuracy": None if last is None else float(last["train/accuracy_excl_padding"]),
-        "final_val_accuracy": None if last is None else float(last["val/accuracy_excl_padding"]),
-        "pad_token_id": run.pad_token_id, "pad_token_id_source": pad_source, "vocab_size": vocab_size,
+        "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
+        "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
+        "final_train_accuracy": last_value("train/accuracy_excl_padding"),
+        "final_val_accuracy": last_value("val/accuracy_excl_padding"),
+        "pad_token_id": run.pad_token_id, "pad_token_id_source": pad_source,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
@@ -493,6 +572,8 @@ def _finish(run: _Run, outcome: dict, resumed: dict | None, pad_source: str, voc
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": run.settings.output_dir, "metrics_csv": str(tracker.epochs_csv), "steps_csv": str(tracker.steps_csv),
         "wandb_run_id": tracker.wandb_run_id, "settings": run.settings.as_dict(), **outcome,
+        **legacy_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
+                             amp_enabled=run.amp_enabled, loss_scale=run.scaler.get_scale() if run.scaler.is_enabled() else None),
     }
     tracker.finish({k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity",
                                                                "global_step", "stopped_early", "interrupted")})
@@ -512,13 +593,21 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
     """
     config = config if config is not None else getattr(model, "config", None)
     pad_token_id = _detect_pad_token_id(config, tokenizer)
-    source = batch_source(data, pad_token_id, what="evaluation data")
-    vocab_size = vocab_size_of(model, config)
-    if vocab_size is not None:
-        check_vocabulary(vocab_size, pad_token_id, {"evaluation data": source})
+    source = batch_source(data, pad_token_id, what="evaluation data", pad_is_eos=pad_is_eos(pad_token_id, config, tokenizer))
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
+    _check_vocabulary_and_logits(model, config, {"evaluation data": source}, pad_token_id, device)
     result = _run_validation_epoch(model, source, pad_token_id, batch_size=batch_size, device=device)
     return {"loss": result["loss"], "perplexity": result["perplexity"], "accuracy": result["accuracy"],
             "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"], "pad_token_id": pad_token_id}
+
+
+def test_hyperparameter_search(*args, **kwargs) -> dict:
+    """Optuna search over ``test_fine_tuning`` settings; see ``utils/training/search.py``."""
+    from .training.search import run_search
+
+    return run_search(_fine_tune, *args, **kwargs)
+
+
+test_hyperparameter_search.__test__ = False

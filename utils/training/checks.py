@@ -29,23 +29,25 @@ def _check_ids(ids: torch.Tensor, vocab_size: int, where: str, allow_ignore: boo
         )
 
 
-def check_token_ids(source, vocab_size: int, what: str) -> None:
-    """Scan every token id (and label) once; name the example and the offending id."""
-    if isinstance(source, ExampleBatches):
-        items = ((f"Example {i} of the {what}", ex.input_ids, ex.labels) for i, ex in enumerate(source.examples))
-    else:
-        items = ((f"Batch {i} of the {what}", b["input_ids"], b.get("labels")) for i, b in enumerate(source.plan(1)))
-    for where, input_ids, labels in items:
-        _check_ids(torch.as_tensor(input_ids), vocab_size, where)
-        if labels is not None:
-            _check_ids(torch.as_tensor(labels), vocab_size, where + " (labels)", allow_ignore=True)
+def check_batch_ids(batch: dict, vocab_size: int, where: str) -> None:
+    _check_ids(torch.as_tensor(batch["input_ids"]), vocab_size, where)
+    if batch.get("labels") is not None:
+        _check_ids(torch.as_tensor(batch["labels"]), vocab_size, where + " (labels)", allow_ignore=True)
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
-    """The pad id and every token id of each source (``{"training data": source, ...}``) fit the vocabulary."""
+    """The pad id and every token id of each source (``{"training data": source, ...}``) fit the vocabulary.
+
+    Examples in memory are scanned now, naming the example; a user's DataLoader is not read ahead:
+    each of its batches is checked as it is collated (before it reaches the model).
+    """
     check_pad_token_id(pad_token_id, vocab_size)
     for what, source in sources.items():
-        check_token_ids(source, vocab_size, what)
+        if isinstance(source, ExampleBatches):
+            for i, example in enumerate(source.examples):
+                check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size, f"Example {i} of the {what}")
+        else:
+            source.vocab_size = vocab_size
 
 
 def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:

@@ -13,34 +13,26 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .loss import IGNORE_INDEX
+from .loss import IGNORE_INDEX, real_token_mask, shifted_targets
 
 MEGA_BATCH_FACTOR = 50  # batches per length-sorted mega-batch (as in HF's LengthGroupedSampler)
 
 
 @dataclass
 class Example:
-    """One sequence; ``attention_mask``/``labels`` are None when the user gave none."""
+    """One sequence, already cut to its real span; ``attention_mask`` marks its real positions."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # None: every position is real
     labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.numel()
 
-    def real_mask(self, pad_token_id: int) -> torch.Tensor:
-        """1 where the position is real: the given mask, else ``token != pad`` (no mask given)."""
-        if self.attention_mask is not None:
-            return self.attention_mask
-        return (self.input_ids != pad_token_id).long()
-
-    def target_labels(self, pad_token_id: int) -> torch.Tensor:
-        labels = self.input_ids if self.labels is None else self.labels
-        return torch.where(self.real_mask(pad_token_id).bool(), labels, IGNORE_INDEX)
-
-    def real_targets(self, pad_token_id: int) -> int:
-        return int((self.target_labels(pad_token_id)[1:] != IGNORE_INDEX).sum())
+    def real_targets(self, pad_token_id: int | None = None) -> int:
+        row = lambda t: None if t is None else t[None]  # noqa: E731
+        targets = shifted_targets(self.input_ids[None], row(self.labels), row(self.attention_mask), pad_token_id)
+        return int((targets != IGNORE_INDEX).sum())
 
 
 def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
@@ -52,6 +44,8 @@ def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
             f"Example {index}: {what} has shape {tuple(tensor.shape)}; expected a 1-D sequence of token ids. "
             "Pass one sequence per example (a list of lists, or a list of dicts)."
         )
+    if tensor.numel() == 0:
+        raise ValueError(f"Example {index}: {what} is empty. Remove empty examples (e.g. blank lines) before passing the data.")
     if tensor.is_floating_point():
         raise TypeError(f"Example {index}: {what} holds floats ({tensor.dtype}); token ids must be integers.")
     return tensor.long()
@@ -82,21 +76,35 @@ def _to_example(item, index: int) -> Example:
     )
 
 
-def _strip_trailing_padding(example: Example, pad_token_id: int) -> Example:
-    """Drop right padding a user applied already: it changes no real logit of a causal model, only costs compute."""
-    real = example.real_mask(pad_token_id).nonzero()
-    end = int(real[-1]) + 1 if real.numel() else 0
-    if end == len(example):
-        return example
-    cut = lambda t: None if t is None else t[:end]  # noqa: E731
-    return Example(example.input_ids[:end], cut(example.attention_mask), cut(example.labels))
+def _cut_to_real_span(example: Example, pad_token_id: int, pad_is_eos: bool) -> Example:
+    """Apply the real-token rule once and drop padding on either side.
+
+    Exact for a causal model: right padding changes no real logit, and removing left padding
+    gives the positions the unpadded text has (the collator re-pads on the right).
+    """
+    mask = None if example.attention_mask is None else example.attention_mask[None]
+    real = real_token_mask(example.input_ids[None], mask, pad_token_id, pad_is_eos)[0]
+    where = real.nonzero()
+    start, end = (int(where[0]), int(where[-1]) + 1) if where.numel() else (0, 0)
+    span = real[start:end]
+    cut = lambda t: None if t is None else t[start:end]  # noqa: E731
+    return Example(example.input_ids[start:end], None if bool(span.all()) else span.long(), cut(example.labels))
 
 
-def to_examples(data, pad_token_id: int, what: str = "training data") -> list[Example]:
+def _columns_to_rows(data: Mapping) -> list[dict]:
+    columns = {key: data[key] for key in ("input_ids", "attention_mask", "labels") if data.get(key) is not None}
+    rows = len(columns["input_ids"])
+    for key, column in columns.items():
+        if len(column) != rows:
+            raise ValueError(f"The '{key}' column has {len(column)} rows but 'input_ids' has {rows}. Give every column "
+                             "one row per example (tokenize all texts in one call).")
+    return [{key: column[i] for key, column in columns.items()} for i in range(rows)]
+
+
+def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos: bool = False) -> list[Example]:
     """Examples from a list/Dataset of sequences or dicts; examples with no real target are skipped (warned)."""
     if isinstance(data, Mapping) and "input_ids" in data:  # columns, e.g. a tokenizer's output for many texts
-        columns = {key: data[key] for key in ("input_ids", "attention_mask", "labels") if data.get(key) is not None}
-        data = [{key: column[i] for key, column in columns.items()} for i in range(len(columns["input_ids"]))]
+        data = _columns_to_rows(data)
     try:
         items = [data[i] for i in range(len(data))]
     except TypeError as error:
@@ -106,8 +114,8 @@ def to_examples(data, pad_token_id: int, what: str = "training data") -> list[Ex
         ) from error
     if not items:
         raise ValueError(f"The {what} is empty. Pass at least one tokenized sequence.")
-    examples = [_strip_trailing_padding(_to_example(item, i), pad_token_id) for i, item in enumerate(items)]
-    kept = [ex for ex in examples if ex.real_targets(pad_token_id) > 0]
+    examples = [_cut_to_real_span(_to_example(item, i), pad_token_id, pad_is_eos) for i, item in enumerate(items)]
+    kept = [ex for ex in examples if ex.real_targets() > 0]
     if not kept:
         raise ValueError(
             f"No example of the {what} has a real target token (each needs at least 2 non-padding tokens, "
@@ -153,8 +161,9 @@ class PaddingCollator:
     """List of ``(Example, counts)`` -> dict of ``input_ids``, ``attention_mask``, ``labels`` tensors.
 
     Pads on the right to the longest example (rounded up to ``pad_to_multiple_of``) with the pad id.
-    ``labels`` are -100 wherever the attention mask is 0, and everywhere in an example whose
-    ``counts`` is False (the duplicates a distributed sampler adds to even out shards).
+    Which targets count is the loss's rule (it reads the attention mask); the collator only sets
+    ``labels`` to -100 on padding and everywhere in an example whose ``counts`` is False (the
+    duplicates a distributed sampler adds to even out shards).
 
     >>> PaddingCollator(pad_token_id=0)([(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)])["labels"]
     tensor([[   5,    6,    7],
@@ -174,9 +183,9 @@ class PaddingCollator:
         for row, (example, counts) in enumerate(items):
             n = len(example)
             input_ids[row, :n] = example.input_ids
-            attention_mask[row, :n] = example.real_mask(self.pad_token_id)
+            attention_mask[row, :n] = 1 if example.attention_mask is None else example.attention_mask
             if counts:
-                labels[row, :n] = example.target_labels(self.pad_token_id)
+                labels[row, :n] = example.input_ids if example.labels is None else example.labels
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -242,32 +251,74 @@ class ExampleBatches:
     def collate(self, planned_batch):
         return self.collator([(self.examples[i], counts) for i, counts in planned_batch])
 
+    def first_batch(self) -> dict:
+        return self.collate(self.plan(2, shuffle=False, group_by_length=False, seed=0, epoch=0)[0])
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
 
 class LoaderBatches:
-    """A user's DataLoader of dict batches, used as given (its own order and padding)."""
+    """A user's DataLoader of dict batches, used as given (its own order and padding), read lazily.
+
+    Nothing is materialised: ``len(loader)`` gives the step count and each epoch is one pass.
+    Batches get the package's real-token rule as an attention mask when they carry none, and
+    ``position_ids`` from the mask when they are left-padded (as Hugging Face's generation does),
+    so models with absolute positions see the positions of the unpadded text.
+    """
 
     plannable = False
 
-    def __init__(self, loader: DataLoader):
+    def __init__(self, loader: DataLoader, pad_token_id: int, pad_is_eos: bool = False, what: str = "training data"):
         self.loader = loader
+        self.pad_token_id = pad_token_id
+        self.pad_is_eos = pad_is_eos
+        self.what = what
+        self.vocab_size = None  # set once known: every batch's ids are then checked as it is collated
 
-    def plan(self, batch_size, **_):
-        return list(self.loader)
+    def plan(self, batch_size=None, **_):
+        return self.loader
 
     eval_plan = plan
 
-    @staticmethod
-    def collate(batch):
+    def first_batch(self) -> dict:
+        try:
+            return self.collate(next(iter(self.loader)))
+        except StopIteration:
+            raise ValueError(f"The DataLoader given as {self.what} yields no batch. Pass a non-empty DataLoader.") from None
+
+    def collate(self, batch) -> dict:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError("A DataLoader passed as data must yield dict batches with 'input_ids' (and optional "
-                            "'attention_mask', 'labels'). Pass a list of sequences instead to let the package pad them.")
-        return dict(batch)
+            raise TypeError(f"The DataLoader given as {self.what} yields {type(batch).__name__} batches; it must yield "
+                            "dicts with 'input_ids' (and optional 'attention_mask', 'labels'). Pass a list of sequences "
+                            "instead to let the package pad them.")
+        batch = dict(batch)
+        input_ids = batch["input_ids"]
+        for key in ("attention_mask", "labels"):
+            if batch.get(key) is not None and tuple(batch[key].shape) != tuple(input_ids.shape):
+                raise ValueError(f"A batch of the {self.what} has {key} of shape {tuple(batch[key].shape)} but input_ids "
+                                 f"of shape {tuple(input_ids.shape)}. Give {key} one entry per input token.")
+        if self.vocab_size is not None:
+            from .checks import check_batch_ids
+
+            check_batch_ids(batch, self.vocab_size, f"A batch of the {self.what}")
+        mask = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
+        batch["attention_mask"] = mask
+        if bool((mask[:, 0] == 0).any()):  # left padding: positions must count from each row's first real token
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
-def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data"):
+def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",
+                 pad_is_eos: bool = False):
+    if isinstance(data, (ExampleBatches, LoaderBatches)):
+        return data  # prepared once (the hyperparameter search reuses it for every trial)
     if isinstance(data, DataLoader):
-        return LoaderBatches(data)
-    return ExampleBatches(to_examples(data, pad_token_id, what), PaddingCollator(pad_token_id, pad_to_multiple_of))
+        return LoaderBatches(data, pad_token_id, pad_is_eos, what)
+    return ExampleBatches(to_examples(data, pad_token_id, what, pad_is_eos), PaddingCollator(pad_token_id, pad_to_multiple_of))
 
 
 def to_device(batch: Mapping, device: torch.device) -> dict:

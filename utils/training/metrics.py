@@ -35,24 +35,46 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _WandbLogger:
-    """Thin wrapper: any failure of wandb (missing, no key, no network) turns it off with one warning."""
+def import_wandb():
+    import wandb
 
-    def __init__(self):
+    return wandb
+
+
+class _WandbLogger:
+    """Thin wrapper: any failure of wandb (missing, no key, no network) turns it off with one warning.
+
+    ``module_getter`` returns the ``wandb`` module to use; the entry point passes one that honours a
+    caller who replaced ``wandb`` with a mock.
+    """
+
+    def __init__(self, module_getter=import_wandb):
+        self.module_getter = module_getter
+        self.module = None
         self.run = None
         self.failed_reason = None
 
-    def start(self, *, project, name, mode, config, run_id=None, directory=None) -> None:
+    def start(self, *, project, name, mode, config, run_id=None, directory=None, group=None) -> None:
         try:
-            import wandb
-
+            self.module = self.module_getter()
             kwargs = dict(project=project or "tier3-fine-tuning", name=name, config=config, dir=directory)
+            if group:
+                kwargs["group"] = group
             if mode:
                 kwargs["mode"] = mode
             if run_id:
                 kwargs.update(id=run_id, resume="allow")
-            self.run = wandb.init(**kwargs)
+            self.run = self.module.init(**kwargs)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self._fail(error)
+
+    def log_to_active_run(self, values: dict) -> None:
+        """Through the module-level ``wandb.log`` (the active run), as the previous module logged its config lines."""
+        if self.run is None:
+            return
+        try:
+            self.module.log(values)
+        except Exception as error:  # noqa: BLE001
             self._fail(error)
 
     def log(self, values: dict, step: int) -> None:
@@ -70,6 +92,9 @@ class _WandbLogger:
             for key, value in summary.items():
                 self.run.summary[key] = value
             self.run.finish()
+        except KeyboardInterrupt:  # a Ctrl-C while W&B uploads must not lose the results being returned
+            warnings.warn("W&B was interrupted while closing its run; run `wandb sync` on its folder to upload the rest.",
+                          UserWarning, stacklevel=3)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
         self.run = None
@@ -93,24 +118,29 @@ class _WandbLogger:
 class MetricsTracker:
     """Collects metrics; on the main process it also writes files, logs to W&B and shows progress."""
 
-    def __init__(self, output_dir: str, *, is_main: bool = True, use_wandb: bool = False, progress: bool = True):
+    def __init__(self, output_dir: str, *, is_main: bool = True, use_wandb: bool = False, progress: bool = True,
+                 wandb_module_getter=import_wandb):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.step_rows: list[dict] = []
         self.epoch_rows: list[dict] = []
-        self.wandb = _WandbLogger() if (use_wandb and is_main) else None
+        self.eval_rows: list[dict] = []  # mid-epoch validations (eval_every)
+        self.wandb = _WandbLogger(wandb_module_getter) if (use_wandb and is_main) else None
         self.wandb_run_id = None
         self.show_progress = progress and is_main
         self.bar = None
         self._last_flush_time = None
 
     # -- run lifecycle -------------------------------------------------------------------------
-    def start(self, config: dict, *, total_steps: int, wandb_project=None, wandb_run_name=None, wandb_mode=None) -> None:
+    def start(self, config: dict, *, total_steps: int, wandb_project=None, wandb_run_name=None, wandb_mode=None,
+              wandb_group=None) -> None:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.wandb is not None:
+            # W&B's local run folder goes under output_dir, not the working directory (unless WANDB_DIR says).
             self.wandb.start(project=wandb_project, name=wandb_run_name, mode=wandb_mode, config=config,
-                             run_id=self.wandb_run_id, directory=os.environ.get("WANDB_DIR"))
+                             run_id=self.wandb_run_id, directory=os.environ.get("WANDB_DIR") or str(self.output_dir),
+                             group=wandb_group)
             self.wandb_run_id = self.wandb.run_id or self.wandb_run_id
         if self.show_progress:
             from tqdm.auto import tqdm
@@ -142,6 +172,32 @@ class MetricsTracker:
             self.bar.update(len(rows))
             self.bar.set_postfix(loss_excl_pad=f"{rows[-1]['train/step_loss_excl_padding']:.4f}",
                                  tok_s=f"{tokens_per_sec:,.0f}")
+
+    def log_eval(self, row: dict) -> None:
+        """A validation inside an epoch (``eval_every``): its own rows and CSV, the same W&B names."""
+        self.eval_rows.append(row)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+        self.write_files()
+
+    @property
+    def logs_gradients(self) -> bool:
+        return self.wandb is not None and self.wandb.run is not None
+
+    def log_gradients(self, model, step: int, histograms: bool) -> None:
+        """Per-layer gradient norms (and histograms) to W&B; called before clipping, after AMP unscaling."""
+        values = {}
+        for name, parameter in model.named_parameters():
+            if parameter.grad is None:
+                continue
+            values[f"gradients/{name}.norm"] = float(parameter.grad.detach().norm())
+            if histograms:
+                values[f"gradients/{name}"] = self.wandb.module.Histogram(parameter.grad.detach().float().cpu().numpy())
+        self.wandb.log(values, step=step)
+
+    def log_config_lines(self, values: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log_to_active_run(values)
 
     def log_epoch(self, row: dict) -> dict:
         row = {column: row.get(column) for column in EPOCH_COLUMNS}
@@ -181,15 +237,19 @@ class MetricsTracker:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.epochs_csv, self.epochs_frame().to_csv(index=False))
         _write_atomically(self.steps_csv, self.steps_frame().to_csv(index=False))
-        history = {"epochs": self.epoch_rows, "steps": self.step_rows}
+        if self.eval_rows:
+            _write_atomically(self.output_dir / "metrics_evals.csv", pd.DataFrame(self.eval_rows).to_csv(index=False))
+        history = {"epochs": self.epoch_rows, "steps": self.step_rows, "evals": self.eval_rows}
         _write_atomically(self.output_dir / "metrics_history.json", json.dumps(history, default=float))
 
     def state_dict(self) -> dict:
-        return {"step_rows": list(self.step_rows), "epoch_rows": list(self.epoch_rows), "wandb_run_id": self.wandb_run_id}
+        return {"step_rows": list(self.step_rows), "epoch_rows": list(self.epoch_rows), "eval_rows": list(self.eval_rows),
+                "wandb_run_id": self.wandb_run_id}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_rows = list(state["step_rows"])
         self.epoch_rows = list(state["epoch_rows"])
+        self.eval_rows = list(state.get("eval_rows", []))
         self.wandb_run_id = state.get("wandb_run_id")
 
     def plot(self) -> dict[str, str]:

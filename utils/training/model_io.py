@@ -1,6 +1,7 @@
 """Calling a user's model: plain nn.Module or Hugging Face, whatever it returns."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 
@@ -32,6 +33,7 @@ class ModelCaller:
         params = _forward_parameters(model)
         self.accepts_attention_mask = "attention_mask" in params
         self.accepts_input_ids = "input_ids" in params
+        self.accepts_position_ids = "position_ids" in params
         # Hugging Face models otherwise return a key/value cache nobody reads during training.
         self.extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
 
@@ -39,10 +41,24 @@ class ModelCaller:
         input_ids = batch["input_ids"]
         if self.accepts_attention_mask:
             kwargs = dict(attention_mask=batch.get("attention_mask"), **self.extra_kwargs)
+            if self.accepts_position_ids and batch.get("position_ids") is not None:  # left-padded batches only
+                kwargs["position_ids"] = batch["position_ids"]
             output = model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
         else:
             output = model(input_ids)
         return extract_logits(output)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` and no gradients for the block, then the model's previous mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def extract_logits(output) -> torch.Tensor:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+FALLBACK_MESSAGE = "No pad_token_id found in config/tokenizer, defaulting to 0"
+
 
 def _int_attr(obj, name):
     value = getattr(obj, name, None) if obj is not None else None
@@ -36,10 +38,20 @@ def detect_pad_token_id(config, tokenizer=None) -> tuple[int, str]:
             stacklevel=3,
         )
         return eos, "tokenizer.eos_token_id"
+    # Printed as well as warned: notebooks and callers' tests read it from stdout.
+    print(FALLBACK_MESSAGE, flush=True)
     warnings.warn(
-        "No pad_token_id found in the config or the tokenizer, defaulting to 0. If token 0 is a real "
-        "token of your vocabulary, set config.pad_token_id (or tokenizer.pad_token_id) to your pad id.",
+        f"{FALLBACK_MESSAGE}. If token 0 is a real token of your vocabulary, set config.pad_token_id "
+        "(or tokenizer.pad_token_id) to your pad id.",
         UserWarning,
         stacklevel=3,
     )
     return 0, "default 0"
+
+
+def pad_is_eos(pad_token_id: int, config, tokenizer=None) -> bool:
+    """Whether the pad id is also the EOS id (GPT-2's convention): then a line's final pad id may be its real EOS."""
+    if tokenizer is None:
+        tokenizer = getattr(config, "tokenizer", None) if config is not None else None
+    eos_ids = {_int_attr(config, "eos_token_id"), _int_attr(tokenizer, "eos_token_id")} - {None}
+    return pad_token_id in eos_ids

@@ -1,39 +1,51 @@
-"""All keywords of ``test_fine_tuning`` in one object, checked once and logged whole."""
+"""All keywords of ``test_fine_tuning`` in one object: the one place for defaults and checks, logged whole."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 LR_SCHEDULES = ("cosine", "constant", "linear")
 MIXED_PRECISION = (None, "bf16", "fp16")
+GROUPINGS = ("auto", "tokens", "lines", True, False)
 
 
 @dataclass
 class FineTuneSettings:
+    # The previous module's keywords, in its positional order (test_fine_tuning keeps that order).
     n_epochs: int = 3
     learning_rate: float = 5e-5
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
     weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0  # None disables clipping
+    batch_size: int = 4
+    use_wandb: bool = False
+    use_amp: bool = False  # fp16 autocast + GradScaler on CUDA (the same as mixed_precision="fp16")
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0  # the previous gradient_clip_norm; None disables clipping
+    random_seed: int = 42
+    deterministic: bool = False  # deterministic algorithms for the duration of the call
+    use_lr_schedule: bool = True  # False: a constant learning rate
+    log_grad_dist_every: int = 5  # with W&B: per-layer gradient norms every N optimizer steps
+    log_grad_histogram: bool = False  # with W&B: gradient histograms at the same steps
+    # Newer keywords.
     lr_schedule: str = "cosine"
     warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
     shuffle: bool = True
-    random_seed: int = 42
-    group_by_length: bool = True  # see CLAUDE.md: measured faster, same token-weighted loss
+    group_by_length: bool | str = True  # see CLAUDE.md: measured faster, same token-weighted loss
     pad_to_multiple_of: int | str | None = "auto"  # "auto": 64 on CUDA (bounded shapes), exact lengths on CPU
     mixed_precision: str | None = None  # "bf16" or "fp16" autocast on CUDA
     val_fraction: float = 0.2
+    eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume_from_checkpoint: bool | str = False
     early_stopping_patience: int | None = None
     load_best_model_at_end: bool = False
-    use_wandb: bool = False
     wandb_project: str | None = None
     wandb_run_name: str | None = None
+    wandb_group: str | None = None
     wandb_mode: str | None = None
     progress: bool = True
     log_every: int = 10  # optimizer steps between host reads of the loss (progress bar, finiteness check)
@@ -42,47 +54,96 @@ class FineTuneSettings:
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
 
+    @classmethod
+    def default(cls, name: str):
+        return next(f.default for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def keyword_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
     def validate(self) -> None:
         """Raise on a setting that cannot work, naming it and the fix, before any work is done."""
-        positive_ints = {"batch_size": self.batch_size, "n_epochs": self.n_epochs,
-                         "gradient_accumulation_steps": self.gradient_accumulation_steps, "log_every": self.log_every}
-        for name, value in positive_ints.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}. Typical fine-tuning values are 1e-5 to 5e-4.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm}.")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"Unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        if self.pad_to_multiple_of not in (None, "auto") and (not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of must be an int >= 1, None or 'auto', got {self.pad_to_multiple_of!r}.")
+        for name in ("n_epochs", "batch_size", "gradient_accumulation_steps", "log_every", "log_grad_dist_every",
+                     "keep_checkpoints"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps",):
+            _check_int(name, getattr(self, name), minimum=0, optional=True)
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_every"):
+            _check_int(name, getattr(self, name), minimum=1, optional=True)
+        _check_int("random_seed", self.random_seed, minimum=0)
+        _check_float("learning_rate", self.learning_rate, low=0.0, hint=" Typical fine-tuning values are 1e-5 to 5e-4.")
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, optional=True,
+                     hint=" Use None to turn clipping off.")
+        _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
+        for name in ("shuffle", "use_wandb", "use_amp", "deterministic", "use_lr_schedule", "log_grad_histogram",
+                     "load_best_model_at_end", "save_plots"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("group_by_length", self.group_by_length, GROUPINGS)
+        if self.progress not in (True, False, "all"):
+            raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
+        if self.pad_to_multiple_of not in (None, "auto"):
+            _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
+        if self.use_amp and self.mixed_precision not in (None, "fp16"):
+            raise ValueError(f"use_amp=True means fp16 autocast but mixed_precision={self.mixed_precision!r}; "
+                             "pass only one of them.")
+        if not isinstance(self.resume_from_checkpoint, (bool, str, os.PathLike)):
+            raise TypeError("resume_from_checkpoint must be True/False or a checkpoint folder path, got "
+                            f"{type(self.resume_from_checkpoint).__name__}.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"output_dir={self.output_dir!r} is a file, not a folder. Pass a folder path "
+                             "(it is created if missing).")
+
+    @property
+    def precision(self) -> str | None:
+        """The autocast dtype asked for: ``mixed_precision``, or fp16 for the previous ``use_amp=True``."""
+        return self.mixed_precision or ("fp16" if self.use_amp else None)
+
+    @property
+    def schedule(self) -> str:
+        return self.lr_schedule if self.use_lr_schedule else "constant"
 
     def padding_multiple(self, device) -> int | None:
         """On CUDA every new batch shape costs time the first time it runs; a multiple of 64 bounds the shapes."""
         if self.pad_to_multiple_of == "auto":
             return 64 if device.type == "cuda" else None
         return self.pad_to_multiple_of
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}.")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ValueError(f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience}.")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def keyword_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
+def _check_int(name, value, *, minimum, optional=False):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, got {value}.")
+
+
+def _check_float(name, value, *, low, high=None, low_open=False, optional=False, hint=""):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}).{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.{hint}")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+        raise ValueError(f"{name} must be in {bounds}, got {value}.{hint}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r}).")
+
+
+def _check_choice(name, value, choices):
+    if not any(value is choice or (type(value) is type(choice) and value == choice) for choice in choices):
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
