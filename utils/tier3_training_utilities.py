@@ -14,23 +14,22 @@ import random
 import time
 import types
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .training import checkpoint as ckpt
 from .training.checks import check_logits, check_vocabulary
 from .training.data import ExampleBatches, batch_source, split_train_val, synthetic_sequences, to_device
-from .training.distributed import DistContext, all_reduce_sum, barrier, setup_distributed, wrap_model
+from .training.distributed import DistContext, all_reduce_sum, setup_distributed, wrap_model
 from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_algorithms, legacy_result_keys
 from .training.loss import TokenSums, count_real_targets, masked_lm_loss
 from .training.metrics import MetricsTracker, safe_exp
 from .training.model_io import ModelCaller, eval_mode, unwrap, vocab_size_of
 from .training.optim import build_optimizer, build_scheduler
 from .training.pad_id import detect_pad_token_id, pad_is_eos
+from .training.run_state import Run
+from .training.search import N_TRIALS_DEFAULT, run_search
 from .training.settings import FineTuneSettings
 
 __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
@@ -99,69 +98,6 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
             "real_tokens": int(totals.real_targets), "padded_tokens": int(totals.padded_positions)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Run state
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    """Everything about progress that a checkpoint must carry to continue exactly."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps already done in ``epoch``
-    global_step: int = 0
-    epoch_sums: TokenSums = field(default_factory=TokenSums)  # this epoch's training steps so far
-    train_seconds: float = 0.0  # this epoch's training phase (no validation)
-    run_seconds: float = 0.0  # the whole run: training and validation, every epoch
-    train_sequences: int = 0  # sequences trained on, the whole run
-    best_val_loss: float = math.inf
-    best_epoch: int | None = None
-    epochs_without_improvement: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainState:
-        return cls(**dict(values, epoch_sums=TokenSums(**values["epoch_sums"])))
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step_in_epoch, self.epoch_sums, self.train_seconds = epoch, 0, TokenSums(), 0.0
-
-
-@dataclass
-class _Run:
-    model: nn.Module  # the user's module (trained in place)
-    train_model: nn.Module  # the same, DDP-wrapped under torchrun
-    caller: ModelCaller
-    settings: FineTuneSettings
-    ctx: DistContext
-    device: torch.device
-    pad_token_id: int
-    train: object  # ExampleBatches or LoaderBatches
-    val: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    tracker: MetricsTracker
-    data_fingerprint: str
-    steps_per_epoch: int
-    on_evaluation: object = None  # called with (step, val loss) after each validation; returns a stop reason or None
-    state: TrainState = field(default_factory=TrainState)
-    best_weights: dict | None = None
-    best_checkpoint: str | None = None
-    last_checkpoint: str | None = None
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return Path(self.settings.output_dir) / "checkpoints"
-
-    @property
-    def amp_enabled(self) -> bool:
-        return self.settings.precision is not None and self.device.type == "cuda"
-
-    def autocast(self):
-        if not self.amp_enabled:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.precision])
-
-
 class _StopTraining(Exception):
     """Ends training at a step boundary with the results so far (non-finite loss, a pruned search trial)."""
 
@@ -225,7 +161,7 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
     steps_per_epoch = math.ceil(micro_batches / settings.gradient_accumulation_steps)
     optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
     total_steps = settings.n_epochs * steps_per_epoch
-    run = _Run(
+    run = Run(
         model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, settings.schedule, total_steps, settings.warmup_ratio, settings.warmup_steps),
@@ -234,7 +170,7 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
                                progress=bool(settings.progress), wandb_module_getter=_wandb_module),
         data_fingerprint=ckpt.data_fingerprint(train), steps_per_epoch=steps_per_epoch, on_evaluation=on_evaluation,
     )
-    resumed = _resume(run)
+    resumed = ckpt.resume_run(run)
     run_config = dict(settings.as_dict(), pad_token_id=pad_token_id, pad_token_id_source=pad_source,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=steps_per_epoch, model_class=type(model).__name__)
@@ -302,7 +238,7 @@ def _check_vocabulary_and_logits(model, config, sources: dict, pad_token_id, dev
     return vocab_size
 
 
-def _train(run: _Run) -> dict:
+def _train(run: Run) -> dict:
     """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
     settings, state = run.settings, run.state
     started = time.perf_counter() - state.run_seconds
@@ -316,7 +252,7 @@ def _train(run: _Run) -> dict:
             state.start_epoch(epoch + 1)
             state.run_seconds = time.perf_counter() - started
             if settings.checkpoint_every or settings.resume_from_checkpoint or settings.load_best_model_at_end:
-                _save_checkpoint(run, best=improved)
+                ckpt.save_run(run, best=improved)
             stop_reason = _evaluation_stop_reason(run, val) or _early_stopping_reason(run, epoch)
             if stop_reason:
                 return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False}
@@ -340,7 +276,7 @@ def _train(run: _Run) -> dict:
         state.run_seconds = time.perf_counter() - started
 
 
-def _train_epoch(run: _Run, epoch: int) -> None:
+def _train_epoch(run: Run, epoch: int) -> None:
     settings, state = run.settings, run.state
     plan = run.train.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
                           seed=settings.random_seed, epoch=epoch, accumulation=settings.gradient_accumulation_steps,
@@ -361,7 +297,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
                 _record_steps(run, pending, epoch)
                 pending = []
             if checkpoint_due:
-                _save_checkpoint(run)
+                ckpt.save_run(run)
             if eval_due:
                 _evaluate_mid_epoch(run, epoch)
     except KeyboardInterrupt:
@@ -384,7 +320,7 @@ def _optimizer_steps(plan, accumulation: int, skip: int):
         yield step, group
 
 
-def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
+def _optimizer_step(run: Run, batches: list[dict]) -> dict:
     """One optimizer step over its micro-batches; the loss is normalised by the step's global real targets."""
     # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
     real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, run.pad_token_id) for b in batches]).sum().float(), run.ctx)
@@ -411,7 +347,7 @@ def _optimizer_step(run: _Run, batches: list[dict]) -> dict:
     return {"sums": sums, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
 
 
-def _record_steps(run: _Run, pending: list[dict], epoch: int) -> None:
+def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:
     """Read pending steps from the device in one sync (one all-reduce under torchrun), check and record them."""
     if not pending:
         return
@@ -432,12 +368,12 @@ def _record_steps(run: _Run, pending: list[dict], epoch: int) -> None:
     run.tracker.log_steps(rows)
 
 
-def _validate(run: _Run) -> dict:
+def _validate(run: Run) -> dict:
     return _run_validation_epoch(run.model, run.val, run.pad_token_id, batch_size=run.settings.batch_size,
                                  device=run.device, caller=run.caller, ctx=run.ctx, autocast=run.autocast)
 
 
-def _evaluate_mid_epoch(run: _Run, epoch: int) -> None:
+def _evaluate_mid_epoch(run: Run, epoch: int) -> None:
     """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
     val = _validate(run)
     run.tracker.log_eval({"step": run.state.global_step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"],
@@ -448,11 +384,11 @@ def _evaluate_mid_epoch(run: _Run, epoch: int) -> None:
     run.train_model.train()
 
 
-def _evaluation_stop_reason(run: _Run, val: dict) -> str | None:
+def _evaluation_stop_reason(run: Run, val: dict) -> str | None:
     return run.on_evaluation(run.state.global_step, val["loss"]) if run.on_evaluation else None
 
 
-def _record_epoch(run: _Run, epoch: int, val: dict, seconds: float) -> None:
+def _record_epoch(run: Run, epoch: int, val: dict, seconds: float) -> None:
     sums, state = run.state.epoch_sums, run.state
     steps = [r for r in run.tracker.step_rows if r["epoch"] == epoch + 1]
     row = run.tracker.log_epoch({
@@ -470,7 +406,7 @@ def _record_epoch(run: _Run, epoch: int, val: dict, seconds: float) -> None:
                         f"padded positions {row['train/pad_fraction']:.1%}")
 
 
-def _track_best(run: _Run, epoch: int, val: dict) -> bool:
+def _track_best(run: Run, epoch: int, val: dict) -> bool:
     """Remember the best validation epoch (and its weights when they are to be restored)."""
     state = run.state
     if val["loss"] >= state.best_val_loss:
@@ -482,7 +418,7 @@ def _track_best(run: _Run, epoch: int, val: dict) -> bool:
     return True
 
 
-def _early_stopping_reason(run: _Run, epoch: int) -> str | None:
+def _early_stopping_reason(run: Run, epoch: int) -> str | None:
     state, patience = run.state, run.settings.early_stopping_patience
     if patience and state.epochs_without_improvement >= patience and epoch + 1 < run.settings.n_epochs:
         return (f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
@@ -490,65 +426,7 @@ def _early_stopping_reason(run: _Run, epoch: int) -> str | None:
     return None
 
 
-def _save_checkpoint(run: _Run, best: bool = False) -> None:
-    """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
-    rng_states = [ckpt.rng_state()]
-    if run.ctx.enabled:
-        rng_states = [None] * run.ctx.world_size
-        torch.distributed.all_gather_object(rng_states, ckpt.rng_state())
-    if run.ctx.is_main:
-        meta = {"settings": run.settings.as_dict(), "data_fingerprint": run.data_fingerprint,
-                "world_size": run.ctx.world_size, "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch}
-        trainer_state = {"state": asdict(run.state), "scheduler": run.scheduler.state_dict(),
-                         "scaler": run.scaler.state_dict(), "rng": rng_states, "tracker": run.tracker.state_dict()}
-        folder = ckpt.save_checkpoint(run.checkpoints_dir, run.state.global_step, model_state=run.model.state_dict(),
-                                      optimizer_state=run.optimizer.state_dict(), trainer_state=trainer_state, meta=meta)
-        run.last_checkpoint = str(folder)
-        if best:
-            run.best_checkpoint = str(ckpt.save_best(run.checkpoints_dir, model_state=run.model.state_dict(),
-                                                     meta=dict(meta, val_loss=run.state.best_val_loss, best_epoch=run.state.best_epoch)))
-        ckpt.prune_checkpoints(run.checkpoints_dir, run.settings.keep_checkpoints)
-    barrier(run.ctx)
-
-
-def _resume(run: _Run) -> dict | None:
-    target = run.settings.resume_from_checkpoint
-    if not target:
-        return None
-    if target is True:
-        loaded = ckpt.find_resumable(run.checkpoints_dir)
-        if loaded is None:
-            run.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {run.checkpoints_dir}; starting fresh.")
-            return None
-    else:
-        try:
-            loaded = ckpt.load_checkpoint(Path(target))
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(f"Cannot resume from {target}: {type(error).__name__}: {error}. Pass a checkpoint folder "
-                             f"(…/checkpoints/step-N) or resume_from_checkpoint=True for the newest.") from error
-    ckpt.check_compatible(loaded["meta"], settings=run.settings.as_dict(), fingerprint=run.data_fingerprint,
-                          world_size=run.ctx.world_size)
-    try:
-        run.model.load_state_dict(loaded["model.pt"])
-    except RuntimeError as error:
-        raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
-                         "Build the same architecture, or start fresh.") from error
-    run.optimizer.load_state_dict(loaded["optimizer.pt"])
-    trainer_state = loaded["trainer_state.pt"]
-    run.scheduler.load_state_dict(trainer_state["scheduler"])
-    run.scaler.load_state_dict(trainer_state["scaler"])
-    run.state = TrainState.from_dict(trainer_state["state"])
-    run.tracker.load_state_dict(trainer_state["tracker"])
-    run.last_checkpoint = str(loaded["folder"])
-    best = run.checkpoints_dir / "best"
-    if (best / "model.pt").exists():
-        run.best_checkpoint = str(best)
-        if run.settings.load_best_model_at_end:
-            run.best_weights = torch.load(best / "model.pt", map_location="cpu")
-    return loaded
-
-
-def _finish(run: _Run, outcome: dict, resumed: dict | None, pad_source: str) -> dict:
+def _finish(run: Run, outcome: dict, resumed: dict | None, pad_source: str) -> dict:
     tracker, state = run.tracker, run.state
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if run.settings.load_best_model_at_end and run.best_weights is not None:
@@ -603,11 +481,20 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
             "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"], "pad_token_id": pad_token_id}
 
 
-def test_hyperparameter_search(*args, **kwargs) -> dict:
-    """Optuna search over ``test_fine_tuning`` settings; see ``utils/training/search.py``."""
-    from .training.search import run_search
+def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None, n_trials=N_TRIALS_DEFAULT,
+                               *legacy_positionals, search_space=None, n_epochs=1, timeout=None, storage=None,
+                               study_name=None, pruning=True, eval_every=None, random_seed=42, use_wandb=False,
+                               tokenizer=None, model=None, **fine_tuning_kwargs) -> dict:
+    """Optuna search over ``test_fine_tuning`` keywords; each trial's objective is its final validation loss
+    excluding padding. ``storage`` ("sqlite:///study.db", any SQLAlchemy URL, or a ``*.log`` journal file) with
+    ``study_name`` makes the study survive a disconnect and lets several processes share it. The previous
+    positional form ``(model_factory, config, train_data, n_trials, search_space, random_seed, deterministic)``
+    still works. Details: ``utils/training/search.py``.
+    """
+    return run_search(_fine_tune, model_factory, config, train_data, val_data, n_trials, *legacy_positionals,
+                      search_space=search_space, n_epochs=n_epochs, timeout=timeout, storage=storage, study_name=study_name,
+                      pruning=pruning, eval_every=eval_every, random_seed=random_seed, use_wandb=use_wandb,
+                      tokenizer=tokenizer, model=model, **fine_tuning_kwargs)
 
-    return run_search(_fine_tune, *args, **kwargs)
 
-
-test_hyperparameter_search.__test__ = False
+test_hyperparameter_search.__test__ = False  # library API, not a pytest test

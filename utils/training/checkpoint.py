@@ -8,6 +8,7 @@ checkpoints already there.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 import json
 import os
 import random
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .distributed import barrier
+from .run_state import TrainState
 
 # Settings that fix the order of the data; resuming with others would not continue the same run.
 ORDER_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length")
@@ -152,3 +156,65 @@ def check_compatible(meta: dict, *, settings: dict, fingerprint: str, world_size
     if meta.get("world_size", 1) != world_size:
         raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this run "
                          f"has {world_size}. Launch the same number of processes, or start fresh.")
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's checkpoints: save and resume
+# ----------------------------------------------------------------------------------------------
+def save_run(run, best: bool = False) -> None:
+    """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+    rng_states = [rng_state()]
+    if run.ctx.enabled:
+        rng_states = [None] * run.ctx.world_size
+        torch.distributed.all_gather_object(rng_states, rng_state())
+    if run.ctx.is_main:
+        meta = {"settings": run.settings.as_dict(), "data_fingerprint": run.data_fingerprint,
+                "world_size": run.ctx.world_size, "epoch": run.state.epoch, "step_in_epoch": run.state.step_in_epoch}
+        trainer_state = {"state": asdict(run.state), "scheduler": run.scheduler.state_dict(),
+                         "scaler": run.scaler.state_dict(), "rng": rng_states, "tracker": run.tracker.state_dict()}
+        folder = save_checkpoint(run.checkpoints_dir, run.state.global_step, model_state=run.model.state_dict(),
+                                      optimizer_state=run.optimizer.state_dict(), trainer_state=trainer_state, meta=meta)
+        run.last_checkpoint = str(folder)
+        if best:
+            run.best_checkpoint = str(save_best(run.checkpoints_dir, model_state=run.model.state_dict(),
+                                                     meta=dict(meta, val_loss=run.state.best_val_loss, best_epoch=run.state.best_epoch)))
+        prune_checkpoints(run.checkpoints_dir, run.settings.keep_checkpoints)
+    barrier(run.ctx)
+
+
+def resume_run(run) -> dict | None:
+    """Load the checkpoint ``resume_from_checkpoint`` names into ``run``; None when starting fresh."""
+    target = run.settings.resume_from_checkpoint
+    if not target:
+        return None
+    if target is True:
+        loaded = find_resumable(run.checkpoints_dir)
+        if loaded is None:
+            run.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {run.checkpoints_dir}; starting fresh.")
+            return None
+    else:
+        try:
+            loaded = load_checkpoint(Path(target))
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"Cannot resume from {target}: {type(error).__name__}: {error}. Pass a checkpoint folder "
+                             f"(…/checkpoints/step-N) or resume_from_checkpoint=True for the newest.") from error
+    check_compatible(loaded["meta"], settings=run.settings.as_dict(), fingerprint=run.data_fingerprint,
+                          world_size=run.ctx.world_size)
+    try:
+        run.model.load_state_dict(loaded["model.pt"])
+    except RuntimeError as error:
+        raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
+                         "Build the same architecture, or start fresh.") from error
+    run.optimizer.load_state_dict(loaded["optimizer.pt"])
+    trainer_state = loaded["trainer_state.pt"]
+    run.scheduler.load_state_dict(trainer_state["scheduler"])
+    run.scaler.load_state_dict(trainer_state["scaler"])
+    run.state = TrainState.from_dict(trainer_state["state"])
+    run.tracker.load_state_dict(trainer_state["tracker"])
+    run.last_checkpoint = str(loaded["folder"])
+    best = run.checkpoints_dir / "best"
+    if (best / "model.pt").exists():
+        run.best_checkpoint = str(best)
+        if run.settings.load_best_model_at_end:
+            run.best_weights = torch.load(best / "model.pt", map_location="cpu")
+    return loaded

@@ -13,11 +13,15 @@ import torch
 from .settings import FineTuneSettings
 
 
-class _DefaultValue(float):
-    """A default that is told apart from the same number passed explicitly (``is`` compares identity)."""
+class DefaultFloat(float):
+    """A default told apart from the same number passed explicitly (compared with ``is``)."""
 
 
-CLIP_NORM_DEFAULT = _DefaultValue(FineTuneSettings.default("max_grad_norm"))
+class DefaultInt(int):
+    """A default told apart from the same number passed explicitly (compared with ``is``)."""
+
+
+CLIP_NORM_DEFAULT = DefaultFloat(FineTuneSettings.default("max_grad_norm"))
 
 
 def build_settings(call_keywords: dict, options: dict, *, gradient_clip_norm) -> FineTuneSettings:

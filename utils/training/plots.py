@@ -16,6 +16,14 @@ def _in_notebook() -> bool:
         return False
 
 
+def show_inline(figure) -> None:
+    """Show a figure in a Jupyter/Colab notebook; nothing elsewhere."""
+    if _in_notebook():
+        from IPython.display import display
+
+        display(figure)
+
+
 def save_training_plots(epochs, steps, output_dir: Path) -> dict[str, str]:
     """Two figures: per-epoch losses/perplexity, and per-step learning rate/gradient norm."""
     figure = Figure(figsize=(11, 4))
@@ -39,9 +47,6 @@ def save_training_plots(epochs, steps, output_dir: Path) -> dict[str, str]:
     paths = {"loss": output_dir / "loss_and_perplexity.png", "steps": output_dir / "learning_rate_and_grad_norm.png"}
     figure.savefig(paths["loss"], dpi=100)
     step_figure.savefig(paths["steps"], dpi=100)
-    if _in_notebook():
-        from IPython.display import display
-
-        display(figure)
-        display(step_figure)
+    show_inline(figure)
+    show_inline(step_figure)
     return {name: str(path) for name, path in paths.items()}
