@@ -164,7 +164,7 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
     run = Run(
         model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, settings.schedule, total_steps, settings.warmup_ratio, settings.warmup_steps),
+        scheduler=build_scheduler(optimizer, settings.schedule, total_steps, settings.warmup_steps_for(total_steps)),
         scaler=torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda"),
         tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
                                progress=bool(settings.progress), wandb_module_getter=_wandb_module),

@@ -19,10 +19,8 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
 
 
-def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float, warmup_steps: int | None = None):
-    """Linear warmup over ``warmup_steps`` (else ``warmup_ratio`` of the steps), then cosine/linear decay to 0, or constant."""
-    if warmup_steps is None:
-        warmup_steps = int(math.ceil(total_steps * warmup_ratio))
+def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int):
+    """Linear warmup over ``warmup_steps``, then cosine/linear decay to 0, or constant."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:

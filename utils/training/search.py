@@ -158,9 +158,13 @@ def open_storage(storage, heartbeat_interval: int):
     if "://" in location:
         if location.startswith("sqlite:///"):
             Path(location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=3)
-        return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-                                          **{_stale_callback_keyword(): retry})
+        # Optuna 4.9 renamed the callback (the old name warns); use whichever the installed version has.
+        retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks heartbeats "experimental" since 2.8
+            retry = retry_class(max_retry=3)
+            return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_interval,
+                                              grace_period=2 * heartbeat_interval, **{_stale_callback_keyword(): retry})
     raise ValueError(f"storage={storage!r} is neither a database URL (e.g. 'sqlite:///study.db') nor a journal file path "
                      "ending in '.log'.")
 

@@ -110,6 +110,12 @@ class FineTuneSettings:
     def schedule(self) -> str:
         return self.lr_schedule if self.use_lr_schedule else "constant"
 
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """``warmup_steps``, else ``warmup_ratio`` of the run's steps; none for ``use_lr_schedule=False``."""
+        if not self.use_lr_schedule:
+            return 0
+        return self.warmup_steps if self.warmup_steps is not None else int(math.ceil(total_steps * self.warmup_ratio))
+
     def padding_multiple(self, device) -> int | None:
         """On CUDA every new batch shape costs time the first time it runs; a multiple of 64 bounds the shapes."""
         if self.pad_to_multiple_of == "auto":
