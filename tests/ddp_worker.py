@@ -33,10 +33,12 @@ def main(out_dir: str, batch_size: int) -> None:
         torch.manual_seed(0)
         model = TinyCausalLM(vocab_size=VOCAB)
         options = dict(dict(n_epochs=2), **options)
+        # The ordered run gives rank 1 a folder of its own: if rank 1 wrote anything, that folder would exist.
+        output_dir = f"{out_dir}/{name}-run" + (f"-rank{rank}" if name == "ordered" and rank else "")
         result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val,
                                   batch_size=batch_size, gradient_accumulation_steps=2, learning_rate=1e-2,
                                   lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0, progress=False,
-                                  save_plots=False, output_dir=f"{out_dir}/{name}-run", **options)
+                                  save_plots=False, output_dir=output_dir, **options)
         if name == "resumed" and not options.get("resume_from_checkpoint"):
             # Drop the epoch-end checkpoint so that the resume starts mid-epoch, from step-2.
             if rank == 0:

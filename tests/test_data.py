@@ -1,4 +1,5 @@
 """Batch planning: length grouping, determinism, sharding like DistributedSampler, dynamic padding (issue 8)."""
+import math
 import random
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import torch
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.data import Example, ExampleBatches, PaddingCollator, epoch_order, shard_batches
+from utils.training.data import Example, ExampleBatches, PaddingCollator, shard_batches
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(2, 128) for _ in range(1000)]
@@ -52,9 +53,18 @@ def test_sharding_matches_distributed_sampler_and_marks_repeats():
 
 def test_grouping_keeps_whole_optimizer_steps_together():
     # The same examples form each optimizer step however it is split into micro-batches and processes.
-    steps = lambda order, size: [sorted(order[i:i + size]) for i in range(0, len(order), size)]  # noqa: E731
-    one = epoch_order(LENGTHS, 16, shuffle=True, group_by_length=True, seed=0, epoch=0)
-    assert steps(one, 16) == steps(epoch_order(LENGTHS, 8 * 2, shuffle=True, group_by_length=True, seed=0, epoch=0), 16)
+    source = _source()
+    plan = lambda **split: source.plan(shuffle=True, group_by_length=True, seed=0, epoch=0, **split)  # noqa: E731
+
+    def steps(micro_batches_per_rank, per_step):
+        """Sorted example indices of each optimizer step, gathered over the ranks' micro-batches."""
+        n_steps = math.ceil(len(micro_batches_per_rank[0]) / per_step)
+        return [sorted(i for rank in micro_batches_per_rank for batch in rank[k * per_step:(k + 1) * per_step]
+                       for i, counts in batch if counts) for k in range(n_steps)]
+
+    whole = steps([plan(batch_size=16)], 1)
+    assert steps([plan(batch_size=8, accumulation=2)], 2) == whole
+    assert steps([plan(batch_size=4, accumulation=2, world_size=2, rank=r) for r in (0, 1)], 2) == whole
 
 
 def test_collator_pads_to_a_multiple():

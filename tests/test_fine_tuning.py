@@ -65,13 +65,18 @@ def test_epoch_loss_is_token_weighted_not_mean_of_batch_means():
 
 
 def test_training_loss_of_an_epoch_is_token_weighted_over_its_steps():
+    # learning_rate=0: the weights never move, so the epoch's training loss must equal the independent
+    # per-sequence evaluation of the training data, and each step's loss that of its own sequences.
     sequences = _sequences(24, 2, 50, seed=3)
-    result = test_fine_tuning(_model().train(), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences[:16], sequences[16:],
-                              n_epochs=1, batch_size=4, learning_rate=1e-3, progress=False, save_plots=False)
-    steps = result["steps_summary"]
-    weighted = (steps["train/step_loss_excl_padding"] * steps["train/step_real_tokens"]).sum() / steps["train/step_real_tokens"].sum()
+    model = _model()
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences[:16], sequences[16:],
+                              n_epochs=1, batch_size=4, learning_rate=0.0, shuffle=False, group_by_length=False,
+                              progress=False, save_plots=False)
     row = result["metrics_summary"].iloc[0]
-    assert row["train/loss_excl_padding"] == pytest.approx(weighted, rel=1e-9)
+    assert row["train/loss_excl_padding"] == pytest.approx(_exact_loss(model, sequences[:16]), rel=1e-6)
+    assert result["loss_history"] == pytest.approx([_exact_loss(model, sequences[i:i + 4]) for i in range(0, 16, 4)], rel=1e-6)
+    mean_of_step_means = sum(result["loss_history"]) / len(result["loss_history"])
+    assert abs(row["train/loss_excl_padding"] - mean_of_step_means) > 1e-4
     assert row["train/real_tokens"] == sum(len(s) - 1 for s in sequences[:16])
     assert result["final_val_loss"] == pytest.approx(row["val/loss_excl_padding"])
     assert result["val_perplexity"] == pytest.approx(math.exp(result["final_val_loss"]))
@@ -130,12 +135,16 @@ def test_hugging_face_model_gets_attention_mask_and_trains():
     from models import tiny_gpt2
 
     model = tiny_gpt2(vocab_size=VOCAB, pad_token_id=PAD)
+    masks = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     sequences = _sequences(12, 2, 30, seed=8)
     before = evaluate_perplexity(model, sequences, batch_size=4)
     result = test_fine_tuning(model, model.config, sequences, sequences, n_epochs=3, batch_size=4, learning_rate=3e-3,
                               progress=False, save_plots=False)
     assert result["final_val_loss"] < before["loss"]
     assert result["pad_token_id_source"] == "config.pad_token_id"
+    assert masks and all(m is not None for m in masks)
+    assert any(bool((m == 0).any()) for m in masks)  # padded batches arrive with their mask
 
 
 def test_torch_dataset_of_dicts_is_accepted():

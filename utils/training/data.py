@@ -263,8 +263,8 @@ class LoaderBatches:
 
     Nothing is materialised: ``len(loader)`` gives the step count and each epoch is one pass.
     Batches get the package's real-token rule as an attention mask when they carry none, and
-    ``position_ids`` from the mask when they are left-padded (as Hugging Face's generation does),
-    so models with absolute positions see the positions of the unpadded text.
+    left-padded rows are moved to the right (exact for a causal model, and the only form in which a
+    model without ``attention_mask``/``position_ids`` arguments sees the positions of the unpadded text).
     """
 
     plannable = False
@@ -302,10 +302,21 @@ class LoaderBatches:
             from .checks import check_batch_ids
 
             check_batch_ids(batch, self.vocab_size, f"A batch of the {self.what}")
-        mask = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
-        batch["attention_mask"] = mask
-        if bool((mask[:, 0] == 0).any()):  # left padding: positions must count from each row's first real token
-            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
+        return self._left_padding_moved_right(batch)
+
+    def _left_padding_moved_right(self, batch: dict) -> dict:
+        mask = batch["attention_mask"]
+        leading = (mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # padding before each row's first real token
+        if not bool(leading.any()):
+            return batch
+        source = torch.arange(mask.shape[1]) + leading
+        inside = source < mask.shape[1]
+        source = source.clamp(max=mask.shape[1] - 1)
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+        for key, fill in fills.items():
+            if batch.get(key) is not None:
+                batch[key] = torch.where(inside, batch[key].gather(1, source), fill)
         return batch
 
     def __len__(self) -> int:

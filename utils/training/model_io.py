@@ -41,7 +41,7 @@ class ModelCaller:
         input_ids = batch["input_ids"]
         if self.accepts_attention_mask:
             kwargs = dict(attention_mask=batch.get("attention_mask"), **self.extra_kwargs)
-            if self.accepts_position_ids and batch.get("position_ids") is not None:  # left-padded batches only
+            if self.accepts_position_ids and batch.get("position_ids") is not None:  # a user's loader may carry them (packed rows)
                 kwargs["position_ids"] = batch["position_ids"]
             output = model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
         else:
