@@ -253,7 +253,7 @@ def _train(run: Run) -> dict:
             state.run_seconds = time.perf_counter() - started
             if settings.checkpoint_every or settings.resume_from_checkpoint or settings.load_best_model_at_end:
                 ckpt.save_run(run, best=improved)
-            stop_reason = _evaluation_stop_reason(run, val) or _early_stopping_reason(run, epoch)
+            stop_reason = _evaluation_stop_reason(run, val, final=epoch + 1 == settings.n_epochs) or _early_stopping_reason(run, epoch)
             if stop_reason:
                 return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False}
         return {"stopped_early": False, "stop_reason": None, "interrupted": False}
@@ -378,14 +378,14 @@ def _evaluate_mid_epoch(run: Run, epoch: int) -> None:
     val = _validate(run)
     run.tracker.log_eval({"step": run.state.global_step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"],
                           "val/perplexity": val["perplexity"], "val/accuracy_excl_padding": val["accuracy"]})
-    reason = _evaluation_stop_reason(run, val)
+    reason = _evaluation_stop_reason(run, val, final=False)
     if reason:
         raise _StopTraining(reason)
     run.train_model.train()
 
 
-def _evaluation_stop_reason(run: Run, val: dict) -> str | None:
-    return run.on_evaluation(run.state.global_step, val["loss"]) if run.on_evaluation else None
+def _evaluation_stop_reason(run: Run, val: dict, final: bool) -> str | None:
+    return run.on_evaluation(run.state.global_step, val["loss"], final) if run.on_evaluation else None
 
 
 def _record_epoch(run: Run, epoch: int, val: dict, seconds: float) -> None:

@@ -18,6 +18,7 @@ SPLITS = ("train", "validation", "test")
 GENSIM_EXCERPT = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 OFFLINE_SOURCE = f"gensim test data: {GENSIM_EXCERPT}"
 HUB_SOURCE = "datasets: wikitext / wikitext-2-raw-v1"
+_warned_unreachable: list[bool] = []
 
 
 @dataclass
@@ -54,8 +55,12 @@ def load_wikitext(split: str = "train", source: str = "auto", min_words: int = 5
         except Exception as error:  # noqa: BLE001 - no datasets package, no network, no hub
             if source == "hub":
                 raise
-            warnings.warn(f"WikiText-2 is not reachable ({type(error).__name__}); using the offline Wikipedia excerpt "
-                          "shipped with gensim instead.", UserWarning, stacklevel=2)
+            if not _warned_unreachable:
+                _warned_unreachable.append(True)  # once per process: every split and call would repeat it
+                warnings.warn(f"WikiText-2 is not reachable ({type(error).__name__}: {error}); using the offline Wikipedia "
+                              "excerpt shipped with gensim instead. To use WikiText-2, install the [hub] extra "
+                              "(pip install 'tier3-training-utilities[hub]', which adds `datasets`) on a machine that "
+                              "reaches the Hugging Face hub.", UserWarning, stacklevel=2)
     return TextSplit(list(_offline_splits(min_words)[split]), OFFLINE_SOURCE, split)
 
 

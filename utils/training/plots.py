@@ -16,12 +16,12 @@ def _in_notebook() -> bool:
         return False
 
 
-def show_inline(figure) -> None:
-    """Show a figure in a Jupyter/Colab notebook; nothing elsewhere."""
+def show_inline(png_path) -> None:
+    """Show a saved PNG in a Jupyter/Colab notebook (whatever matplotlib backend is active); nothing elsewhere."""
     if _in_notebook():
-        from IPython.display import display
+        from IPython.display import Image, display
 
-        display(figure)
+        display(Image(filename=str(png_path)))
 
 
 def save_training_plots(epochs, steps, output_dir: Path) -> dict[str, str]:
@@ -47,6 +47,6 @@ def save_training_plots(epochs, steps, output_dir: Path) -> dict[str, str]:
     paths = {"loss": output_dir / "loss_and_perplexity.png", "steps": output_dir / "learning_rate_and_grad_norm.png"}
     figure.savefig(paths["loss"], dpi=100)
     step_figure.savefig(paths["steps"], dpi=100)
-    show_inline(figure)
-    show_inline(step_figure)
+    show_inline(paths["loss"])
+    show_inline(paths["steps"])
     return {name: str(path) for name, path in paths.items()}

@@ -56,7 +56,7 @@ class Run:
     tracker: MetricsTracker
     data_fingerprint: str
     steps_per_epoch: int
-    on_evaluation: object = None  # called with (step, val loss) after each validation; returns a stop reason or None
+    on_evaluation: object = None  # called with (step, val loss, final) after each validation; returns a stop reason or None
     state: TrainState = field(default_factory=TrainState)
     best_weights: dict | None = None
     best_checkpoint: str | None = None

@@ -194,14 +194,16 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
     if "deterministic" in positional:
         fine_tuning_kwargs["deterministic"] = positional["deterministic"]
     n_trials = int(n_trials)
+    device = fine_tuning_kwargs.pop("device", None)
     space = parse_search_space(search_space)
     clashing = {setting for setting, _, _ in space.values()} & set(fine_tuning_kwargs)
     if clashing:
         raise ValueError(f"{sorted(clashing)} are both searched and fixed by keyword; drop one of them.")
-    base = dict(fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every, random_seed=random_seed, use_wandb=use_wandb)
+    # Trials draw no training plots unless asked: the search draws its own.
+    base = dict(dict(save_plots=False), **fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every, random_seed=random_seed, use_wandb=use_wandb)
     build_settings({}, dict(base, progress=False), gradient_clip_norm=CLIP_NORM_DEFAULT)  # bad fixed keywords fail now
     new_model = model_source(model_factory, model)
-    train, val = _prepare_once(config, tokenizer, train_data, val_data, base, random_seed)
+    train, val = _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device)
     output_dir = Path(fine_tuning_kwargs.get("output_dir") or Path.cwd() / "outputs" / "search")
 
     verbosity = optuna.logging.get_verbosity()
@@ -218,7 +220,7 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
             output_dir=str(output_dir / f"trial-{trial.number}"), progress=progress == "all",
             wandb_group=study.study_name, wandb_run_name=f"{study.study_name}-trial-{trial.number}"),
             gradient_clip_norm=CLIP_NORM_DEFAULT)
-        return _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer)
+        return _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device)
 
     bar = _TrialBar(n_trials, enabled=bool(progress))
     started_with = len(study.trials)
@@ -232,13 +234,13 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
     return _results(study, len(study.trials) - started_with, output_dir)
 
 
-def _prepare_once(config, tokenizer, train_data, val_data, base, random_seed):
+def _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device):
     """Tokens to examples, checked and split once for the whole study (trials reuse them)."""
     if train_data is None:
         return None, None  # each trial's test_fine_tuning makes its announced synthetic set
     pad_token_id, _ = detect_pad_token_id(config, tokenizer)
     eos_is_pad = pad_is_eos(pad_token_id, config, tokenizer)
-    device = torch.device(base.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = FineTuneSettings(**{k: v for k, v in base.items() if k in FineTuneSettings.keyword_names()})
     train = batch_source(train_data, pad_token_id, settings.padding_multiple(device), "training data", eos_is_pad)
     if val_data is None and isinstance(train, ExampleBatches):
@@ -260,14 +262,14 @@ def _pruner(pruning):
     return pruning  # an Optuna pruner instance
 
 
-def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer) -> float:
+def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device) -> float:
     import optuna
 
     pruned_at = []
 
-    def report(step, val_loss):
+    def report(step, val_loss, final):
         trial.report(val_loss, step)
-        if trial.should_prune():
+        if not final and trial.should_prune():  # a finished trial keeps its value
             pruned_at.append(step)
             return f"pruned by Optuna at optimizer step {step} (val loss excl. padding {val_loss:.4f})"
         return None
@@ -275,7 +277,7 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
     model = None
     try:
         model = new_model()
-        results = fine_tune(model, config, train, val, settings, tokenizer=tokenizer, on_evaluation=report)
+        results = fine_tune(model, config, train, val, settings, tokenizer=tokenizer, device=device, on_evaluation=report)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         if isinstance(error, torch.OutOfMemoryError):
@@ -373,7 +375,7 @@ def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
                 continue
             path = output_dir / f"search_{name}.png"
             figure.savefig(path, dpi=100, bbox_inches="tight")
-            show_inline(figure)
+            show_inline(path)
             plt.close(figure)  # Optuna draws through pyplot: close, or every trial's figures stay in memory
             paths[name] = str(path)
     return paths
