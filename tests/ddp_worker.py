@@ -24,10 +24,11 @@ def main(out_dir: str, batch_size: int) -> None:
     rank = int(__import__("os").environ.get("RANK", 0))
     train, val = sequences(37, seed=1), sequences(13, seed=2)  # neither divisible by 2 or by 8
     runs = {"ordered": dict(shuffle=False, group_by_length=False),
-            "shuffled_grouped": dict(shuffle=True, group_by_length=True),
+            "shuffled_lines": dict(shuffle=True, group_by_length="lines"),
+            "shuffled_grouped": dict(shuffle=True, group_by_length="tokens"),
             # One epoch with checkpoints, then a second call that resumes and trains to 2 epochs.
-            "resumed": dict(shuffle=True, group_by_length=True, n_epochs=1, checkpoint_every=2),
-            "resumed ": dict(shuffle=True, group_by_length=True, resume_from_checkpoint=True)}
+            "resumed": dict(shuffle=True, group_by_length="tokens", n_epochs=1, checkpoint_every=1),
+            "resumed ": dict(shuffle=True, group_by_length="tokens", resume_from_checkpoint=True)}
     for name, options in runs.items():
         name = name.strip()
         torch.manual_seed(0)
@@ -40,12 +41,13 @@ def main(out_dir: str, batch_size: int) -> None:
                                   lr_schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0, progress=False,
                                   save_plots=False, output_dir=output_dir, **options)
         if name == "resumed" and not options.get("resume_from_checkpoint"):
-            # Drop the epoch-end checkpoint so that the resume starts mid-epoch, from step-2.
+            # Drop the epoch-end checkpoint so that the resume starts mid-epoch, from the step before it.
             if rank == 0:
-                shutil.rmtree(f"{out_dir}/{name}-run/checkpoints/step-3", ignore_errors=True)
+                shutil.rmtree(f"{out_dir}/{name}-run/checkpoints/step-{result['global_step']}", ignore_errors=True)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
         summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step", "resumed_from_step")}
+        summary["epoch_steps"] = result["metrics_summary"]["global_step"].tolist()
         summary["val_real_tokens"] = int(result["metrics_summary"]["val/real_tokens"].iloc[-1])
         Path(f"{out_dir}/{name}-rank{rank}.json").write_text(json.dumps(summary))
         if rank == 0:

@@ -15,7 +15,7 @@ from models import TinyCausalLM  # noqa: E402
 from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
 
 VOCAB, PAD = 50, 0
-KILL_AT_FORWARD = 15  # micro-batch 15 = optimizer step 8 of 10, the 3rd step of epoch 2
+KILL_AT_FORWARD = 21  # micro-batch 21 = optimizer step 11, in the middle of epoch 2 (steps of 2 forwards)
 SETTINGS = dict(n_epochs=2, batch_size=4, gradient_accumulation_steps=2, checkpoint_every=3, keep_checkpoints=2,
                 shuffle=True, learning_rate=3e-3, warmup_ratio=0.2, lr_schedule="cosine", max_grad_norm=1.0,
                 progress=False, save_plots=False)

@@ -35,12 +35,15 @@ def _train(sequences, batch_size, accumulation, **kwargs):
     return model, result
 
 
-@pytest.mark.parametrize("order", [dict(shuffle=False, group_by_length=False), dict(shuffle=True, group_by_length=True)])
+@pytest.mark.parametrize("order", [dict(shuffle=False, group_by_length=False), dict(shuffle=True, group_by_length="lines"),
+                                   dict(shuffle=True, group_by_length="tokens")])
 def test_accumulated_micro_batches_equal_one_large_batch(order):
     sequences = _varied_sequences(30)  # 30 = 3 full steps of 8 + an incomplete step of 6
     big_model, big = _train(sequences, 8, 1, **order)
     small_model, small = _train(sequences, 2, 4, **order)
-    assert small["global_step"] == big["global_step"] == 4
+    assert small["global_step"] == big["global_step"]
+    if order["group_by_length"] != "tokens":
+        assert big["global_step"] == 4
     assert small["loss_history"] == pytest.approx(big["loss_history"], rel=1e-5)
     for p, q in zip(small_model.parameters(), big_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)

@@ -50,20 +50,37 @@ def _assert_same_run(a, weights_a, b, weights_b):
         assert (weights_b[key] - value).abs().max() <= 1e-6, key
 
 
+def _checkpoint_steps(reference, upto):
+    """Steps that get a checkpoint: every 3rd (checkpoint_every=3) and each epoch's end, up to ``upto``."""
+    every = resume_worker.SETTINGS["checkpoint_every"]
+    epoch_ends = reference["epochs"]["global_step"]
+    return sorted(set(range(every, upto + 1, every)) | {s for s in epoch_ends if s <= upto})
+
+
+# Token-budget steps hold exactly gradient_accumulation_steps forwards each, so the kill at forward 21 falls in
+# optimizer step 11 and the last checkpoint before it is the last of those up to step 10.
+KILLED_IN_STEP = (resume_worker.KILL_AT_FORWARD + 1) // resume_worker.SETTINGS["gradient_accumulation_steps"]
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(runs):
     full, killed, _ = runs
     reference, reference_weights = _load(full, "full")
     resumed, resumed_weights = _load(killed, "resume")
-    assert resumed["resumed_from_step"] == 6 and resumed["resumed_from_checkpoint"].endswith("step-6")
-    assert resumed["global_step"] == reference["global_step"] == 10
+    last = _checkpoint_steps(reference, KILLED_IN_STEP - 1)[-1]
+    assert last not in reference["epochs"]["global_step"]  # a mid-epoch resume: the hard case
+    assert resumed["resumed_from_step"] == last and resumed["resumed_from_checkpoint"].endswith(f"step-{last}")
+    assert resumed["global_step"] == reference["global_step"] > KILLED_IN_STEP
     _assert_same_run(reference, reference_weights, resumed, resumed_weights)
 
 
 def test_checkpoint_layout_and_pruning(runs):
-    _, killed, snapshot = runs
-    assert sorted(p.name for p in (snapshot / "checkpoints").iterdir()) == ["best", "step-5", "step-6"]
-    assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir()) == ["best", "step-10", "step-9"]
-    assert {"model.pt", "optimizer.pt", "trainer_state.pt", "meta.json"} <= {p.name for p in (snapshot / "checkpoints" / "step-6").iterdir()}
+    full, killed, snapshot = runs
+    reference, _ = _load(full, "full")
+    kept = lambda steps: sorted(["best"] + [f"step-{s}" for s in steps[-2:]])  # noqa: E731 - keep_checkpoints=2
+    assert sorted(p.name for p in (snapshot / "checkpoints").iterdir()) == kept(_checkpoint_steps(reference, KILLED_IN_STEP - 1))
+    assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir()) == kept(_checkpoint_steps(reference, reference["global_step"]))
+    newest = _checkpoint_steps(reference, KILLED_IN_STEP - 1)[-1]
+    assert {"model.pt", "optimizer.pt", "trainer_state.pt", "meta.json"} <= {p.name for p in (snapshot / "checkpoints" / f"step-{newest}").iterdir()}
 
 
 def test_wandb_run_continues_with_the_same_id(runs):
@@ -74,16 +91,17 @@ def test_wandb_run_continues_with_the_same_id(runs):
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(runs, tmp_path):
     full, _, snapshot = runs
+    reference, reference_weights = _load(full, "full")
+    previous, newest = _checkpoint_steps(reference, KILLED_IN_STEP - 1)[-2:]
     shutil.copytree(snapshot, tmp_path / "run")
-    damaged = tmp_path / "run" / "checkpoints" / "step-6" / "optimizer.pt"
+    damaged = tmp_path / "run" / "checkpoints" / f"step-{newest}" / "optimizer.pt"
     damaged.write_bytes(damaged.read_bytes()[:100])
     # A new process, like the reference run: same thread count, so the same floating-point reductions.
     done = _worker("resume", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Skipping checkpoint" in done.stderr and "step-6" in done.stderr
+    assert "Skipping checkpoint" in done.stderr and f"step-{newest}" in done.stderr
     resumed, resumed_weights = _load(tmp_path, "resume")
-    assert resumed["resumed_from_step"] == 5
-    reference, reference_weights = _load(full, "full")
+    assert resumed["resumed_from_step"] == previous
     _assert_same_run(reference, reference_weights, resumed, resumed_weights)
 
 
@@ -130,8 +148,10 @@ def test_load_best_model_at_end_restores_the_best_epoch():
 
 
 def test_raising_n_epochs_continues_a_finished_run(runs, tmp_path):
-    _, killed, _ = runs
+    full, killed, _ = runs
+    reference, _ = _load(full, "full")
     shutil.copytree(killed / "run", tmp_path / "run")
     result = resume_worker.run("resume", str(tmp_path), n_epochs=3)
-    assert result["resumed_from_step"] == 10 and result["global_step"] == 15
-    assert list(result["metrics_summary"]["epoch"]) == [1, 2, 3] and len(result["loss_history"]) == 15
+    assert result["resumed_from_step"] == reference["global_step"] < result["global_step"]
+    assert list(result["metrics_summary"]["epoch"]) == [1, 2, 3] and len(result["loss_history"]) == result["global_step"]
+    assert result["loss_history"][:reference["global_step"]] == reference["loss_history"]

@@ -51,10 +51,11 @@ def test_sharding_matches_distributed_sampler_and_marks_repeats():
     assert [c for b in ranks[2] for _, c in b] == [True, True, True, False]  # ... and that repeat does not count
 
 
-def test_grouping_keeps_whole_optimizer_steps_together():
+@pytest.mark.parametrize("grouping", ["lines", "tokens"])
+def test_grouping_keeps_whole_optimizer_steps_together(grouping):
     # The same examples form each optimizer step however it is split into micro-batches and processes.
     source = _source()
-    plan = lambda **split: source.plan(shuffle=True, group_by_length=True, seed=0, epoch=0, **split)  # noqa: E731
+    plan = lambda **split: source.plan(shuffle=True, group_by_length=grouping, seed=0, epoch=0, **split)  # noqa: E731
 
     def steps(micro_batches_per_rank, per_step):
         """Sorted example indices of each optimizer step, gathered over the ranks' micro-batches."""
@@ -78,10 +79,63 @@ def test_pad_to_multiple_of_does_not_change_the_loss():
 
     def train(multiple):
         torch.manual_seed(0)
+        # Fixed-line batches: with token budgets the multiple would (rightly) change which lines share a step.
         return test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0), data, data[:10],
-                                n_epochs=1, batch_size=4, pad_to_multiple_of=multiple, progress=False, save_plots=False)
+                                n_epochs=1, batch_size=4, pad_to_multiple_of=multiple, group_by_length="lines",
+                                progress=False, save_plots=False)
 
     exact, padded = train(None), train(8)
     assert padded["metrics_summary"]["train/pad_fraction"].iloc[0] > exact["metrics_summary"]["train/pad_fraction"].iloc[0]
     assert padded["loss_history"] == pytest.approx(exact["loss_history"], rel=1e-5)
     assert padded["final_val_loss"] == pytest.approx(exact["final_val_loss"], rel=1e-5)
+
+
+def test_token_budget_steps_respect_the_budget_and_cover_every_example_once():
+    source = _source()
+    budget = 16 * sum(LENGTHS) // len(LENGTHS)
+    for accumulation in (1, 2):
+        plan = source.plan(16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
+                           accumulation=accumulation, max_tokens_per_batch=budget // accumulation)
+        steps = [plan[i:i + accumulation] for i in range(0, len(plan), accumulation)]
+        for step in steps:
+            indices = [i for batch in step for i, counts in batch if counts]
+            padded = max(LENGTHS[i] for i in indices) * len(indices)
+            assert padded <= budget or len(indices) == 1  # only a single over-long line may exceed it
+        assert sorted(i for b in plan for i, counts in b if counts) == list(range(len(LENGTHS)))
+        assert plan == source.plan(16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
+                                   accumulation=accumulation, max_tokens_per_batch=budget // accumulation)
+
+
+def test_token_steps_hold_similar_token_counts():
+    source = _source()
+    real = lambda plan: torch.tensor([float(sum(LENGTHS[i] for i, _ in b)) for b in plan])  # noqa: E731
+    tokens = real(source.plan(16, shuffle=True, group_by_length="tokens", seed=0, epoch=0))
+    lines = real(source.plan(16, shuffle=True, group_by_length="lines", seed=0, epoch=0))
+    assert tokens.std() < 0.5 * lines.std()
+    assert abs(tokens.mean() / lines.mean() - 1) < 0.15  # the mean step is about batch_size lines
+
+
+def test_shuffle_false_trains_in_the_given_order():
+    """Defaults with shuffle=False equal a bare loop over consecutive batches of the given order."""
+    from utils.training.data import to_examples
+    from utils.training.loss import masked_lm_loss
+
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randint(1, 50, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g) for _ in range(22)]
+    torch.manual_seed(0)
+    model = TinyCausalLM(vocab_size=50).double()
+    test_fine_tuning(model, SimpleNamespace(vocab_size=50, pad_token_id=0), data, data[:4], n_epochs=1, batch_size=4,
+                     shuffle=False, learning_rate=1e-2, lr_schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
+                     max_grad_norm=None, progress=False, save_plots=False)
+    torch.manual_seed(0)
+    bare = TinyCausalLM(vocab_size=50).double()
+    optimizer = torch.optim.AdamW(bare.parameters(), lr=1e-2, weight_decay=0.0)
+    examples, collate = to_examples(data, 0), PaddingCollator(0)
+    for start in range(0, len(examples), 4):
+        batch = collate([(ex, True) for ex in examples[start:start + 4]])
+        sums = masked_lm_loss(bare(batch["input_ids"]), batch["input_ids"], batch["labels"], batch["attention_mask"], 0)
+        (sums.loss_sum / sums.real_targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for p, q in zip(model.parameters(), bare.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

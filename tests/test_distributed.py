@@ -25,7 +25,7 @@ def runs(tmp_path_factory):
     return single, multi
 
 
-@pytest.mark.parametrize("name", ["ordered", "shuffled_grouped"])
+@pytest.mark.parametrize("name", ["ordered", "shuffled_lines", "shuffled_grouped"])
 def test_two_processes_equal_one_process(runs, name):
     single, multi = runs
     alone = json.loads((single / f"{name}-rank0.json").read_text())
@@ -50,12 +50,13 @@ def test_checkpoint_and_resume_under_torchrun(runs):
     single, multi = runs
     uninterrupted = json.loads((multi / "shuffled_grouped-rank0.json").read_text())
     ranks = [json.loads((multi / f"resumed-rank{r}.json").read_text()) for r in (0, 1)]
-    # 37 examples / (4 x 2 x 2) = 3 steps per epoch: step 2 is mid-epoch.
-    assert ranks[0] == ranks[1] and ranks[0]["resumed_from_step"] == 2
+    # The epoch-end checkpoint was removed: the resume starts one step before the end of epoch 1.
+    assert ranks[0] == ranks[1] and ranks[0]["resumed_from_step"] == uninterrupted["epoch_steps"][0] - 1 > 0
     assert ranks[0]["loss_history"] == uninterrupted["loss_history"]
     assert ranks[0]["final_val_loss"] == uninterrupted["final_val_loss"]
     weights = torch.load(multi / "resumed-weights.pt")
     for key, value in torch.load(multi / "shuffled_grouped-weights.pt").items():
         assert torch.equal(weights[key], value), key
-    # After the resume: step-3 and step-6 end the epochs, step-2 was pruned (keep 2); only rank 0 wrote them.
-    assert sorted(p.name for p in (multi / "resumed-run" / "checkpoints").iterdir()) == ["best", "step-3", "step-6"]
+    # After the resume: the two epoch ends remain, the mid-epoch one was pruned (keep 2); only rank 0 wrote them.
+    assert sorted(p.name for p in (multi / "resumed-run" / "checkpoints").iterdir()) == sorted(
+        ["best"] + [f"step-{s}" for s in uninterrupted["epoch_steps"]])

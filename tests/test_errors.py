@@ -106,7 +106,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_results(tmp_path, monkeyp
 
 def test_interrupt_during_validation_returns_partial_results():
     result = _call(_Failing(n=3, training=False, exception=KeyboardInterrupt()), train=SEQUENCES, val=SEQUENCES[:8],
-                   batch_size=8, n_epochs=3)
+                   batch_size=8, n_epochs=3, group_by_length="lines")
     # Eval-mode forwards: 1 is the input check, 2 the first validation, 3 (raises) the second validation.
     assert result["interrupted"] and len(result["metrics_summary"]) == 1
     assert result["global_step"] == 2 * 5 == len(result["loss_history"])  # 40 examples / batch 8

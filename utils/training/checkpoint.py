@@ -23,7 +23,8 @@ from .distributed import barrier
 from .run_state import TrainState
 
 # Settings that fix the order of the data; resuming with others would not continue the same run.
-ORDER_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length")
+ORDER_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length",
+                  "max_tokens_per_batch")
 STEP_PREFIX = "step-"
 
 

@@ -207,6 +207,13 @@ def _length_grouped(order: list[int], lengths: list[int], step_size: int, genera
     return [i for batch in full + tail for i in batch]
 
 
+def resolve_grouping(group_by_length, shuffle: bool):
+    """``"auto"``: token budgets when shuffling, the given order otherwise; ``True`` means token budgets."""
+    if group_by_length == "auto":
+        return "tokens" if shuffle else False
+    return "tokens" if group_by_length is True else group_by_length
+
+
 def epoch_order(lengths, step_size, *, shuffle, group_by_length, seed, epoch) -> list[int]:
     """Global example order of one epoch: a pure function of the settings, so a resume can replay it."""
     generator = torch.Generator().manual_seed(seed + epoch)
@@ -214,6 +221,36 @@ def epoch_order(lengths, step_size, *, shuffle, group_by_length, seed, epoch) ->
     if group_by_length:
         order = _length_grouped(order, lengths, step_size, generator, shuffle_batches=shuffle)
     return order
+
+
+def token_budget_steps(lengths, *, step_budget: int, micro_batches_per_step: int, examples_per_mega_batch: int,
+                       shuffle: bool, seed: int, epoch: int, multiple: int | None = None) -> list[list[list[int]]]:
+    """Optimizer steps of one epoch, each ``micro_batches_per_step`` lists of example indices.
+
+    Inside mega-batches sorted by length, consecutive examples fill a step while its padded size
+    (rows x longest, rounded up to ``multiple``) stays within ``step_budget``; an example longer than
+    that is a step of its own. The step's examples are then split into its micro-batches,
+    so how a step is divided (accumulation, processes) never changes which examples it holds. Steps
+    carry similar numbers of tokens; their order is shuffled. Micro-batches a short step cannot fill
+    are empty: the caller gives them a non-counting repeat so every process runs the same count.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist() if shuffle else list(range(len(lengths)))
+    padded = (lambda n: math.ceil(n / multiple) * multiple) if multiple else (lambda n: n)
+    steps = []
+    for start in range(0, len(order), examples_per_mega_batch):
+        current = []
+        for index in sorted(order[start:start + examples_per_mega_batch], key=lambda i: -lengths[i]):
+            # Sorted longest first: the step's first example sets its width.
+            if current and padded(lengths[current[0]]) * (len(current) + 1) > step_budget:
+                steps.append(current)
+                current = []
+            current.append(index)
+        steps.append(current)
+    if shuffle:
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    rows = lambda step: math.ceil(len(step) / micro_batches_per_step)  # noqa: E731
+    return [[step[k * rows(step):(k + 1) * rows(step)] for k in range(micro_batches_per_step)] for step in steps]
 
 
 def shard_batches(order: list[int], batch_size: int, world_size: int = 1, rank: int = 0):
@@ -237,11 +274,34 @@ class ExampleBatches:
         self.collator = collator
         self.lengths = [len(ex) for ex in examples]
 
-    def plan(self, batch_size, *, shuffle, group_by_length, seed, epoch, accumulation=1, world_size=1, rank=0):
+    def plan(self, batch_size, *, shuffle, group_by_length, seed, epoch, accumulation=1, world_size=1, rank=0,
+             max_tokens_per_batch=None):
         """This rank's micro-batches of one epoch, in order; consecutive ``accumulation`` of them form a step."""
+        grouping = resolve_grouping(group_by_length, shuffle)
+        if grouping == "tokens":
+            return self._token_plan(batch_size, max_tokens_per_batch, shuffle, seed, epoch, accumulation, world_size, rank)
         order = epoch_order(self.lengths, batch_size * accumulation * world_size, shuffle=shuffle,
-                            group_by_length=group_by_length, seed=seed, epoch=epoch)
+                            group_by_length=bool(grouping), seed=seed, epoch=epoch)
         return shard_batches(order, batch_size, world_size, rank)
+
+    def step_token_budget(self, batch_size: int, per_step: int, max_tokens_per_batch: int | None) -> int:
+        """Padded tokens of one optimizer step: ``max_tokens_per_batch`` per micro-batch, else ``batch_size`` x the
+        mean example length, so the mean micro-batch holds about ``batch_size`` lines and learning rates tuned
+        for ``batch_size`` carry over. Computed per step, so 8 x 1 and 2 x 4 get the same budget exactly."""
+        if max_tokens_per_batch is not None:
+            return max_tokens_per_batch * per_step
+        return max(1, round(batch_size * per_step * sum(self.lengths) / len(self.lengths)))
+
+    def _token_plan(self, batch_size, max_tokens_per_batch, shuffle, seed, epoch, accumulation, world_size, rank):
+        per_step = accumulation * world_size
+        steps = token_budget_steps(self.lengths, step_budget=self.step_token_budget(batch_size, per_step, max_tokens_per_batch),
+                                   micro_batches_per_step=per_step,
+                                   examples_per_mega_batch=batch_size * per_step * MEGA_BATCH_FACTOR, shuffle=shuffle,
+                                   seed=seed, epoch=epoch, multiple=self.collator.pad_to_multiple_of)
+        # Rank r runs micro-batches r*a .. r*a+a-1 of each step. An empty one becomes a repeat that does not
+        # count (labels all -100), so every process runs the same number of forwards and backwards.
+        mine = [micro for step in steps for micro in step[rank * accumulation:(rank + 1) * accumulation]]
+        return [[(i, True) for i in micro] if micro else [(steps[0][0][0], False)] for micro in mine]
 
     def eval_plan(self, batch_size, world_size=1, rank=0):
         """Validation order does not change token-weighted sums, so sort by length: least padding."""

@@ -55,7 +55,6 @@ class Run:
     scaler: torch.amp.GradScaler
     tracker: MetricsTracker
     data_fingerprint: str
-    steps_per_epoch: int
     on_evaluation: object = None  # called with (step, val loss, final) after each validation; returns a stop reason or None
     state: TrainState = field(default_factory=TrainState)
     best_weights: dict | None = None

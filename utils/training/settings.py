@@ -32,7 +32,9 @@ class FineTuneSettings:
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     shuffle: bool = True
-    group_by_length: bool | str = True  # see CLAUDE.md: measured faster, same token-weighted loss
+    # "auto": token-budget steps inside length groups when shuffling, the given order when not (CLAUDE.md).
+    group_by_length: bool | str = "auto"
+    max_tokens_per_batch: int | None = None  # padded tokens per micro-batch; None: batch_size x mean length
     pad_to_multiple_of: int | str | None = "auto"  # "auto": 64 on CUDA (bounded shapes), exact lengths on CPU
     mixed_precision: str | None = None  # "bf16" or "fp16" autocast on CUDA
     val_fraction: float = 0.2
@@ -72,7 +74,7 @@ class FineTuneSettings:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps",):
             _check_int(name, getattr(self, name), minimum=0, optional=True)
-        for name in ("checkpoint_every", "early_stopping_patience", "eval_every"):
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_every", "max_tokens_per_batch"):
             _check_int(name, getattr(self, name), minimum=1, optional=True)
         _check_int("random_seed", self.random_seed, minimum=0)
         _check_float("learning_rate", self.learning_rate, low=0.0, hint=" Typical fine-tuning values are 1e-5 to 5e-4.")
