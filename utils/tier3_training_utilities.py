@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import random
 import time
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .training import checkpoint as ckpt
-from .training.checks import check_logits, check_vocabulary
+from .training.checks import check_lengths, check_logits, check_vocabulary, max_positions
 from .training.data import ExampleBatches, batch_source, split_train_val, synthetic_sequences, to_device
 from .training.distributed import DistContext, all_reduce_sum, setup_distributed, wrap_model
 from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_algorithms, legacy_result_keys
@@ -27,6 +29,7 @@ from .training.loss import TokenSums, count_real_targets, masked_lm_loss
 from .training.metrics import MetricsTracker, safe_exp
 from .training.model_io import ModelCaller, eval_mode, unwrap, vocab_size_of
 from .training.optim import build_optimizer, build_scheduler
+from .training.ownership import OutputDirLock, claim_run_id
 from .training.pad_id import detect_pad_token_id, pad_is_eos
 from .training.run_state import Run
 from .training.search import N_TRIALS_DEFAULT, run_search
@@ -135,7 +138,8 @@ test_fine_tuning.__test__ = False  # library API, not a pytest test
 def _fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
                on_evaluation=None) -> dict:
     """The engine behind ``test_fine_tuning`` and each search trial (which passes ``on_evaluation``)."""
-    with deterministic_algorithms(settings.deterministic):
+    lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+    with deterministic_algorithms(settings.deterministic), lock:
         run, resumed, pad_source = _start_run(model, config, train_data, val_data, settings, tokenizer, device, on_evaluation)
         outcome = _train(run)
         return _finish(run, outcome, resumed, pad_source)
@@ -160,6 +164,10 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
     steps_per_epoch = [_steps_in(_plan_epoch(train, settings, ctx, epoch), settings) for epoch in range(settings.n_epochs)]
     optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
     total_steps = sum(steps_per_epoch)
+    writes_checkpoints = bool(settings.checkpoint_every or settings.resume_from_checkpoint or settings.load_best_model_at_end)
+    run_id = claim_run_id(Path(settings.output_dir), resuming=bool(settings.resume_from_checkpoint),
+                          writes_checkpoints=writes_checkpoints,
+                          has_checkpoints=bool(ckpt.step_folders(Path(settings.output_dir) / "checkpoints"))) if ctx.is_main else ""
     run = Run(
         model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
@@ -167,7 +175,8 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
         scaler=torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda"),
         tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
                                progress=bool(settings.progress), wandb_module_getter=_wandb_module),
-        data_fingerprint=ckpt.data_fingerprint(train), on_evaluation=on_evaluation,
+        data_fingerprint=ckpt.data_fingerprint(train), val_fingerprint=ckpt.data_fingerprint(val), run_id=run_id,
+        on_evaluation=on_evaluation,
     )
     resumed = ckpt.resume_run(run)
     run_config = dict(settings.as_dict(), pad_token_id=pad_token_id, pad_token_id_source=pad_source,
@@ -213,8 +222,9 @@ def _prepare_data(model, config, train_data, val_data, pad_token_id, eos_is_pad,
     if ctx.enabled and not (train.plannable and val.plannable):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
-    vocab_size = _check_vocabulary_and_logits(model, config, {"training data": train, "validation data": val},
-                                              pad_token_id, device)
+    sources = {"training data": train, "validation data": val}
+    check_lengths(max_positions(model, config), sources)
+    vocab_size = _check_vocabulary_and_logits(model, config, sources, pad_token_id, device)
     return train, val, vocab_size
 
 
@@ -303,14 +313,14 @@ def _train_epoch(run: Run, epoch: int) -> None:
             checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
             eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
             if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
-                _record_steps(run, pending, epoch)
-                pending = []
+                flushing, pending = pending, []
+                _record_steps(run, flushing, epoch)
             if checkpoint_due:
                 ckpt.save_run(run)
             if eval_due:
                 _evaluate_mid_epoch(run, epoch)
-    except KeyboardInterrupt:
-        _record_steps(run, pending, epoch)  # every completed step stays in the history
+    except BaseException:
+        _record_steps(run, pending, epoch)  # Ctrl-C, a stop or any error: every completed step stays in the history
         raise
     finally:
         state.train_seconds += time.perf_counter() - started  # training only, no validation
@@ -349,6 +359,7 @@ def _optimizer_step(run: Run, batches: list[dict]) -> dict:
     max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # returns the norm before clipping
     learning_rate = run.optimizer.param_groups[0]["lr"]
+    _stop_if_not_finite(run, sums, grad_norm, learning_rate)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -356,8 +367,24 @@ def _optimizer_step(run: Run, batches: list[dict]) -> dict:
     return {"sums": sums, "grad_norm": grad_norm.detach().double(), "learning_rate": learning_rate}
 
 
+def _stop_if_not_finite(run: Run, sums: TokenSums, grad_norm: torch.Tensor, learning_rate: float) -> None:
+    """Before the update: a non-finite loss or gradient never reaches the weights (one host read per step;
+    measured cost in CLAUDE.md). Under fp16 the GradScaler skips steps with inf gradients itself."""
+    finite = torch.isfinite(sums.loss_sum) & (torch.isfinite(grad_norm) | run.scaler.is_enabled())
+    if bool(finite):
+        return
+    run.optimizer.zero_grad(set_to_none=True)
+    settings = run.settings
+    raise _StopTraining(
+        f"Training stopped before optimizer step {run.state.global_step + 1}: its loss ({float(sums.loss_sum):g} summed) or "
+        f"gradient norm ({float(grad_norm):g}) is not finite, so the update was not applied; the model holds the "
+        f"weights of step {run.state.global_step}. Likely causes: a learning_rate too high (now {learning_rate:g}), "
+        f"weight_decay={settings.weight_decay:g}, clipping off (max_grad_norm={settings.max_grad_norm}), or fp16 overflow "
+        "(use mixed_precision='bf16').")
+
+
 def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:
-    """Read pending steps from the device in one sync (one all-reduce under torchrun), check and record them."""
+    """Read pending steps from the device in one sync (one all-reduce under torchrun) and record them."""
     if not pending:
         return
     sums = all_reduce_sum(torch.stack([p["sums"].as_tensor(run.device) for p in pending]), run.ctx).cpu()
@@ -365,11 +392,6 @@ def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:
     first_step = run.state.global_step - len(pending) + 1
     rows = []
     for k, (step_sums, grad_norm) in enumerate(zip(map(TokenSums.from_tensor, sums), norms)):
-        if not math.isfinite(step_sums.loss):
-            run.tracker.log_steps(rows)
-            raise _StopTraining(f"Training stopped: the loss became {step_sums.loss} at optimizer step {first_step + k} "
-                                f"(epoch {epoch + 1}). Lower the learning_rate (now {run.settings.learning_rate:g}) "
-                                "or keep max_grad_norm clipping on; the results up to that step are returned.")
         run.state.epoch_sums += step_sums
         rows.append({"step": first_step + k, "epoch": epoch + 1, "train/step_loss_excl_padding": step_sums.loss,
                      "train/learning_rate": pending[k]["learning_rate"], "train/grad_norm": grad_norm,

@@ -50,6 +50,32 @@ def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
             source.vocab_size = vocab_size
 
 
+def max_positions(model, config) -> int | None:
+    """The longest sequence the model declares it can take (GPT-2's n_positions, most HF configs' max_position_embeddings)."""
+    for source in (config, getattr(model, "config", None)):
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_lengths(limit: int | None, sources: dict) -> None:
+    """Every example fits the model's positions; a user's DataLoader is checked batch by batch as it is read."""
+    if limit is None:
+        return
+    for what, source in sources.items():
+        if not isinstance(source, ExampleBatches):
+            source.max_length = limit
+            continue
+        for i, length in enumerate(source.lengths):
+            if length > limit:
+                raise ValueError(
+                    f"Example {i} of the {what} has {length} tokens, more than the model's {limit} positions. Tokenize "
+                    f"with a limit (prepare_lm_dataset(..., max_length={limit}) or tokenizer(..., truncation=True, "
+                    f"max_length={limit})), or split long texts.")
+
+
 def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
     """One forward pass's logits must be (batch, seq, vocab) and agree with the vocabulary."""
     input_ids = batch["input_ids"]

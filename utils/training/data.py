@@ -335,6 +335,7 @@ class LoaderBatches:
         self.pad_is_eos = pad_is_eos
         self.what = what
         self.vocab_size = None  # set once known: every batch's ids are then checked as it is collated
+        self.max_length = None  # likewise the model's positions
 
     def plan(self, batch_size=None, **_):
         return self.loader
@@ -362,6 +363,9 @@ class LoaderBatches:
             from .checks import check_batch_ids
 
             check_batch_ids(batch, self.vocab_size, f"A batch of the {self.what}")
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            raise ValueError(f"A batch of the {self.what} is {input_ids.shape[1]} tokens wide, more than the model's "
+                             f"{self.max_length} positions. Tokenize with truncation=True, max_length={self.max_length}.")
         batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
         return self._left_padding_moved_right(batch)
 

@@ -22,7 +22,7 @@ EPOCH_COLUMNS = [
     "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s",
 ]
 STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
-                "train/step_real_tokens", "train/real_tokens_per_sec"]
+                "train/step_real_tokens", "train/step_real_tokens_per_sec"]
 
 
 def safe_exp(loss: float) -> float:
@@ -164,7 +164,7 @@ class MetricsTracker:
         self._last_flush_time = now
         tokens_per_sec = sum(r["train/step_real_tokens"] for r in rows) / elapsed
         for row in rows:
-            row["train/real_tokens_per_sec"] = tokens_per_sec
+            row["train/step_real_tokens_per_sec"] = tokens_per_sec
             self.step_rows.append(row)
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])

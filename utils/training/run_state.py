@@ -55,6 +55,8 @@ class Run:
     scaler: torch.amp.GradScaler
     tracker: MetricsTracker
     data_fingerprint: str
+    val_fingerprint: str
+    run_id: str
     on_evaluation: object = None  # called with (step, val loss, final) after each validation; returns a stop reason or None
     state: TrainState = field(default_factory=TrainState)
     best_weights: dict | None = None
