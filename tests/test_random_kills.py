@@ -1,0 +1,53 @@
+"""SIGKILL at random moments (during steps, validation and checkpoint writes), resume each time: the run ends
+bit-identical to an uninterrupted one. TIER3_KILLS sets the number of kills (default 6; the hostile review used 56)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+SETTINGS = {"n_epochs": 5, "checkpoint_every": 1, "keep_checkpoints": 2}
+
+
+def _start(mode, out_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(WORKER), mode, str(out_dir), json.dumps(SETTINGS)], cwd=out_dir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_random_sigkills_resume_to_the_uninterrupted_run(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir()
+    killed_dir.mkdir()
+    started = time.perf_counter()
+    assert _start("full", reference_dir).wait(timeout=300) == 0
+    full_run_seconds = time.perf_counter() - started
+    rng = random.Random(int(os.environ.get("TIER3_KILL_SEED", "0")))
+    kills = 0
+    for _ in range(int(os.environ.get("TIER3_KILLS", "6"))):
+        process = _start("resume", killed_dir)
+        try:
+            process.wait(timeout=rng.uniform(0.5, 1.0) * full_run_seconds)  # python start-up is part of the window
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        else:
+            assert process.returncode == 0, process.stderr.read()[-2000:]
+    final = _start("resume", killed_dir)
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
+    assert kills >= 1
+    reference = json.loads((reference_dir / "full.json").read_text())
+    resumed = json.loads((killed_dir / "resume.json").read_text())
+    assert resumed["loss_history"] == reference["loss_history"]
+    assert resumed["final_val_loss"] == reference["final_val_loss"]
+    assert resumed["epochs"] == reference["epochs"]
+    weights = torch.load(killed_dir / "resume-weights.pt")
+    for key, value in torch.load(reference_dir / "full-weights.pt").items():
+        assert torch.equal(weights[key], value), key
