@@ -16,7 +16,13 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    groups = [g for g in groups if g["params"]]
+    try:
+        # The fused kernel (CPU and CUDA in torch >= 2.4): the same update, one kernel for all parameters.
+        # Measured 3% more tokens/s on 2 CPU cores, identical validation loss (CLAUDE.md).
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=learning_rate)
 
 
 def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int):
