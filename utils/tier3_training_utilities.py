@@ -27,7 +27,7 @@ from .training.distributed import DistContext, all_reduce_sum, setup_distributed
 from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_algorithms, legacy_result_keys
 from .training.loss import TokenSums, count_real_targets, masked_lm_loss
 from .training.metrics import MetricsTracker, safe_exp
-from .training.model_io import ModelCaller, eval_mode, unwrap, vocab_size_of
+from .training.model_io import ModelCaller, eval_mode, mask_free_is_exact, unwrap, vocab_size_of
 from .training.optim import build_optimizer, build_scheduler
 from .training.ownership import OutputDirLock, claim_run_id
 from .training.pad_id import detect_pad_token_id, pad_is_eos
@@ -147,8 +147,8 @@ def _fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, 
 
 def _start_run(model, config, train_data, val_data, settings, tokenizer, device, on_evaluation):
     ctx, device = setup_distributed(torch.device(device) if device is not None else None)
-    if settings.precision and device.type != "cuda":
-        warnings.warn(f"Mixed precision ({settings.precision}) applies on CUDA only; training in float32 on "
+    if settings.requested_precision and device.type != "cuda":
+        warnings.warn(f"Mixed precision ({settings.requested_precision}) applies on CUDA only; training in float32 on "
                       f"{device.type}.", UserWarning, stacklevel=4)
     _seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
@@ -169,10 +169,10 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
                           writes_checkpoints=writes_checkpoints,
                           has_checkpoints=bool(ckpt.step_folders(Path(settings.output_dir) / "checkpoints"))) if ctx.is_main else ""
     run = Run(
-        model=model, train_model=wrap_model(model, ctx, device), caller=caller, settings=settings, ctx=ctx,
+        model=model, train_model=wrap_model(torch.compile(model) if settings.compile else model, ctx, device), caller=caller, settings=settings, ctx=ctx,
         device=device, pad_token_id=pad_token_id, train=train, val=val, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, settings.schedule, total_steps, settings.warmup_steps_for(total_steps)),
-        scaler=torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda"),
+        scaler=torch.amp.GradScaler("cuda", enabled=settings.autocast_dtype(device) == "fp16"),
         tracker=MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
                                progress=bool(settings.progress), wandb_module_getter=_wandb_module),
         data_fingerprint=ckpt.data_fingerprint(train), val_fingerprint=ckpt.data_fingerprint(val), run_id=run_id,
@@ -180,6 +180,7 @@ def _start_run(model, config, train_data, val_data, settings, tokenizer, device,
     )
     resumed = ckpt.resume_run(run)
     run_config = dict(settings.as_dict(), pad_token_id=pad_token_id, pad_token_id_source=pad_source,
+                      precision_used=settings.autocast_dtype(device) or "fp32", attention_mask_free=caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=steps_per_epoch[0], model_class=type(model).__name__)
     run.tracker.start(run_config, total_steps=total_steps, wandb_project=settings.wandb_project,
@@ -279,7 +280,7 @@ def _train(run: Run) -> dict:
                 f"Out of GPU memory at optimizer step {state.global_step} with batch_size={settings.batch_size}. Use "
                 f"a smaller batch_size and raise gradient_accumulation_steps to keep the effective batch "
                 f"(e.g. batch_size={max(1, settings.batch_size // 2)}, gradient_accumulation_steps="
-                f"{settings.gradient_accumulation_steps * 2}), or mixed_precision='bf16'.") from error
+                f"{settings.gradient_accumulation_steps * 2}), or precision='bf16'.") from error
         raise
     finally:
         state.run_seconds = time.perf_counter() - started
@@ -352,6 +353,10 @@ def _optimizer_step(run: Run, batches: list[dict]) -> dict:
             sums += _compute_loss_and_backward(run.train_model, batch, run.pad_token_id, caller=run.caller,
                                                loss_divisor=divisor, autocast=run.autocast, scaler=run.scaler)
     run.state.train_sequences += sum(b["input_ids"].shape[0] for b in batches) * run.ctx.world_size
+    for batch in batches:  # each new shape costs a warm-up (a recompile under compile=True) on a GPU
+        shape = list(batch["input_ids"].shape)
+        if shape not in run.state.batch_shapes:
+            run.state.batch_shapes.append(shape)
     run.scaler.unscale_(run.optimizer)
     settings = run.settings
     if run.tracker.logs_gradients and (run.state.global_step + 1) % settings.log_grad_dist_every == 0:
@@ -380,7 +385,7 @@ def _stop_if_not_finite(run: Run, sums: TokenSums, grad_norm: torch.Tensor, lear
         f"gradient norm ({float(grad_norm):g}) is not finite, so the update was not applied; the model holds the "
         f"weights of step {run.state.global_step}. Likely causes: a learning_rate too high (now {learning_rate:g}), "
         f"weight_decay={settings.weight_decay:g}, clipping off (max_grad_norm={settings.max_grad_norm}), or fp16 overflow "
-        "(use mixed_precision='bf16').")
+        "(use precision='bf16').")
 
 
 def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:
@@ -431,6 +436,7 @@ def _record_epoch(run: Run, epoch: int, val: dict, seconds: float) -> None:
         "train/pad_fraction": sums.pad_fraction, "val/real_tokens": val["real_tokens"], "val/padded_tokens": val["padded_tokens"],
         "train/real_tokens_per_sec": float(sums.real_targets) / max(state.train_seconds, 1e-9),  # training phase only
         "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
+        "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
     })
     run.tracker.message(f"epoch {epoch + 1}/{run.settings.n_epochs}: train loss (excl. padding) {sums.loss:.4f} | "
                         f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "

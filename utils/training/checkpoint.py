@@ -26,7 +26,7 @@ from .run_state import TrainState
 # same run. n_epochs may be raised (the schedule is rebuilt for the new total).
 RUN_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length",
                 "max_tokens_per_batch", "learning_rate", "weight_decay", "lr_schedule", "use_lr_schedule", "warmup_ratio",
-                "warmup_steps", "max_grad_norm", "mixed_precision", "use_amp")
+                "warmup_steps", "max_grad_norm", "mixed_precision", "use_amp", "precision")
 STEP_PREFIX = "step-"
 
 

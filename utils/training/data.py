@@ -186,7 +186,9 @@ class PaddingCollator:
             attention_mask[row, :n] = 1 if example.attention_mask is None else example.attention_mask
             if counts:
                 labels[row, :n] = example.input_ids if example.labels is None else example.labels
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # Known here without a device read: rows are real then padding, unless an example kept a mask of its own.
+        right_padded = all(example.attention_mask is None for example, _ in items)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": right_padded}
 
 
 def _length_grouped(order: list[int], lengths: list[int], step_size: int, generator, shuffle_batches: bool) -> list[int]:
@@ -314,6 +316,11 @@ class ExampleBatches:
     def first_batch(self) -> dict:
         return self.collate(self.plan(2, shuffle=False, group_by_length=False, seed=0, epoch=0)[0])
 
+    def padded_batch(self) -> dict:
+        """The longest and the shortest example together: a batch that surely holds padding."""
+        by_length = sorted(range(len(self.examples)), key=self.lengths.__getitem__)
+        return self.collate([(by_length[-1], True), (by_length[0], True)])
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -367,7 +374,10 @@ class LoaderBatches:
             raise ValueError(f"A batch of the {self.what} is {input_ids.shape[1]} tokens wide, more than the model's "
                              f"{self.max_length} positions. Tokenize with truncation=True, max_length={self.max_length}.")
         batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
-        return self._left_padding_moved_right(batch)
+        batch = self._left_padding_moved_right(batch)
+        mask = batch["attention_mask"]
+        batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all())  # on the CPU, before the device copy
+        return batch
 
     def _left_padding_moved_right(self, batch: dict) -> dict:
         mask = batch["attention_mask"]
@@ -385,6 +395,8 @@ class LoaderBatches:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    padded_batch = first_batch
 
 
 def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",

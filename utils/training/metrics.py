@@ -19,7 +19,7 @@ EPOCH_COLUMNS = [
     "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity",
     "train/accuracy_excl_padding", "val/accuracy_excl_padding", "learning_rate",
     "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
-    "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s",
+    "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s", "train/distinct_batch_shapes",
 ]
 STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
                 "train/step_real_tokens", "train/step_real_tokens_per_sec"]

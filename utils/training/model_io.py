@@ -36,17 +36,54 @@ class ModelCaller:
         self.accepts_position_ids = "position_ids" in params
         # Hugging Face models otherwise return a key/value cache nobody reads during training.
         self.extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+        # Set once at start-up (see mask_free_is_exact): right-padded batches then go without a mask, which
+        # lets a causal model's attention take its fastest (is_causal / flash) path.
+        self.mask_free = False
 
     def __call__(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
         input_ids = batch["input_ids"]
         if self.accepts_attention_mask:
-            kwargs = dict(attention_mask=batch.get("attention_mask"), **self.extra_kwargs)
+            mask = None if (self.mask_free and batch.get("right_padded")) else batch.get("attention_mask")
+            kwargs = dict(attention_mask=mask, **self.extra_kwargs)
             if self.accepts_position_ids and batch.get("position_ids") is not None:  # a user's loader may carry them (packed rows)
                 kwargs["position_ids"] = batch["position_ids"]
             output = model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
         else:
             output = model(input_ids)
         return extract_logits(output)
+
+
+def _hf_causal_lm_class_names() -> set[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return set()
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def mask_free_is_exact(model: nn.Module, caller: ModelCaller, padded_batch: Mapping) -> bool:
+    """Whether right-padded batches may go to ``model`` without an attention mask.
+
+    Two conditions, both required: the model is a Hugging Face decoder-only causal LM (its class is in
+    transformers' causal-LM mapping and its config is not encoder-decoder), and on one right-padded batch
+    its logits at every real position are the same with and without the mask. A model that needs the mask
+    (not causal, or using it otherwise) keeps getting it.
+    """
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    if (not caller.accepts_attention_mask or config is None or getattr(config, "is_encoder_decoder", False)
+            or type(inner).__name__ not in _hf_causal_lm_class_names()):
+        return False
+    real = padded_batch["attention_mask"].bool()
+    if bool(real.all()):
+        return False  # nothing to compare on: keep the mask
+    with eval_mode(inner):
+        with_mask = caller(inner, dict(padded_batch, right_padded=False))
+        without_mask = caller(inner, dict(padded_batch, attention_mask=None, right_padded=False))
+    return torch.allclose(with_mask[real].float(), without_mask[real].float(), rtol=1e-4, atol=1e-4)
 
 
 @contextlib.contextmanager

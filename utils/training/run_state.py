@@ -27,6 +27,7 @@ class TrainState:
     train_seconds: float = 0.0  # this epoch's training phase (no validation)
     run_seconds: float = 0.0  # the whole run: training and validation, every epoch
     train_sequences: int = 0  # sequences trained on, the whole run
+    batch_shapes: list = field(default_factory=list)  # distinct [rows, width] of the training micro-batches
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
@@ -69,9 +70,10 @@ class Run:
 
     @property
     def amp_enabled(self) -> bool:
-        return self.settings.precision is not None and self.device.type == "cuda"
+        return self.settings.autocast_dtype(self.device) is not None
 
     def autocast(self):
-        if not self.amp_enabled:
+        dtype = self.settings.autocast_dtype(self.device)
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.precision])
+        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

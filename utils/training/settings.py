@@ -8,6 +8,7 @@ from pathlib import Path
 
 LR_SCHEDULES = ("cosine", "constant", "linear")
 MIXED_PRECISION = (None, "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
 
 
@@ -36,7 +37,10 @@ class FineTuneSettings:
     group_by_length: bool | str = "auto"
     max_tokens_per_batch: int | None = None  # padded tokens per micro-batch; None: batch_size x mean length
     pad_to_multiple_of: int | str | None = "auto"  # "auto": 64 on CUDA (bounded shapes), exact lengths on CPU
-    mixed_precision: str | None = None  # "bf16" or "fp16" autocast on CUDA
+    # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
+    precision: str = "auto"
+    mixed_precision: str | None = None  # the older keyword: "bf16" or "fp16" autocast on CUDA
+    compile: bool = False  # torch.compile the model once
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
@@ -88,6 +92,11 @@ class FineTuneSettings:
             _check_bool(name, getattr(self, name))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_bool("compile", self.compile)
+        if self.precision != "auto" and self.requested_precision not in (None, self.precision):
+            raise ValueError(f"precision={self.precision!r} but mixed_precision={self.mixed_precision!r}/use_amp={self.use_amp} "
+                             "ask for another; pass only one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
@@ -104,9 +113,20 @@ class FineTuneSettings:
                              "(it is created if missing).")
 
     @property
-    def precision(self) -> str | None:
-        """The autocast dtype asked for: ``mixed_precision``, or fp16 for the previous ``use_amp=True``."""
-        return self.mixed_precision or ("fp16" if self.use_amp else None)
+    def requested_precision(self) -> str | None:
+        """An autocast dtype asked for explicitly: ``mixed_precision``, fp16 for ``use_amp=True``, or ``precision``."""
+        return self.mixed_precision or ("fp16" if self.use_amp else None) or (
+            self.precision if self.precision in ("bf16", "fp16") else None)
+
+    def autocast_dtype(self, device) -> str | None:
+        """The autocast dtype this run uses on ``device``; None is float32."""
+        if device.type != "cuda" or self.precision == "fp32":
+            return None
+        if self.requested_precision:
+            return self.requested_precision
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
     @property
     def schedule(self) -> str:
