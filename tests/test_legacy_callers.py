@@ -1,6 +1,5 @@
 """Calls written for the previous module run unchanged: keywords, positional order, result keys,
 printed lines, the pad-id message, wandb.log through a mocked module, both search-space forms (issue 21)."""
-import math
 import sys
 import warnings
 from types import SimpleNamespace

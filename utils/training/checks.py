@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import ExampleBatches
+from .data import ExampleBatches, to_device
 from .loss import IGNORE_INDEX
+from .model_io import ModelCaller, eval_mode, vocab_size_of
 
 
 def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
@@ -89,3 +90,22 @@ def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
             f"The model's logits have last dimension {logits.shape[-1]} but the vocabulary size is {vocab_size}. "
             "Make the output layer match the tokenizer (resize the embeddings) or fix config.vocab_size."
         )
+
+
+def check_vocabulary_and_logits(model, config, sources: dict, pad_token_id, device) -> int:
+    """Token ids, pad id and one eval-mode forward's logits against the vocabulary; returns its size.
+
+    With the size known (config or output embedding) the ids are checked before any forward, so a bad
+    id is named instead of failing inside the embedding; otherwise the logits' width is the size.
+    """
+    vocab_size = vocab_size_of(model, config)
+    if vocab_size is not None:
+        check_vocabulary(vocab_size, pad_token_id, sources)
+    batch = to_device(next(iter(sources.values())).first_batch(), device)
+    with eval_mode(model):  # eval mode draws no random numbers
+        logits = ModelCaller(model)(model, batch)
+    check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
+    if vocab_size is None:
+        vocab_size = logits.shape[-1]
+        check_vocabulary(vocab_size, pad_token_id, sources)
+    return vocab_size

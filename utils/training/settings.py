@@ -129,6 +129,11 @@ class FineTuneSettings:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
     @property
+    def writes_checkpoints(self) -> bool:
+        """Checkpoints only when asked for, or implied by wanting to resume or to get the best model back."""
+        return bool(self.checkpoint_every or self.resume_from_checkpoint or self.load_best_model_at_end)
+
+    @property
     def schedule(self) -> str:
         return self.lr_schedule if self.use_lr_schedule else "constant"
 
