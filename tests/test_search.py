@@ -121,3 +121,18 @@ def test_trial_killed_mid_way_is_retried_with_its_parameters(tmp_path):
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == first.params
     assert result["trials"]["retry_of"].iloc[1] == 0
+
+
+def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch):
+    from wandb_reader import read_records
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    result = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=2, use_wandb=True, wandb_mode="offline",
+                                        study_name="grouped", storage=str(tmp_path / "s.log"), output_dir=str(tmp_path), **QUIET)
+    runs = sorted(tmp_path.glob("trial-*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == result["n_trials"] == 2
+    for path in runs:
+        run = next(r.run for r in read_records(path) if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "grouped"
+        config = {item.key: item.value_json for item in run.config.update}
+        assert "learning_rate" in config and "batch_size" in config

@@ -29,9 +29,10 @@ class Example:
     def __len__(self) -> int:
         return self.input_ids.numel()
 
-    def real_targets(self, pad_token_id: int | None = None) -> int:
+    def real_targets(self) -> int:
+        """Targets that count; the pad rule was applied when the example was cut, so only the mask is read."""
         row = lambda t: None if t is None else t[None]  # noqa: E731
-        targets = shifted_targets(self.input_ids[None], row(self.labels), row(self.attention_mask), pad_token_id)
+        targets = shifted_targets(self.input_ids[None], row(self.labels), row(self.attention_mask))
         return int((targets != IGNORE_INDEX).sum())
 
 
