@@ -200,18 +200,12 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
     if clashing:
         raise ValueError(f"{sorted(clashing)} are both searched and fixed by keyword; drop one of them.")
     # Trials draw no training plots unless asked: the search draws its own.
-    base = dict(dict(save_plots=False), **fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every, random_seed=random_seed, use_wandb=use_wandb)
+    base = dict(dict(save_plots=False), **fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every,
+                random_seed=random_seed, use_wandb=use_wandb)
     build_settings({}, dict(base, progress=False), gradient_clip_norm=CLIP_NORM_DEFAULT)  # bad fixed keywords fail now
     new_model = model_source(model_factory, model)
     train, val = _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device)
     output_dir = Path(fine_tuning_kwargs.get("output_dir") or Path.cwd() / "outputs" / "search")
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
-    study = optuna.create_study(
-        storage=open_storage(storage, heartbeat_interval), sampler=optuna.samplers.TPESampler(seed=random_seed),
-        pruner=_pruner(pruning), study_name=study_name or ("tier3-search" if storage is not None else None),
-        direction="minimize", load_if_exists=True)
 
     def objective(trial):
         params = {name: suggest(trial, name, kind, args) for name, (setting, kind, args) in space.items()}
@@ -222,22 +216,30 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
             gradient_clip_norm=CLIP_NORM_DEFAULT)
         return _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device)
 
-    bar = _TrialBar(n_trials, enabled=bool(progress))
-    started_with = len(study.trials)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[bar.update])
-    except KeyboardInterrupt:
-        warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
+        study = optuna.create_study(
+            storage=open_storage(storage, heartbeat_interval), sampler=optuna.samplers.TPESampler(seed=random_seed),
+            pruner=_pruner(pruning), study_name=study_name or ("tier3-search" if storage is not None else None),
+            direction="minimize", load_if_exists=True)
+        started_with = len(study.trials)
+        bar = _TrialBar(n_trials, enabled=bool(progress))
+        try:
+            study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[bar.update])
+        except KeyboardInterrupt:
+            warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
+        finally:
+            bar.close()
     finally:
         optuna.logging.set_verbosity(verbosity)
-        bar.close()
     return _results(study, len(study.trials) - started_with, output_dir)
 
 
 def _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device):
     """Tokens to examples, checked and split once for the whole study (trials reuse them)."""
     if train_data is None:
-        return None, None  # each trial's test_fine_tuning makes its announced synthetic set
+        return None, val_data  # each trial's test_fine_tuning makes its announced synthetic set
     pad_token_id, _ = detect_pad_token_id(config, tokenizer)
     eos_is_pad = pad_is_eos(pad_token_id, config, tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
