@@ -78,7 +78,8 @@ def test_auto_precision_is_silent_on_cpu_and_an_explicit_one_is_warned():
         warnings.simplefilter("error")
         torch.manual_seed(0)
         result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, progress=False, save_plots=False)
-    assert result["amp_enabled"] is False
+    assert result["amp_enabled"] is False and result["precision_used"] == "fp32"
+    assert result["attention_mask_free"] is False  # mask-free calls are a CUDA-only path
     with pytest.warns(UserWarning, match="CUDA only"):
         test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, precision="bf16", progress=False,
                          save_plots=False)

@@ -460,6 +460,7 @@ def _finish(run: Run, outcome: dict, resumed: dict | None, pad_source: str) -> d
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": run.pad_token_id, "pad_token_id_source": pad_source,
+        "precision_used": run.settings.autocast_dtype(run.device) or "fp32", "attention_mask_free": run.caller.mask_free,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
