@@ -22,7 +22,7 @@ import torch
 
 from .training import checkpoint as ckpt
 from .training.checks import check_lengths, check_vocabulary_and_logits, max_positions
-from .training.data import ExampleBatches, batch_source, split_train_val, synthetic_sequences, to_device
+from .training.data import batch_source, synthetic_sequences, to_device, train_and_val_sources
 from .training.distributed import DistContext, all_reduce_sum, setup_distributed, wrap_model
 from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_algorithms, legacy_result_keys
 from .training.loss import TokenSums, count_real_targets, masked_lm_loss
@@ -212,14 +212,8 @@ def _prepare_data(model, config, train_data, val_data, pad_token_id, eos_is_pad,
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
                       UserWarning, stacklevel=4)
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train = batch_source(train_data, pad_token_id, padding_multiple, "training data", eos_is_pad)
-    if val_data is None:
-        if not isinstance(train, ExampleBatches):
-            raise ValueError("val_data=None needs train_data as a list of examples to hold out from; pass val_data.")
-        train_examples, val_examples = split_train_val(train.examples, settings.val_fraction, settings.random_seed)
-        train, val = ExampleBatches(train_examples, train.collator), ExampleBatches(val_examples, train.collator)
-    else:
-        val = batch_source(val_data, pad_token_id, padding_multiple, "validation data", eos_is_pad)
+    train, val = train_and_val_sources(train_data, val_data, pad_token_id, padding_multiple, eos_is_pad,
+                                       settings.val_fraction, settings.random_seed)
     if ctx.enabled and not (train.plannable and val.plannable):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")

@@ -45,8 +45,11 @@ def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
     check_pad_token_id(pad_token_id, vocab_size)
     for what, source in sources.items():
         if isinstance(source, ExampleBatches):
+            if source.checked_vocab_size == vocab_size:
+                continue
             for i, example in enumerate(source.examples):
                 check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size, f"Example {i} of the {what}")
+            source.checked_vocab_size = vocab_size
         else:
             source.vocab_size = vocab_size
 
@@ -69,12 +72,15 @@ def check_lengths(limit: int | None, sources: dict) -> None:
         if not isinstance(source, ExampleBatches):
             source.max_length = limit
             continue
+        if source.checked_max_length == limit:
+            continue
         for i, length in enumerate(source.lengths):
             if length > limit:
                 raise ValueError(
                     f"Example {i} of the {what} has {length} tokens, more than the model's {limit} positions. Tokenize "
                     f"with a limit (prepare_lm_dataset(..., max_length={limit}) or tokenizer(..., truncation=True, "
                     f"max_length={limit})), or split long texts.")
+        source.checked_max_length = limit
 
 
 def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:

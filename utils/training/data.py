@@ -276,6 +276,8 @@ class ExampleBatches:
         self.examples = examples
         self.collator = collator
         self.lengths = [len(ex) for ex in examples]
+        # Set by the start-up checks once passed, so a search's trials do not rescan the same examples.
+        self.checked_vocab_size = self.checked_max_length = None
 
     def plan(self, batch_size, *, shuffle, group_by_length, seed, epoch, accumulation=1, world_size=1, rank=0,
              max_tokens_per_batch=None):
@@ -407,6 +409,18 @@ def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None,
     if isinstance(data, DataLoader):
         return LoaderBatches(data, pad_token_id, pad_is_eos, what)
     return ExampleBatches(to_examples(data, pad_token_id, what, pad_is_eos), PaddingCollator(pad_token_id, pad_to_multiple_of))
+
+
+def train_and_val_sources(train_data, val_data, pad_token_id: int, pad_to_multiple_of: int | None, pad_is_eos: bool,
+                          val_fraction: float, seed: int):
+    """Batch sources for training and validation; ``val_data=None`` holds out a seeded ``val_fraction``."""
+    train = batch_source(train_data, pad_token_id, pad_to_multiple_of, "training data", pad_is_eos)
+    if val_data is not None:
+        return train, batch_source(val_data, pad_token_id, pad_to_multiple_of, "validation data", pad_is_eos)
+    if not isinstance(train, ExampleBatches):
+        raise ValueError("val_data=None needs train_data as a list of examples to hold out from; pass val_data.")
+    train_examples, val_examples = split_train_val(train.examples, val_fraction, seed)
+    return ExampleBatches(train_examples, train.collator), ExampleBatches(val_examples, train.collator)
 
 
 def to_device(batch: Mapping, device: torch.device) -> dict:

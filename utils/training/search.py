@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ExampleBatches, batch_source, split_train_val
+from .data import train_and_val_sources
 from .legacy import CLIP_NORM_DEFAULT, DefaultInt, build_settings
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .settings import FineTuneSettings
@@ -244,13 +244,8 @@ def _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, de
     eos_is_pad = pad_is_eos(pad_token_id, config, tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = FineTuneSettings(**{k: v for k, v in base.items() if k in FineTuneSettings.keyword_names()})
-    train = batch_source(train_data, pad_token_id, settings.padding_multiple(device), "training data", eos_is_pad)
-    if val_data is None and isinstance(train, ExampleBatches):
-        train_examples, val_examples = split_train_val(train.examples, settings.val_fraction, random_seed)
-        return ExampleBatches(train_examples, train.collator), ExampleBatches(val_examples, train.collator)
-    val = None if val_data is None else batch_source(val_data, pad_token_id, settings.padding_multiple(device),
-                                                     "validation data", eos_is_pad)
-    return train, val
+    return train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device), eos_is_pad,
+                                 settings.val_fraction, random_seed)
 
 
 def _pruner(pruning):
