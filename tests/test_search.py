@@ -136,3 +136,24 @@ def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch)
         assert run.run_group == "grouped"
         config = {item.key: item.value_json for item in run.config.update}
         assert "learning_rate" in config and "batch_size" in config
+
+
+def test_trial_that_turns_non_finite_in_a_later_epoch_is_failed_not_completed():
+    class TurnsNaN(TinyCausalLM):
+        def forward(self, idx):
+            logits = super().forward(idx)
+            if self.training:
+                self.calls = getattr(self, "calls", 0) + 1
+                if self.calls > 8:  # epoch 1 (6 steps of 4 lines) ends finite; epoch 2 does not
+                    return logits * float("nan")
+            return logits
+
+    def factory():
+        torch.manual_seed(0)
+        return TurnsNaN(vocab_size=50)
+
+    result = test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=1, n_epochs=2, pruning=False,
+                                        search_space={"learning_rate": ("log", 1e-4, 1e-3)}, **QUIET)
+    trials = result["trials"]
+    assert list(trials["state"]) == ["FAIL"] and "not finite" in trials["reason"].iloc[0]
+    assert result["best_value"] is None

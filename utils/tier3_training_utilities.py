@@ -104,6 +104,10 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
 class _StopTraining(Exception):
     """Ends training at a step boundary with the results so far (non-finite loss, a pruned search trial)."""
 
+    def __init__(self, reason: str, non_finite: bool = False):
+        super().__init__(reason)
+        self.non_finite = non_finite
+
 
 # ----------------------------------------------------------------------------------------------
 # test_fine_tuning
@@ -241,14 +245,15 @@ def _train(run: Run) -> dict:
             final = epoch + 1 == settings.n_epochs
             stop_reason = _evaluation_stop_reason(run, val, final=final) or _early_stopping_reason(run, epoch)
             if stop_reason:
-                return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False}
-        return {"stopped_early": False, "stop_reason": None, "interrupted": False}
+                return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False, "non_finite": False}
+        return {"stopped_early": False, "stop_reason": None, "interrupted": False, "non_finite": False}
     except KeyboardInterrupt:
         run.tracker.message(f"Interrupted at optimizer step {state.global_step}; returning the metrics so far.")
-        return {"stopped_early": True, "stop_reason": "interrupted (KeyboardInterrupt)", "interrupted": True}
+        return {"stopped_early": True, "stop_reason": "interrupted (KeyboardInterrupt)", "interrupted": True,
+                "non_finite": False}
     except _StopTraining as stop:
         run.tracker.message(str(stop))
-        return {"stopped_early": True, "stop_reason": str(stop), "interrupted": False}
+        return {"stopped_early": True, "stop_reason": str(stop), "interrupted": False, "non_finite": stop.non_finite}
     except Exception as error:
         run.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
         if isinstance(error, torch.OutOfMemoryError):
@@ -351,8 +356,9 @@ def _optimizer_step(run: Run, batches: list[dict]) -> dict:
 def _stop_if_not_finite(run: Run, sums: TokenSums, grad_norm: torch.Tensor, learning_rate: float) -> None:
     """Before the update: a non-finite loss or gradient never reaches the weights (one host read per step;
     measured cost in CLAUDE.md). Under fp16 the GradScaler skips steps with inf gradients itself."""
-    finite = torch.isfinite(sums.loss_sum) & (torch.isfinite(grad_norm) | run.scaler.is_enabled())
-    if bool(finite):
+    not_finite = ~torch.isfinite(sums.loss_sum) | (~torch.isfinite(grad_norm) & (not run.scaler.is_enabled()))
+    # Every process must take the same decision, or the ones that go on wait forever for the one that stopped.
+    if not bool(all_reduce_sum(not_finite.float(), run.ctx)):
         return
     run.optimizer.zero_grad(set_to_none=True)
     settings = run.settings
@@ -361,7 +367,7 @@ def _stop_if_not_finite(run: Run, sums: TokenSums, grad_norm: torch.Tensor, lear
         f"gradient norm ({float(grad_norm):g}) is not finite, so the update was not applied; the model holds the "
         f"weights of step {run.state.global_step}. Likely causes: a learning_rate too high (now {learning_rate:g}), "
         f"weight_decay={settings.weight_decay:g}, clipping off (max_grad_norm={settings.max_grad_norm}), or fp16 overflow "
-        "(use precision='bf16').")
+        "(use precision='bf16').", non_finite=True)
 
 
 def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:

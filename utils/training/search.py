@@ -292,7 +292,7 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
         trial.set_user_attr("reason", results["stop_reason"])
         raise optuna.TrialPruned(results["stop_reason"])
     loss = results["final_val_loss"]
-    if loss is None or not math.isfinite(loss) or (results["stopped_early"] and "loss became" in str(results["stop_reason"])):
+    if results["non_finite"] or loss is None or not math.isfinite(loss):
         trial.set_user_attr("reason", f"non-finite loss: {results['stop_reason']}")
         return math.nan  # Optuna records a NaN objective as a failed trial
     trial.set_user_attr("val_perplexity", results["val_perplexity"])
