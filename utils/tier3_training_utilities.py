@@ -28,6 +28,7 @@ from .training.legacy import CLIP_NORM_DEFAULT, build_settings, deterministic_al
 from .training.loss import TokenSums, count_real_targets, masked_lm_loss
 from .training.metrics import MetricsTracker, safe_exp
 from .training.model_io import ModelCaller, eval_mode, mask_free_is_exact, unwrap, vocab_size_of
+from .training.outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
 from .training.optim import build_optimizer, build_scheduler
 from .training.ownership import OutputDirLock, claim_run_id
 from .training.pad_id import detect_pad_token_id, pad_is_eos
@@ -99,14 +100,6 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
     totals = TokenSums.from_tensor(all_reduce_sum(totals.as_tensor(device), ctx))
     return {"loss": totals.loss, "perplexity": safe_exp(totals.loss), "accuracy": totals.accuracy,
             "real_tokens": int(totals.real_targets), "padded_tokens": int(totals.padded_positions)}
-
-
-class _StopTraining(Exception):
-    """Ends training at a step boundary with the results so far (non-finite loss, a pruned search trial)."""
-
-    def __init__(self, reason: str, non_finite: bool = False):
-        super().__init__(reason)
-        self.non_finite = non_finite
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,17 +236,16 @@ def _train(run: Run) -> dict:
             if settings.writes_checkpoints:
                 ckpt.save_run(run, best=improved)
             final = epoch + 1 == settings.n_epochs
-            stop_reason = _evaluation_stop_reason(run, val, final=final) or _early_stopping_reason(run, epoch)
-            if stop_reason:
-                return {"stopped_early": True, "stop_reason": stop_reason, "interrupted": False, "non_finite": False}
-        return {"stopped_early": False, "stop_reason": None, "interrupted": False, "non_finite": False}
+            stop = _evaluation_stop(run, val, final=final) or _early_stopping(run, epoch)
+            if stop:
+                return stop
+        return COMPLETED
     except KeyboardInterrupt:
         run.tracker.message(f"Interrupted at optimizer step {state.global_step}; returning the metrics so far.")
-        return {"stopped_early": True, "stop_reason": "interrupted (KeyboardInterrupt)", "interrupted": True,
-                "non_finite": False}
-    except _StopTraining as stop:
-        run.tracker.message(str(stop))
-        return {"stopped_early": True, "stop_reason": str(stop), "interrupted": False, "non_finite": stop.non_finite}
+        return Outcome(OutcomeKind.INTERRUPTED, "interrupted (KeyboardInterrupt)")
+    except StopTraining as stop:
+        run.tracker.message(stop.outcome.reason)
+        return stop.outcome
     except Exception as error:
         run.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
         if isinstance(error, torch.OutOfMemoryError):
@@ -362,12 +354,12 @@ def _stop_if_not_finite(run: Run, sums: TokenSums, grad_norm: torch.Tensor, lear
         return
     run.optimizer.zero_grad(set_to_none=True)
     settings = run.settings
-    raise _StopTraining(
+    raise StopTraining(Outcome(OutcomeKind.NON_FINITE,
         f"Training stopped before optimizer step {run.state.global_step + 1}: its loss ({float(sums.loss_sum):g} summed) or "
         f"gradient norm ({float(grad_norm):g}) is not finite, so the update was not applied; the model holds the "
         f"weights of step {run.state.global_step}. Likely causes: a learning_rate too high (now {learning_rate:g}), "
         f"weight_decay={settings.weight_decay:g}, clipping off (max_grad_norm={settings.max_grad_norm}), or fp16 overflow "
-        "(use precision='bf16').", non_finite=True)
+        "(use precision='bf16')."))
 
 
 def _record_steps(run: Run, pending: list[dict], epoch: int) -> None:
@@ -396,14 +388,16 @@ def _evaluate_mid_epoch(run: Run, epoch: int) -> None:
     val = _validate(run)
     run.tracker.log_eval({"step": run.state.global_step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"],
                           "val/perplexity": val["perplexity"], "val/accuracy_excl_padding": val["accuracy"]})
-    reason = _evaluation_stop_reason(run, val, final=False)
-    if reason:
-        raise _StopTraining(reason)
+    stop = _evaluation_stop(run, val, final=False)
+    if stop:
+        raise StopTraining(stop)
     run.train_model.train()
 
 
-def _evaluation_stop_reason(run: Run, val: dict, final: bool) -> str | None:
-    return run.on_evaluation(run.state.global_step, val["loss"], final) if run.on_evaluation else None
+def _evaluation_stop(run: Run, val: dict, final: bool) -> Outcome | None:
+    """A search trial's pruner is asked after each validation; a reason it returns prunes the trial."""
+    reason = run.on_evaluation(run.state.global_step, val["loss"], final) if run.on_evaluation else None
+    return Outcome(OutcomeKind.PRUNED, reason) if reason else None
 
 
 def _record_epoch(run: Run, epoch: int, val: dict, seconds: float) -> None:
@@ -437,15 +431,16 @@ def _track_best(run: Run, epoch: int, val: dict) -> bool:
     return True
 
 
-def _early_stopping_reason(run: Run, epoch: int) -> str | None:
+def _early_stopping(run: Run, epoch: int) -> Outcome | None:
     state, patience = run.state, run.settings.early_stopping_patience
     if patience and state.epochs_without_improvement >= patience and epoch + 1 < run.settings.n_epochs:
-        return (f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
-                f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
+        return Outcome(OutcomeKind.STOPPED_EARLY,
+                       f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
+                       f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
     return None
 
 
-def _finish(run: Run, outcome: dict, resumed: dict | None, pad_source: str) -> dict:
+def _finish(run: Run, outcome: Outcome, resumed: dict | None, pad_source: str) -> dict:
     tracker, state = run.tracker, run.state
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if run.settings.load_best_model_at_end and run.best_weights is not None:
@@ -469,7 +464,7 @@ def _finish(run: Run, outcome: dict, resumed: dict | None, pad_source: str) -> d
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": run.settings.output_dir, "metrics_csv": str(tracker.epochs_csv), "steps_csv": str(tracker.steps_csv),
-        "wandb_run_id": tracker.wandb_run_id, "settings": run.settings.as_dict(), **outcome,
+        "wandb_run_id": tracker.wandb_run_id, "settings": run.settings.as_dict(), **outcome.as_result_keys(),
         **legacy_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
                              amp_enabled=run.amp_enabled, loss_scale=run.scaler.get_scale() if run.scaler.is_enabled() else None),
     }

@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import train_and_val_sources
 from .legacy import CLIP_NORM_DEFAULT, DefaultInt, build_settings
+from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .settings import FineTuneSettings
 
@@ -262,12 +263,9 @@ def _pruner(pruning):
 def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device) -> float:
     import optuna
 
-    pruned_at = []
-
     def report(step, val_loss, final):
         trial.report(val_loss, step)
         if not final and trial.should_prune():  # a finished trial keeps its value
-            pruned_at.append(step)
             return f"pruned by Optuna at optimizer step {step} (val loss excl. padding {val_loss:.4f})"
         return None
 
@@ -286,13 +284,14 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if results["interrupted"]:
+    outcome = results["outcome"]
+    if outcome.kind is OutcomeKind.INTERRUPTED:
         raise KeyboardInterrupt
-    if pruned_at:
-        trial.set_user_attr("reason", results["stop_reason"])
-        raise optuna.TrialPruned(results["stop_reason"])
+    if outcome.kind is OutcomeKind.PRUNED:
+        trial.set_user_attr("reason", outcome.reason)
+        raise optuna.TrialPruned(outcome.reason)
     loss = results["final_val_loss"]
-    if results["non_finite"] or loss is None or not math.isfinite(loss):
+    if outcome.kind is OutcomeKind.NON_FINITE or loss is None or not math.isfinite(loss):
         trial.set_user_attr("reason", f"non-finite loss: {results['stop_reason']}")
         return math.nan  # Optuna records a NaN objective as a failed trial
     trial.set_user_attr("val_perplexity", results["val_perplexity"])
