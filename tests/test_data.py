@@ -8,7 +8,9 @@ import torch
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.data import Example, ExampleBatches, PaddingCollator, shard_batches
+from utils.training.batch_plans import PlanSettings, shard_batches
+from utils.training.examples import Example, PaddingCollator
+from utils.training.sources import ExampleBatches
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(2, 128) for _ in range(1000)]
@@ -27,17 +29,21 @@ def _padding(plan):
     return padded / (padded + real)
 
 
+def _plan(source, batch_size=None, *, epoch, **settings):
+    return source.plan(PlanSettings(batch_size, **settings), epoch)
+
+
 def test_length_grouping_cuts_padding_and_covers_every_example_once():
     source = _source()
-    grouped = source.plan(16, shuffle=True, group_by_length=True, seed=1, epoch=0)
-    shuffled = source.plan(16, shuffle=True, group_by_length=False, seed=1, epoch=0)
+    grouped = _plan(source, 16, shuffle=True, group_by_length=True, seed=1, epoch=0)
+    shuffled = _plan(source, 16, shuffle=True, group_by_length=False, seed=1, epoch=0)
     assert sorted(i for b in grouped for i, _ in b) == list(range(len(LENGTHS)))
     assert _padding(grouped) < 0.05 < 0.3 < _padding(shuffled)
 
 
 def test_order_is_deterministic_per_seed_and_epoch():
     source = _source()
-    plan = lambda seed, epoch: source.plan(8, shuffle=True, group_by_length=True, seed=seed, epoch=epoch)  # noqa: E731
+    plan = lambda seed, epoch: _plan(source, 8, shuffle=True, group_by_length=True, seed=seed, epoch=epoch)  # noqa: E731
     assert plan(3, 0) == plan(3, 0)
     assert plan(3, 0) != plan(3, 1) and plan(3, 0) != plan(4, 0)
 
@@ -55,7 +61,7 @@ def test_sharding_matches_distributed_sampler_and_marks_repeats():
 def test_grouping_keeps_whole_optimizer_steps_together(grouping):
     # The same examples form each optimizer step however it is split into micro-batches and processes.
     source = _source()
-    plan = lambda **split: source.plan(shuffle=True, group_by_length=grouping, seed=0, epoch=0, **split)  # noqa: E731
+    plan = lambda **split: _plan(source, shuffle=True, group_by_length=grouping, seed=0, epoch=0, **split)  # noqa: E731
 
     def steps(micro_batches_per_rank, per_step):
         """Sorted example indices of each optimizer step, gathered over the ranks' micro-batches."""
@@ -94,7 +100,7 @@ def test_token_budget_steps_respect_the_budget_and_cover_every_example_once():
     source = _source()
     budget = 16 * sum(LENGTHS) // len(LENGTHS)
     for accumulation in (1, 2):
-        plan = source.plan(16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
+        plan = _plan(source, 16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
                            accumulation=accumulation, max_tokens_per_batch=budget // accumulation)
         steps = [plan[i:i + accumulation] for i in range(0, len(plan), accumulation)]
         for step in steps:
@@ -102,22 +108,22 @@ def test_token_budget_steps_respect_the_budget_and_cover_every_example_once():
             padded = max(LENGTHS[i] for i in indices) * len(indices)
             assert padded <= budget or len(indices) == 1  # only a single over-long line may exceed it
         assert sorted(i for b in plan for i, counts in b if counts) == list(range(len(LENGTHS)))
-        assert plan == source.plan(16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
+        assert plan == _plan(source, 16 // accumulation, shuffle=True, group_by_length="tokens", seed=3, epoch=1,
                                    accumulation=accumulation, max_tokens_per_batch=budget // accumulation)
 
 
 def test_token_steps_hold_similar_token_counts():
     source = _source()
     real = lambda plan: torch.tensor([float(sum(LENGTHS[i] for i, _ in b)) for b in plan])  # noqa: E731
-    tokens = real(source.plan(16, shuffle=True, group_by_length="tokens", seed=0, epoch=0))
-    lines = real(source.plan(16, shuffle=True, group_by_length="lines", seed=0, epoch=0))
+    tokens = real(_plan(source, 16, shuffle=True, group_by_length="tokens", seed=0, epoch=0))
+    lines = real(_plan(source, 16, shuffle=True, group_by_length="lines", seed=0, epoch=0))
     assert tokens.std() < 0.5 * lines.std()
     assert abs(tokens.mean() / lines.mean() - 1) < 0.15  # the mean step is about batch_size lines
 
 
 def test_shuffle_false_trains_in_the_given_order():
     """Defaults with shuffle=False equal a bare loop over consecutive batches of the given order."""
-    from utils.training.data import to_examples
+    from utils.training.examples import to_examples
     from utils.training.loss import masked_lm_loss
 
     g = torch.Generator().manual_seed(5)

@@ -9,8 +9,9 @@ from torch import nn
 
 from models import TinyCausalLM, tiny_gpt2
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.data import PaddingCollator, to_examples
-from utils.training.model_io import ModelCaller, mask_free_is_exact
+from utils.training.examples import PaddingCollator, to_examples
+from utils.training.model_call import ModelCaller, mask_free_is_exact
+from utils.training.previous_interface import settings_from_call
 from utils.training.settings import FineTuneSettings
 
 VOCAB, PAD = 50, 0
@@ -65,10 +66,10 @@ def test_precision_resolution():
     assert FineTuneSettings().autocast_dtype(cpu) is None  # auto: fp32 on CPU
     assert FineTuneSettings(precision="fp32").autocast_dtype(cuda) is None
     assert FineTuneSettings(precision="fp16").autocast_dtype(cuda) == "fp16"
-    assert FineTuneSettings(mixed_precision="bf16").autocast_dtype(cuda) == "bf16"  # the older keyword
-    assert FineTuneSettings(use_amp=True).autocast_dtype(cuda) == "fp16"  # the previous module's keyword
+    assert settings_from_call({"mixed_precision": "bf16"})[0].autocast_dtype(cuda) == "bf16"  # the older keyword
+    assert settings_from_call({"use_amp": True})[0].autocast_dtype(cuda) == "fp16"  # the previous module's keyword
     with pytest.raises(ValueError, match="pass only one"):
-        FineTuneSettings(precision="bf16", mixed_precision="fp16").validate()
+        settings_from_call({"precision": "bf16", "mixed_precision": "fp16"})
 
 
 def test_auto_precision_is_silent_on_cpu_and_an_explicit_one_is_warned():

@@ -20,22 +20,25 @@ class TokenSums:
     """Sums over target positions: add them up anywhere (steps, epochs, processes), divide once.
 
     Fields are tensors on the device inside a step (``loss_sum`` may carry a gradient) and plain
-    floats once read back with :meth:`from_tensor`. ``positions`` counts every shifted target
-    position, real or padding, so ``positions - real_targets`` is the padding that was computed.
+    floats once read back with :meth:`from_tensor`. ``positions`` counts the shifted target positions,
+    real or padding, of the rows that have a real target, so ``positions - real_targets`` is the padding
+    that was computed; rows without one (the non-counting repeats that even out processes and
+    micro-batches) are neither padding nor sequences.
     """
 
     loss_sum: torch.Tensor | float = 0.0  # summed per-token cross-entropy over real targets (nats)
     real_targets: torch.Tensor | float = 0.0
-    correct: torch.Tensor | float = 0.0  # argmax predictions equal to a real target
+    correct: torch.Tensor | float = 0.0  # predictions whose target logit is the row's maximum (ties count)
     positions: torch.Tensor | float = 0.0
+    sequences: torch.Tensor | float = 0.0  # rows with at least one real target
 
     def __add__(self, other: TokenSums) -> TokenSums:
         return TokenSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def as_tensor(self, device=None) -> torch.Tensor:
-        """The four sums as one detached float64 tensor: one device read or one all-reduce for all of them."""
+        """The sums as one detached float64 tensor: one device read or one all-reduce for all of them."""
         values = [v.detach().double().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
-                  for v in (self.loss_sum, self.real_targets, self.correct, self.positions)]
+                  for v in (getattr(self, f.name) for f in fields(self))]
         device = device or next((v.device for v in values if v.device.type != "cpu"), torch.device("cpu"))
         return torch.stack([v.to(device) for v in values])
 
@@ -116,8 +119,10 @@ def masked_lm_loss(logits, input_ids, labels=None, attention_mask=None, pad_toke
     exact_logits = flat_logits.float() if flat_logits.dtype in (torch.float16, torch.bfloat16) else flat_logits
     loss_sum = F.cross_entropy(exact_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     real = targets != IGNORE_INDEX
+    counted_rows = (shifted != IGNORE_INDEX).any(dim=1)
     with torch.no_grad():
         # "The target's logit is the row's maximum": 8x faster than argmax on CPU (measured); a tie counts as correct.
         target_logit = flat_logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
         correct = ((target_logit >= flat_logits.amax(dim=-1)) & real).sum()
-    return TokenSums(loss_sum=loss_sum, real_targets=real.sum(), correct=correct, positions=shifted.numel())
+    return TokenSums(loss_sum=loss_sum, real_targets=real.sum(), correct=correct,
+                     positions=counted_rows.sum() * shifted.shape[1], sequences=counted_rows.sum())

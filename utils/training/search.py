@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import train_and_val_sources
-from .legacy import CLIP_NORM_DEFAULT, DefaultInt, build_settings
+from .previous_interface import DefaultInt, settings_from_call
+from .sources import train_and_val_sources
 from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .settings import FineTuneSettings
@@ -203,18 +203,17 @@ def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_
     # Trials draw no training plots unless asked: the search draws its own.
     base = dict(dict(save_plots=False), **fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every,
                 random_seed=random_seed, use_wandb=use_wandb)
-    build_settings({}, dict(base, progress=False), gradient_clip_norm=CLIP_NORM_DEFAULT)  # bad fixed keywords fail now
+    settings_from_call(dict(base, progress=False))  # bad fixed keywords fail now
     new_model = model_source(model_factory, model)
     train, val = _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device)
     output_dir = Path(fine_tuning_kwargs.get("output_dir") or Path.cwd() / "outputs" / "search")
 
     def objective(trial):
         params = {name: suggest(trial, name, kind, args) for name, (setting, kind, args) in space.items()}
-        settings = build_settings({}, dict(
+        settings, _ = settings_from_call(dict(
             base, **{space[name][0]: value for name, value in params.items()},
             output_dir=str(output_dir / f"trial-{trial.number}"), progress=progress == "all",
-            wandb_group=study.study_name, wandb_run_name=f"{study.study_name}-trial-{trial.number}"),
-            gradient_clip_norm=CLIP_NORM_DEFAULT)
+            wandb_group=study.study_name, wandb_run_name=f"{study.study_name}-trial-{trial.number}"))
         return _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device)
 
     verbosity = optuna.logging.get_verbosity()

@@ -1,4 +1,9 @@
-"""All keywords of ``test_fine_tuning`` in one object: the one place for defaults and checks, logged whole."""
+"""All keywords of ``test_fine_tuning`` in one object: the one place for defaults and checks, logged whole.
+
+One keyword per concept: the previous module's aliases (``use_amp``, ``mixed_precision``, ``use_lr_schedule``,
+``gradient_clip_norm``) are resolved into ``precision``, ``lr_schedule``/``warmup_steps`` and ``max_grad_norm``
+by :mod:`utils.training.previous_interface` before settings are built.
+"""
 from __future__ import annotations
 
 import math
@@ -7,9 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 LR_SCHEDULES = ("cosine", "constant", "linear")
-MIXED_PRECISION = (None, "bf16", "fp16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
+MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -20,12 +26,10 @@ class FineTuneSettings:
     weight_decay: float = 0.01
     batch_size: int = 4
     use_wandb: bool = False
-    use_amp: bool = False  # fp16 autocast + GradScaler on CUDA (the same as mixed_precision="fp16")
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0  # the previous gradient_clip_norm; None disables clipping
     random_seed: int = 42
     deterministic: bool = False  # deterministic algorithms for the duration of the call
-    use_lr_schedule: bool = True  # False: a constant learning rate
     log_grad_dist_every: int = 5  # with W&B: per-layer gradient norms every N optimizer steps
     log_grad_histogram: bool = False  # with W&B: gradient histograms at the same steps
     # Newer keywords.
@@ -39,7 +43,6 @@ class FineTuneSettings:
     pad_to_multiple_of: int | str | None = "auto"  # "auto": 64 on CUDA (bounded shapes), exact lengths on CPU
     # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
     precision: str = "auto"
-    mixed_precision: str | None = None  # the older keyword: "bf16" or "fp16" autocast on CUDA
     compile: bool = False  # torch.compile the model once
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
@@ -54,7 +57,7 @@ class FineTuneSettings:
     wandb_group: str | None = None
     wandb_mode: str | None = None
     progress: bool = True
-    log_every: int = 10  # optimizer steps between host reads of the loss (progress bar, finiteness check)
+    log_every: int = 10  # optimizer steps between host reads of the step rows (progress bar, W&B, the stop flag)
     save_plots: bool = True
 
     def __post_init__(self):
@@ -67,6 +70,17 @@ class FineTuneSettings:
     @classmethod
     def keyword_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_keywords(cls, keywords: dict, known_extra=()) -> "FineTuneSettings":
+        """Checked settings from keywords; an unknown keyword raises ``TypeError`` listing the known ones."""
+        unknown = set(keywords) - cls.keyword_names()
+        if unknown:
+            raise TypeError(f"test_fine_tuning() got unknown keyword(s) {sorted(unknown)}; "
+                            f"known: {sorted(cls.keyword_names() | set(known_extra))}.")
+        settings = cls(**keywords)
+        settings.validate()
+        return settings
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,30 +95,27 @@ class FineTuneSettings:
         for name in ("checkpoint_every", "early_stopping_patience", "eval_every", "max_tokens_per_batch"):
             _check_int(name, getattr(self, name), minimum=1, optional=True)
         _check_int("random_seed", self.random_seed, minimum=0)
+        if self.random_seed > MAX_SEED:
+            raise ValueError(f"random_seed must be <= 2**32 - 1 (numpy's limit), got {self.random_seed}.")
         _check_float("learning_rate", self.learning_rate, low=0.0, hint=" Typical fine-tuning values are 1e-5 to 5e-4.")
+        if self.learning_rate > FLOAT32_MAX:
+            raise ValueError(f"learning_rate must be finite in float32 (<= {FLOAT32_MAX:.3g}), got {self.learning_rate:g}: "
+                             "the first update would make every weight inf. Typical fine-tuning values are 1e-5 to 5e-4.")
         _check_float("weight_decay", self.weight_decay, low=0.0)
         _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, optional=True,
                      hint=" Use None to turn clipping off.")
         _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
-        for name in ("shuffle", "use_wandb", "use_amp", "deterministic", "use_lr_schedule", "log_grad_histogram",
-                     "load_best_model_at_end", "save_plots"):
+        for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end", "save_plots"):
             _check_bool(name, getattr(self, name))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
-        if self.precision != "auto" and self.requested_precision not in (None, self.precision):
-            raise ValueError(f"precision={self.precision!r} but mixed_precision={self.mixed_precision!r}/use_amp={self.use_amp} "
-                             "ask for another; pass only one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
         if self.pad_to_multiple_of not in (None, "auto"):
             _check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1)
-        if self.use_amp and self.mixed_precision not in (None, "fp16"):
-            raise ValueError(f"use_amp=True means fp16 autocast but mixed_precision={self.mixed_precision!r}; "
-                             "pass only one of them.")
         if not isinstance(self.resume_from_checkpoint, (bool, str, os.PathLike)):
             raise TypeError("resume_from_checkpoint must be True/False or a checkpoint folder path, got "
                             f"{type(self.resume_from_checkpoint).__name__}.")
@@ -114,9 +125,8 @@ class FineTuneSettings:
 
     @property
     def requested_precision(self) -> str | None:
-        """An autocast dtype asked for explicitly: ``mixed_precision``, fp16 for ``use_amp=True``, or ``precision``."""
-        return self.mixed_precision or ("fp16" if self.use_amp else None) or (
-            self.precision if self.precision in ("bf16", "fp16") else None)
+        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``)."""
+        return self.precision if self.precision in ("bf16", "fp16") else None
 
     def autocast_dtype(self, device) -> str | None:
         """The autocast dtype this run uses on ``device``; None is float32."""
@@ -133,14 +143,8 @@ class FineTuneSettings:
         """Checkpoints only when asked for, or implied by wanting to resume or to get the best model back."""
         return bool(self.checkpoint_every or self.resume_from_checkpoint or self.load_best_model_at_end)
 
-    @property
-    def schedule(self) -> str:
-        return self.lr_schedule if self.use_lr_schedule else "constant"
-
     def warmup_steps_for(self, total_steps: int) -> int:
-        """``warmup_steps``, else ``warmup_ratio`` of the run's steps; none for ``use_lr_schedule=False``."""
-        if not self.use_lr_schedule:
-            return 0
+        """``warmup_steps``, else ``warmup_ratio`` of the run's steps."""
         return self.warmup_steps if self.warmup_steps is not None else int(math.ceil(total_steps * self.warmup_ratio))
 
     def padding_multiple(self, device) -> int | None:

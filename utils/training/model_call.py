@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .loss import TokenSums, masked_lm_loss
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DistributedDataParallel (or similar) wrapper."""
@@ -52,6 +54,11 @@ class ModelCaller:
             output = model(input_ids)
         return extract_logits(output)
 
+    def loss_sums(self, model: nn.Module, batch: Mapping, pad_token_id: int) -> TokenSums:
+        """Forward ``batch`` and return its masked LM sums (``loss_sum`` carries the graph for backward)."""
+        logits = self(model, batch)
+        return masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+
 
 def _hf_causal_lm_class_names() -> set[str]:
     try:
@@ -88,14 +95,16 @@ def mask_free_is_exact(model: nn.Module, caller: ModelCaller, padded_batch: Mapp
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """``model.eval()`` and no gradients for the block, then the model's previous mode again."""
-    was_training = model.training
+    """``model.eval()`` and no gradients for the block, then every submodule's previous mode again
+    (a user may keep some submodules in eval mode while the model trains, or the other way round)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def extract_logits(output) -> torch.Tensor:

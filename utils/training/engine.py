@@ -1,0 +1,182 @@
+"""From a user's arguments to a finished run: prepare and check the data, build the ``Trainer``, fit, shape results.
+
+``fine_tune`` is the engine behind ``test_fine_tuning`` and every search trial.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .checks import check_model_against_data
+from .distributed import setup_distributed
+from .metrics import MetricsTracker, import_wandb
+from .model_call import vocab_size_of
+from .outcome import Outcome
+from .ownership import OutputDirLock, claim_run_id
+from .pad_id import detect_pad_token_id, pad_is_eos
+from .previous_interface import previous_result_keys
+from .reproducibility import deterministic_algorithms, seed_everything, set_rng_state
+from .resume import resume
+from .examples import synthetic_sequences
+from .settings import FineTuneSettings
+from .sources import train_and_val_sources
+from .trainer import RunData, Trainer
+
+
+@dataclass
+class RunHooks:
+    """What a caller plugs into a run: the search's pruner, and where ``wandb`` comes from (a caller's mock)."""
+
+    on_evaluation: object = None  # (step, val loss, final) -> a reason to prune, or None
+    wandb_module: object = import_wandb  # () -> the wandb module
+    previous_keywords: dict | None = None  # the previous module's keywords as given, shown in results["settings"]
+
+
+def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
+              hooks: RunHooks | None = None) -> dict:
+    hooks = hooks or RunHooks()
+    lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+    with deterministic_algorithms(settings.deterministic), lock:
+        trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
+        outcome = trainer.fit()
+        return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+
+
+def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHooks):
+    """A ready trainer (resumed when asked) and the checkpoint it resumed from (None when fresh)."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here. Pass device='cpu', or select a GPU "
+                         "runtime (Colab: Runtime > Change runtime type).")
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None)
+    if settings.requested_precision and device.type != "cuda":
+        warnings.warn(f"Mixed precision ({settings.requested_precision}) applies on CUDA only; training in float32 on "
+                      f"{device.type}.", UserWarning, stacklevel=4)
+    seed_everything(settings.random_seed)
+    config = config if config is not None else getattr(model, "config", None)
+    _check_parameters(model, settings)
+    model.to(device)
+    model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
+    run_data = prepare_data(model, config, data, settings, tokenizer, device)
+    if ctx.enabled and not (run_data.train.plannable and run_data.val.plannable):
+        raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
+                         "package shards them across processes itself so that no example counts twice.")
+    output_dir = Path(settings.output_dir)
+    run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
+                          writes_checkpoints=settings.writes_checkpoints,
+                          has_checkpoints=bool(ckpt.step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
+    tracker = MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
+                             progress=bool(settings.progress), wandb_module_getter=hooks.wandb_module)
+    trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
+                      on_evaluation=hooks.on_evaluation)
+    resumed = resume(trainer)
+    _start_tracker(trainer, model)
+    if resumed is not None:
+        set_rng_state(resumed["trainer_state.pt"]["rng"][ctx.rank])  # last: nothing may draw random numbers after
+        tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
+    return trainer, resumed
+
+
+def _check_parameters(model, settings) -> None:
+    parameters = [p for p in model.parameters()]
+    if not parameters:
+        raise ValueError(f"The model ({type(model).__name__}) has no parameters, so there is nothing to fine-tune. "
+                         "Pass the model itself (an nn.Module with layers), not a wrapper without them.")
+    dtype = parameters[0].dtype
+    if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
+        raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
+                         "the first update would make every weight inf. Typical values are 1e-5 to 5e-4.")
+
+
+def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
+    """Sources for training and validation, checked against the model before any step."""
+    train_data, val_data = data
+    pad_token_id, pad_source = detect_pad_token_id(config, tokenizer)
+    vocab_size = vocab_size_of(model, config)  # for synthetic data only; checked below
+    if train_data is None:
+        if vocab_size is None:
+            raise ValueError("train_data=None needs the vocabulary size for synthetic data: set config.vocab_size.")
+        warnings.warn("train_data=None: training on a SYNTHETIC set of 256 variable-length sequences (arithmetic "
+                      "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
+                      UserWarning, stacklevel=5)
+        train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
+    train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
+                                       pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
+                                       settings.random_seed)
+    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device)
+    return RunData(train, val, pad_token_id, pad_source, vocab_size)
+
+
+def _start_tracker(trainer: Trainer, model) -> None:
+    settings, ctx, data = trainer.settings, trainer.ctx, trainer.data
+    run_config = dict(settings.as_dict(), pad_token_id=data.pad_token_id, pad_token_id_source=data.pad_source,
+                      precision_used=trainer.precision or "fp32", attention_mask_free=trainer.caller.mask_free,
+                      n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
+                      world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0], model_class=type(model).__name__)
+    trainer.tracker.start(run_config, total_steps=sum(trainer.steps_per_epoch), wandb_project=settings.wandb_project,
+                          wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode,
+                          wandb_group=settings.wandb_group)
+    effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
+    trainer.tracker.message(f"Effective batch size: {effective_batch_size}")
+    trainer.tracker.message(f"Gradient accumulation steps: {settings.gradient_accumulation_steps}")
+    trainer.tracker.log_config_lines({"config/effective_batch_size": effective_batch_size,
+                                      "config/gradient_accumulation_steps": settings.gradient_accumulation_steps})
+
+
+def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, previous_keywords: dict) -> dict:
+    tracker, state, settings = trainer.tracker, trainer.state, trainer.settings
+    partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
+    if settings.load_best_model_at_end and trainer.best_weights is not None:
+        trainer.model.load_state_dict(trainer.best_weights)
+        tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
+    frame = tracker.epochs_frame()
+    last = frame.iloc[-1] if len(frame) else None
+    last_value = lambda column: None if last is None else float(last[column])  # noqa: E731
+    results = {
+        "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
+        "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
+        "final_train_accuracy": last_value("train/accuracy_excl_padding"),
+        "final_val_accuracy": last_value("val/accuracy_excl_padding"),
+        "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
+        "precision_used": trainer.precision or "fp32", "attention_mask_free": trainer.caller.mask_free,
+        "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
+        "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
+        "global_step": state.global_step, "epochs_completed": len(frame),
+        "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
+        "best_checkpoint": trainer.best_checkpoint, "last_checkpoint": trainer.last_checkpoint,
+        "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
+        "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
+        "output_dir": settings.output_dir, "metrics_csv": str(tracker.epochs_csv), "steps_csv": str(tracker.steps_csv),
+        "wandb_run_id": tracker.wandb_run_id, "settings": dict(settings.as_dict(), **previous_keywords),
+        **outcome.as_result_keys(),
+        **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
+                               amp_enabled=trainer.precision is not None,
+                               loss_scale=trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None),
+    }
+    _write_final_outputs(trainer, results)
+    return results
+
+
+def _write_final_outputs(trainer: Trainer, results: dict) -> None:
+    """CSVs, W&B's summary and the plots. A Ctrl-C here still returns the results; what did not finish is named."""
+    tracker, unfinished = trainer.tracker, []
+    results["plot_paths"] = {}
+    steps = [("the CSV files and W&B", lambda: tracker.finish(
+        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity", "global_step",
+                                                     "stopped_early", "interrupted")}))]
+    if trainer.settings.save_plots:
+        steps.append(("the plots", lambda: results.update(plot_paths=tracker.plot())))
+    for what, write in steps:
+        try:
+            write()
+        except KeyboardInterrupt:
+            unfinished.append(what)
+    if unfinished:
+        warnings.warn(f"Interrupted while writing {' and '.join(unfinished)}; the results are returned without them "
+                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).", UserWarning, stacklevel=5)
+    results["unfinished_outputs"] = unfinished

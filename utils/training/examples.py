@@ -1,0 +1,236 @@
+"""Examples from whatever the user passes, cut to their real span, and the collator that pads them.
+
+The collator pads with the same pad id the loss uses and marks excluded targets with -100,
+so the collator and :mod:`utils.training.loss` share one definition of "ignored". The checks on
+token ids and lengths live here too: batches are checked where they are built.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .loss import IGNORE_INDEX, real_token_mask, shifted_targets
+
+
+@dataclass
+class Example:
+    """One sequence, already cut to its real span; ``attention_mask`` marks its real positions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # None: every position is real
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+    def real_targets(self) -> int:
+        """Targets that count; the pad rule was applied when the example was cut, so only the mask is read."""
+        row = lambda t: None if t is None else t[None]  # noqa: E731
+        targets = shifted_targets(self.input_ids[None], row(self.labels), row(self.attention_mask))
+        return int((targets != IGNORE_INDEX).sum())
+
+
+def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
+    tensor = torch.as_tensor(value)
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]  # a tokenizer's return_tensors="pt" output for one text
+    if tensor.dim() != 1:
+        raise ValueError(
+            f"Example {index}: {what} has shape {tuple(tensor.shape)}; expected a 1-D sequence of token ids. "
+            "Pass one sequence per example (a list of lists, or a list of dicts)."
+        )
+    if tensor.numel() == 0:
+        raise ValueError(f"Example {index}: {what} is empty. Remove empty examples (e.g. blank lines) before passing the data.")
+    if tensor.is_floating_point():
+        raise TypeError(f"Example {index}: {what} holds floats ({tensor.dtype}); token ids must be integers.")
+    return tensor.long()
+
+
+def _to_example(item, index: int) -> Example:
+    if isinstance(item, Mapping):
+        if "input_ids" not in item:
+            raise ValueError(f"Example {index} is a dict without 'input_ids' (keys: {sorted(item)}). Add the token ids under 'input_ids'.")
+        ids = _as_long_1d(item["input_ids"], "input_ids", index)
+        fields = {}
+        for key in ("attention_mask", "labels"):
+            if item.get(key) is None:
+                continue
+            value = _as_long_1d(item[key], key, index)
+            if value.shape != ids.shape:
+                raise ValueError(
+                    f"Example {index}: {key} has shape {tuple(value.shape)} but input_ids has {tuple(ids.shape)}. "
+                    f"Give {key} one entry per input token (labels are aligned with input_ids; the loss shifts them)."
+                )
+            fields[key] = value
+        return Example(ids, **fields)
+    if isinstance(item, (torch.Tensor, Sequence)) and not isinstance(item, (str, bytes)):
+        return Example(_as_long_1d(item, "the sequence", index))
+    raise TypeError(
+        f"Example {index} is a {type(item).__name__}. Expected a sequence of token ids (list or 1-D tensor) "
+        "or a dict with 'input_ids' (and optional 'attention_mask', 'labels'). Tokenize text first."
+    )
+
+
+def _cut_to_real_span(example: Example, pad_token_id: int, pad_is_eos: bool) -> Example:
+    """Apply the real-token rule once and drop padding on either side.
+
+    Exact for a causal model: right padding changes no real logit, and removing left padding
+    gives the positions the unpadded text has (the collator re-pads on the right).
+    """
+    mask = None if example.attention_mask is None else example.attention_mask[None]
+    real = real_token_mask(example.input_ids[None], mask, pad_token_id, pad_is_eos)[0]
+    where = real.nonzero()
+    start, end = (int(where[0]), int(where[-1]) + 1) if where.numel() else (0, 0)
+    span = real[start:end]
+    cut = lambda t: None if t is None else t[start:end]  # noqa: E731
+    return Example(example.input_ids[start:end], None if bool(span.all()) else span.long(), cut(example.labels))
+
+
+def _columns_to_rows(data: Mapping) -> list[dict]:
+    columns = {key: data[key] for key in ("input_ids", "attention_mask", "labels") if data.get(key) is not None}
+    rows = len(columns["input_ids"])
+    for key, column in columns.items():
+        if len(column) != rows:
+            raise ValueError(f"The '{key}' column has {len(column)} rows but 'input_ids' has {rows}. Give every column "
+                             "one row per example (tokenize all texts in one call).")
+    return [{key: column[i] for key, column in columns.items()} for i in range(rows)]
+
+
+def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos: bool = False) -> list[Example]:
+    """Examples from a list/Dataset of sequences or dicts; examples with no real target are skipped (warned)."""
+    if isinstance(data, Mapping) and "input_ids" in data:  # columns, e.g. a tokenizer's output for many texts
+        data = _columns_to_rows(data)
+    try:
+        items = [data[i] for i in range(len(data))]
+    except TypeError as error:
+        raise TypeError(
+            f"The {what} is a {type(data).__name__}; expected a list of token sequences, a list of dicts with "
+            "'input_ids', a torch Dataset of those, or a DataLoader yielding dict batches."
+        ) from error
+    if not items:
+        raise ValueError(f"The {what} is empty. Pass at least one tokenized sequence.")
+    examples = [_cut_to_real_span(_to_example(item, i), pad_token_id, pad_is_eos) for i, item in enumerate(items)]
+    kept = [ex for ex in examples if ex.real_targets() > 0]
+    if not kept:
+        raise ValueError(
+            f"No example of the {what} has a real target token (each needs at least 2 non-padding tokens, "
+            f"pad_token_id={pad_token_id}). Check the pad id and that the data is not all padding."
+        )
+    if len(kept) < len(examples):
+        warnings.warn(
+            f"Skipped {len(examples) - len(kept)} of {len(examples)} examples of the {what}: they have no real "
+            "target token (all padding, masked, or a single token).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
+def split_train_val(examples: list[Example], val_fraction: float, seed: int):
+    """Seeded random hold-out; both parts keep the original order (``shuffle=False`` stays meaningful)."""
+    if len(examples) < 2:
+        raise ValueError("Need at least 2 training examples to hold out a validation set; pass val_data explicitly.")
+    n_val = max(1, int(round(len(examples) * val_fraction)))
+    if n_val >= len(examples):
+        raise ValueError(f"val_fraction={val_fraction} of {len(examples)} examples holds out {n_val}, leaving none to "
+                         "train on. Lower val_fraction, pass more training data, or pass val_data explicitly.")
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_ids = set(perm[:n_val])
+    train = [ex for i, ex in enumerate(examples) if i not in val_ids]
+    val = [ex for i, ex in enumerate(examples) if i in val_ids]
+    return train, val
+
+
+def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64, seed: int = 0):
+    """Learnable variable-length sequences (arithmetic progressions mod vocab) that never use the pad id."""
+    g = torch.Generator().manual_seed(seed)
+    usable = vocab_size - 1
+    sequences = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        start, step = (int(v) for v in torch.randint(0, usable, (2,), generator=g))
+        values = (start + step % 7 * torch.arange(length) + torch.arange(length)) % usable
+        sequences.append(values + (values >= pad_token_id).long())  # skip the pad id
+    return sequences
+
+
+@dataclass
+class PaddingCollator:
+    """List of ``(Example, counts)`` -> dict of ``input_ids``, ``attention_mask``, ``labels`` tensors.
+
+    Pads on the right to the longest example (rounded up to ``pad_to_multiple_of``) with the pad id.
+    Which targets count is the loss's rule (it reads the attention mask); the collator only sets
+    ``labels`` to -100 on padding and everywhere in an example whose ``counts`` is False (the
+    duplicates a distributed sampler adds to even out shards).
+
+    >>> PaddingCollator(pad_token_id=0)([(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)])["labels"]
+    tensor([[   5,    6,    7],
+            [   8,    9, -100]])
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        width = max(len(example) for example, _ in items)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (example, counts) in enumerate(items):
+            n = len(example)
+            input_ids[row, :n] = example.input_ids
+            attention_mask[row, :n] = 1 if example.attention_mask is None else example.attention_mask
+            if counts:
+                labels[row, :n] = example.input_ids if example.labels is None else example.labels
+        # Known here without a device read: rows are real then padding, unless an example kept a mask of its own.
+        right_padded = all(example.attention_mask is None for example, _ in items)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": right_padded}
+
+
+def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(
+            f"pad_token_id={pad_token_id} is outside the vocabulary [0, {vocab_size}). Set config.pad_token_id "
+            "(or the tokenizer's pad token) to an id the model's embedding has, e.g. the EOS id."
+        )
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, where: str, allow_ignore: bool = False) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow_ignore:
+        bad &= ids != IGNORE_INDEX
+    if bool(bad.any()):
+        value = int(ids[bad][0])
+        kind = "negative" if value < 0 else f">= the vocabulary size {vocab_size}"
+        extra = " (only -100 is allowed in labels, meaning 'ignore')" if allow_ignore else ""
+        raise ValueError(
+            f"{where} holds token id {value}, which is {kind}{extra}. Tokenize with the tokenizer that matches "
+            f"the model, or set config.vocab_size to the model's real vocabulary size."
+        )
+
+
+def check_batch_ids(batch: dict, vocab_size: int, where: str) -> None:
+    _check_ids(torch.as_tensor(batch["input_ids"]), vocab_size, where)
+    if batch.get("labels") is not None:
+        _check_ids(torch.as_tensor(batch["labels"]), vocab_size, where + " (labels)", allow_ignore=True)
+
+
+def check_length(length: int, limit: int | None, where: str) -> None:
+    """One rule for every source: a sequence longer than the model's positions is refused before it runs."""
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"{where} has {length} tokens, more than the model's {limit} positions. Tokenize with a limit "
+            f"(prepare_lm_dataset(..., max_length={limit}) or tokenizer(..., truncation=True, max_length={limit})), "
+            "or split long texts.")
+
+
+def to_device(batch: Mapping, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: (v.pin_memory() if non_blocking else v).to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

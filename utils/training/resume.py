@@ -1,0 +1,89 @@
+"""Resuming a run: which checkpoint, whether it belongs to this run, and where the best weights are.
+
+What a checkpoint holds is ``Trainer.state_dict()``; this module decides whether and how to load one.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from . import checkpoint as ckpt
+
+# Settings that fix the data's order or the optimisation: resuming with other values would not continue the
+# same run. n_epochs may be raised (the schedule is rebuilt for the new total); pad_to_multiple_of may change
+# (plans are made on real lengths).
+RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length",
+                   "max_tokens_per_batch", "learning_rate", "weight_decay", "lr_schedule", "warmup_ratio",
+                   "warmup_steps", "max_grad_norm", "precision")
+
+
+def resume(trainer) -> dict | None:
+    """Load the checkpoint ``resume_from_checkpoint`` names; None when starting fresh."""
+    target = trainer.settings.resume_from_checkpoint
+    if not target:
+        return None
+    if target is True:
+        loaded = ckpt.find_resumable(trainer.checkpoints_dir)
+        if loaded is None:
+            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints_dir}; starting fresh.")
+            return None
+    else:
+        try:
+            loaded = ckpt.load_checkpoint(Path(target))
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"Cannot resume from {target}: {type(error).__name__}: {error}. Pass a checkpoint folder "
+                             f"(…/checkpoints/step-N) or resume_from_checkpoint=True for the newest.") from error
+    check_resumable(trainer, loaded["meta"])
+    trainer.load_state_dict(loaded)
+    trainer.last_checkpoint = str(loaded["folder"])
+    restore_best(trainer, loaded)
+    return loaded
+
+def check_resumable(trainer, meta: dict) -> None:
+    """Refuse a resume that would not continue the same run, naming what differs and the way out."""
+    if meta["data_fingerprint"] != trainer.fingerprints["train"]:
+        raise ValueError("Cannot resume: the checkpoint was made on different training data (its fingerprint "
+                         "differs). Pass the same train_data, or start fresh with resume_from_checkpoint=False.")
+    if meta.get("val_fingerprint", trainer.fingerprints["val"]) != trainer.fingerprints["val"]:
+        raise ValueError("Cannot resume: the checkpoint was made with different validation data (its fingerprint "
+                         "differs), so best-model and early-stopping decisions would compare other numbers. Pass "
+                         "the same val_data, or start fresh with resume_from_checkpoint=False.")
+    settings = trainer.settings.as_dict()
+    for name in RESUME_SETTINGS:
+        if name in meta["settings"] and meta["settings"][name] != settings[name]:
+            raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
+                             f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
+    if meta.get("world_size", 1) != trainer.ctx.world_size:
+        raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this "
+                         f"run has {trainer.ctx.world_size}. Launch the same number of processes, or start fresh.")
+    epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.settings.n_epochs
+    if epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0):
+        raise ValueError(f"Cannot resume: the checkpoint is {step_in_epoch} step(s) into epoch {epoch + 1}, past "
+                         f"n_epochs={n_epochs}. Pass n_epochs >= {epoch + (1 if step_in_epoch else 0)}, or resume from "
+                         "an earlier checkpoint folder, or start fresh.")
+
+def restore_best(trainer, loaded: dict) -> None:
+    """``best/`` counts only if intact and the best the checkpoint recorded; else the checkpoint's own weights
+    may be the best."""
+    state, best = trainer.state, trainer.checkpoints_dir / "best"
+    if state.best_epoch is None:
+        return
+    try:
+        best_meta = ckpt.verify_folder(best)
+        matches = (best_meta.get("best_epoch"), best_meta.get("best_val_loss")) == (state.best_epoch, state.best_val_loss)
+    except OSError as error:
+        matches = False
+        if best.exists():
+            warnings.warn(f"Skipping {best}: it is damaged ({error}).", UserWarning, stacklevel=3)
+    if matches:
+        trainer.best_checkpoint = str(best)
+        if trainer.settings.load_best_model_at_end:
+            trainer.best_weights = ckpt.load_checkpoint(best)["model.pt"]
+    elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
+        # The checkpoint ends the best epoch: its own weights are the best.
+        trainer.best_checkpoint = str(loaded["folder"])
+        if trainer.settings.load_best_model_at_end:
+            trainer.best_weights = loaded["model.pt"]
+    elif trainer.settings.load_best_model_at_end:
+        warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
+                      "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)

@@ -1,0 +1,384 @@
+"""One fine-tuning run as one object: ``Trainer`` owns the model, optimizer, schedule, scaler, data and progress.
+
+``fit()`` runs the epochs and returns how they ended (an :class:`Outcome`). ``state_dict()`` says in one
+place what a checkpoint carries and ``load_state_dict()`` takes it back; :mod:`checkpoint` only writes
+and reads the files. Building a trainer from a user's arguments is :mod:`engine`'s job.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .batch_plans import PlanSettings
+from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
+from .evaluation import evaluate
+from .examples import to_device
+from .loss import TokenSums, count_real_targets
+from .metrics import MetricsTracker
+from .model_call import ModelCaller, mask_free_is_exact
+from .optim import build_optimizer, build_scheduler
+from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
+from .reproducibility import rng_state
+from .settings import FineTuneSettings
+from .train_state import TrainState
+
+@dataclass
+class RunData:
+    """The prepared, checked data of a run and the pad id it was prepared with."""
+
+    train: object  # ExampleBatches or LoaderBatches
+    val: object
+    pad_token_id: int
+    pad_source: str
+    vocab_size: int
+
+
+def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
+                     scaler=None) -> TokenSums:
+    """Forward one micro-batch, backward ``loss_sum / loss_divisor``; returns the batch's detached sums.
+
+    ``loss_divisor`` is the real-target count of the whole optimizer step (all micro-batches, all
+    processes), so accumulated gradients equal those of the one large batch. Default: this batch's.
+    """
+    with autocast():
+        sums = caller.loss_sums(model, batch, pad_token_id)
+    divisor = sums.real_targets.clamp(min=1) if loss_divisor is None else loss_divisor
+    loss = sums.loss_sum / divisor
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    sums.loss_sum = sums.loss_sum.detach()
+    return sums
+
+
+def group_into_steps(plan, accumulation: int, skip: int):
+    """``(step index, micro-batches)`` of one epoch, read lazily; a resume skips the first ``skip`` steps."""
+    step, group = 0, []
+    for planned in plan:
+        group.append(planned)
+        if len(group) == accumulation:
+            if step >= skip:
+                yield step, group
+            step, group = step + 1, []
+    if group and step >= skip:
+        yield step, group
+
+
+class Trainer:
+    def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
+                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+        self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
+        self.tracker, self.run_id = tracker, run_id
+        self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
+        self.caller = ModelCaller(model)
+        # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
+        self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(
+            model, self.caller, to_device(data.train.padded_batch(), device))
+        self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
+                                      settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
+                                      settings.max_tokens_per_batch)
+        # Token-budget steps vary in number from epoch to epoch: count each epoch's plan (a pure function).
+        self.steps_per_epoch = [self.steps_in(self.epoch_plan(epoch)) for epoch in range(settings.n_epochs)]
+        self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
+        total_steps = sum(self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, total_steps,
+                                         settings.warmup_steps_for(total_steps))
+        self.precision = settings.autocast_dtype(device)  # None: float32
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.train_model = wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
+        self.state = TrainState()
+        # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
+        # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
+        self.stop_flag = torch.zeros((), device=device)
+        self.best_weights = self.best_checkpoint = self.last_checkpoint = None
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> Outcome:
+        """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
+        settings, state = self.settings, self.state
+        started = time.perf_counter() - state.run_seconds
+        try:
+            for epoch in range(state.epoch, settings.n_epochs):
+                epoch_started = time.perf_counter()
+                self.train_epoch(epoch)
+                val = self.validate()
+                self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
+                improved = self.track_best(epoch, val)
+                state.start_epoch(epoch + 1)
+                state.run_seconds = time.perf_counter() - started
+                if settings.writes_checkpoints:
+                    self.save_checkpoint(best=improved)
+                stop = self.after_validation(val, final=epoch + 1 == settings.n_epochs, when=f"epoch {epoch + 1}")
+                if stop or (stop := self.early_stopping(epoch)):
+                    return stop
+            return COMPLETED
+        except KeyboardInterrupt:
+            self.tracker.message(f"Interrupted at optimizer step {state.global_step}; returning the metrics so far.")
+            return Outcome(OutcomeKind.INTERRUPTED, "interrupted (KeyboardInterrupt)")
+        except StopTraining as stop:
+            self.tracker.message(stop.outcome.reason)
+            return stop.outcome
+        except Exception as error:
+            self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
+            if isinstance(error, torch.OutOfMemoryError):
+                raise torch.OutOfMemoryError(
+                    f"Out of GPU memory at optimizer step {state.global_step} with batch_size={settings.batch_size}. "
+                    "Use a smaller batch_size and raise gradient_accumulation_steps to keep the effective batch "
+                    f"(e.g. batch_size={max(1, settings.batch_size // 2)}, gradient_accumulation_steps="
+                    f"{settings.gradient_accumulation_steps * 2}), or precision='bf16'.") from error
+            raise
+        finally:
+            state.run_seconds = time.perf_counter() - started
+
+    def epoch_plan(self, epoch: int):
+        """This process's micro-batches of one epoch (a user's DataLoader: the loader itself)."""
+        return self.data.train.plan(self.plan_spec, epoch)
+
+    def steps_in(self, plan) -> int:
+        return math.ceil(len(plan) / self.settings.gradient_accumulation_steps)
+
+    def train_epoch(self, epoch: int) -> None:
+        settings, state = self.settings, self.state
+        plan = self.epoch_plan(epoch)
+        steps_in_epoch = self.steps_in(plan)
+        self.train_model.train()
+        pending = []
+        started = time.perf_counter()
+        try:
+            for step_in_epoch, planned in group_into_steps(plan, settings.gradient_accumulation_steps, state.step_in_epoch):
+                pending.append(self.optimizer_step([to_device(self.data.train.collate(p), self.device) for p in planned]))
+                state.global_step += 1
+                state.step_in_epoch = step_in_epoch + 1
+                last_of_epoch = state.step_in_epoch == steps_in_epoch
+                checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
+                if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
+                    flushing, pending = pending, []
+                    self.record_steps(flushing, epoch)
+                if checkpoint_due:
+                    self.save_checkpoint()
+                if eval_due:
+                    self.evaluate_mid_epoch(epoch)
+        except BaseException:
+            self.record_steps(pending, epoch)  # Ctrl-C, a stop or any error: every completed step stays in the history
+            raise
+        finally:
+            state.train_seconds += time.perf_counter() - started  # training only, no validation
+
+    def optimizer_step(self, batches: list[dict]) -> dict:
+        """One optimizer step over its micro-batches; the loss is normalised by the step's global real targets."""
+        settings, ctx = self.settings, self.ctx
+        # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
+        real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, self.data.pad_token_id) for b in batches])
+                                      .sum().float(), ctx)
+        divisor = real_in_step.clamp(min=1) / ctx.world_size  # DDP averages gradients over processes; undo it
+        sums = TokenSums()
+        for i, batch in enumerate(batches):
+            sync = self.train_model.no_sync() if ctx.enabled and i < len(batches) - 1 else contextlib.nullcontext()
+            with sync:
+                sums += forward_backward(self.train_model, batch, self.data.pad_token_id, caller=self.caller,
+                                         loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
+        self.note_shapes(batches)
+        self.scaler.unscale_(self.optimizer)
+        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        # Under fp16 the GradScaler skips inf gradients itself (and lowers its scale); only the loss decides there.
+        not_finite = ~torch.isfinite(sums.loss_sum) | (~torch.isfinite(grad_norm) & (not self.scaler.is_enabled()))
+        # All processes take the same decision, or the ones that go on would wait forever for one that stopped.
+        not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
+        self.stop_flag = torch.maximum(self.stop_flag, not_finite)
+        self.apply_update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"sums": sums, "grad_norm": grad_norm.detach().double(), "not_finite": not_finite,
+                "learning_rate": learning_rate}
+
+    def apply_update(self) -> None:
+        """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
+        never reaches the weights."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # reads its own found_inf on the host, as GradScaler always does
+            self.scaler.update()
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = self.stop_flag  # the fused kernel returns early where it is 1
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(self.stop_flag):  # host read (sync) only where no fused kernel exists for these parameters
+            self.optimizer.step()
+
+    def note_shapes(self, batches: list[dict]) -> None:
+        for batch in batches:  # each new shape costs a warm-up (a recompile under compile=True) on a GPU
+            shape = list(batch["input_ids"].shape)
+            if shape not in self.state.batch_shapes:
+                self.state.batch_shapes.append(shape)
+
+    def autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
+
+    # -- recording ---------------------------------------------------------------------------------
+    def record_steps(self, pending: list[dict], epoch: int) -> None:
+        """Read pending steps from the device in one sync (one all-reduce under torchrun) and record them;
+        the first step flagged non-finite ends the run with the weights of the step before it."""
+        if not pending:
+            return
+        sums = all_reduce_sum(torch.stack([p["sums"].as_tensor(self.device) for p in pending]), self.ctx)
+        extras = torch.stack([torch.stack([p["grad_norm"], p["not_finite"].double()]) for p in pending])
+        sums, extras = sums.cpu(), extras.cpu().tolist()  # the sync point of the training loop
+        first_step, rows = self.state.global_step - len(pending) + 1, []
+        for k, (step_sums, (grad_norm, not_finite)) in enumerate(zip(map(TokenSums.from_tensor, sums), extras)):
+            if not_finite:
+                self.tracker.log_steps(rows)
+                self.stop_non_finite(first_step + k, step_sums, grad_norm, pending[k]["learning_rate"], len(pending) - k)
+            self.state.epoch_sums += step_sums
+            self.state.train_sequences += int(step_sums.sequences)
+            rows.append({"step": first_step + k, "epoch": epoch + 1, "train/step_loss_excl_padding": step_sums.loss,
+                         "train/learning_rate": pending[k]["learning_rate"], "train/grad_norm": grad_norm,
+                         "train/step_real_tokens": int(step_sums.real_targets)})
+        self.tracker.log_steps(rows)
+
+    def stop_non_finite(self, step: int, sums: TokenSums, grad_norm: float, learning_rate: float, skipped: int):
+        self.state.global_step -= skipped  # the flagged step and those after it were not applied
+        self.state.step_in_epoch -= skipped
+        settings = self.settings
+        raise StopTraining(Outcome(OutcomeKind.NON_FINITE, (
+            f"Training stopped before optimizer step {step}: its loss ({sums.loss_sum:g} summed) or gradient norm "
+            f"({grad_norm:g}) is not finite, so the update was not applied; the model holds the weights of step "
+            f"{step - 1}. Likely causes: a learning_rate too high (now {learning_rate:g}), weight_decay="
+            f"{settings.weight_decay:g}, clipping off (max_grad_norm={settings.max_grad_norm}), or fp16 overflow "
+            "(use precision='bf16').")))
+
+    def validate(self) -> dict:
+        return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
+                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.autocast)
+
+    def evaluate_mid_epoch(self, epoch: int) -> None:
+        """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
+        val = self.validate()
+        self.tracker.log_eval({"step": self.state.global_step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"],
+                               "val/perplexity": val["perplexity"], "val/accuracy_excl_padding": val["accuracy"]})
+        stop = self.after_validation(val, final=False, when=f"optimizer step {self.state.global_step}")
+        if stop:
+            raise StopTraining(stop)
+        self.train_model.train()
+
+    def after_validation(self, val: dict, final: bool, when: str) -> Outcome | None:
+        """A non-finite validation loss stops the run; else a search trial's pruner is asked."""
+        if not math.isfinite(val["loss"]):
+            best = (f"the best so far is epoch {self.state.best_epoch} ({self.state.best_val_loss:.4f})"
+                    if self.state.best_epoch else "no epoch had a finite validation loss")
+            return Outcome(OutcomeKind.NON_FINITE, (
+                f"Training stopped: the validation loss (excl. padding) at {when} is not finite ({val['loss']}); {best}. "
+                "The model's weights are finite but produce non-finite logits: lower learning_rate or use precision='fp32'."))
+        reason = self.on_evaluation(self.state.global_step, val["loss"], final) if self.on_evaluation else None
+        return Outcome(OutcomeKind.PRUNED, reason) if reason else None
+
+    def record_epoch(self, epoch: int, val: dict, seconds: float) -> None:
+        sums, state = self.state.epoch_sums, self.state
+        steps = [r for r in self.tracker.step_rows if r["epoch"] == epoch + 1]
+        row = self.tracker.log_epoch({
+            "epoch": epoch + 1, "global_step": state.global_step,
+            "train/loss_excl_padding": sums.loss, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
+            "train/accuracy_excl_padding": sums.accuracy, "val/accuracy_excl_padding": val["accuracy"],
+            "learning_rate": steps[-1]["train/learning_rate"] if steps else None,  # the rate the last step used
+            "train/real_tokens": int(sums.real_targets), "train/padded_tokens": int(sums.padded_positions),
+            "train/pad_fraction": sums.pad_fraction, "val/real_tokens": val["real_tokens"],
+            "val/padded_tokens": val["padded_tokens"],
+            "train/real_tokens_per_sec": float(sums.real_targets) / max(state.train_seconds, 1e-9),  # training phase only
+            "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
+            "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
+        })
+        self.tracker.message(f"epoch {epoch + 1}/{self.settings.n_epochs}: train loss (excl. padding) {sums.loss:.4f} | "
+                             f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "
+                             f"padded positions {row['train/pad_fraction']:.1%}")
+
+    def track_best(self, epoch: int, val: dict) -> bool:
+        """Remember the best validation epoch (and its weights when they are to be restored). NaN never improves."""
+        state = self.state
+        if not val["loss"] < state.best_val_loss:
+            state.epochs_without_improvement += 1
+            return False
+        state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
+        if self.settings.load_best_model_at_end:
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return True
+
+    def early_stopping(self, epoch: int) -> Outcome | None:
+        state, patience = self.state, self.settings.early_stopping_patience
+        if patience and state.epochs_without_improvement >= patience and epoch + 1 < self.settings.n_epochs:
+            return Outcome(OutcomeKind.STOPPED_EARLY,
+                           f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
+                           f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
+        return None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.settings.output_dir) / "checkpoints"
+
+    def state_dict(self) -> dict:
+        """What a checkpoint carries, one entry per file. Called on every process: it gathers each one's RNG state."""
+        rng_states = [rng_state()]
+        if self.ctx.enabled:
+            rng_states = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(rng_states, rng_state())
+        return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
+                "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                                     "scaler": self.scaler.state_dict(), "rng": rng_states,
+                                     "tracker": self.tracker.state_dict()}}
+
+    def load_state_dict(self, files: dict) -> None:
+        try:
+            self.model.load_state_dict(files["model.pt"])
+        except RuntimeError as error:
+            raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
+                             "Build the same architecture, or start fresh.") from error
+        self.optimizer.load_state_dict(files["optimizer.pt"])
+        trainer_state = files["trainer_state.pt"]
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        _rate_from_schedule(self.optimizer, self.scheduler)
+        self.scaler.load_state_dict(trainer_state["scaler"])
+        self.state = TrainState.from_dict(trainer_state["state"])
+        self.tracker.load_state_dict(trainer_state["tracker"])
+
+    def checkpoint_meta(self) -> dict:
+        """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
+        return {"settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
+                "val_fingerprint": self.fingerprints["val"], "run_id": self.run_id, "world_size": self.ctx.world_size,
+                "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+                "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        files = self.state_dict()
+        if self.ctx.is_main:
+            meta = self.checkpoint_meta()
+            if best:  # before the step folder that records it: after any kill, a step folder's best/ exists
+                self.best_checkpoint = str(ckpt.write_folder(self.checkpoints_dir / "best", {"model.pt": files["model.pt"]}, meta))
+            self.last_checkpoint = str(ckpt.save_step(self.checkpoints_dir, self.state.global_step, files, meta))
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.settings.keep_checkpoints)
+        barrier(self.ctx)
+
+
+def _rate_from_schedule(optimizer, scheduler) -> None:
+    """The next step's learning rate from the (possibly rebuilt) schedule, not the one saved with the optimizer.
+
+    Equal for a plain resume; after raising n_epochs the saved rate belongs to the old curve (0 at a cosine's
+    end), and the first resumed step would otherwise run at it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns
+        for group, rate in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = rate
