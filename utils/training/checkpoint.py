@@ -75,7 +75,7 @@ def write_folder(final: Path, payload: dict[str, object], meta: dict) -> Path:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-    _VERIFIED.add((str(final), (final / "meta.json").stat().st_mtime))  # just written and hashed
+    _VERIFIED.add(_file_stamps(final))  # just written and hashed
     return final
 
 
@@ -102,15 +102,20 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-_VERIFIED: set[tuple[str, float]] = set()  # folders whose files matched their sha256 in this process
+_VERIFIED: set[tuple] = set()  # folders whose files matched their sha256 in this process, as they were then
+
+
+def _file_stamps(folder: Path) -> tuple:
+    """Name, size and modification time of every file: a file changed since it was hashed changes its stamp."""
+    return (str(folder),) + tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
 
 
 def _verified(folder: Path) -> bool:
     try:
-        key = (str(folder), (folder / "meta.json").stat().st_mtime)
-        if key not in _VERIFIED:
+        stamps = _file_stamps(folder)
+        if stamps not in _VERIFIED:
             verify_folder(folder)
-            _VERIFIED.add(key)
+            _VERIFIED.add(stamps)
         return True
     except Exception:  # noqa: BLE001 - any damage means: not intact
         return False

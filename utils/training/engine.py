@@ -109,6 +109,11 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed)
     vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device)
+    if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
+        warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
+                      "token of your vocabulary: lines ending in it lose that token as a target. Set "
+                      "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
+                      "new '<pad>' token.", UserWarning, stacklevel=5)
     return RunData(train, val, pad_token_id, pad_source, vocab_size)
 
 

@@ -46,7 +46,10 @@ def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
     if tensor.numel() == 0:
         raise ValueError(f"Example {index}: {what} is empty. Remove empty examples (e.g. blank lines) before passing the data.")
     if tensor.is_floating_point():
-        raise TypeError(f"Example {index}: {what} holds floats ({tensor.dtype}); token ids must be integers.")
+        if what == "attention_mask" and bool(((tensor == 0) | (tensor == 1)).all()):
+            return tensor.long()  # a mask of 0.0/1.0 says the same as one of 0/1
+        kind = "a mask must hold 0 and 1" if what == "attention_mask" else "token ids must be integers"
+        raise TypeError(f"Example {index}: {what} holds floats ({tensor.dtype}); {kind}. Convert it with .long().")
     return tensor.long()
 
 
@@ -113,7 +116,10 @@ def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos
         ) from error
     if not items:
         raise ValueError(f"The {what} is empty. Pass at least one tokenized sequence.")
-    examples = [_cut_to_real_span(_to_example(item, i), pad_token_id, pad_is_eos) for i, item in enumerate(items)]
+    parsed = [_to_example(item, i) for i, item in enumerate(items)]
+    examples = [_cut_to_real_span(example, pad_token_id, pad_is_eos) for example in parsed]
+    if pad_is_eos:
+        _warn_if_eos_padding_is_ambiguous(parsed, examples, pad_token_id, what)
     kept = [ex for ex in examples if ex.real_targets() > 0]
     if not kept:
         raise ValueError(
@@ -128,6 +134,17 @@ def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos
             stacklevel=3,
         )
     return kept
+
+
+def _warn_if_eos_padding_is_ambiguous(parsed, cut, pad_token_id: int, what: str) -> None:
+    """Padded with the EOS id and no mask: whether a line had its own EOS before the padding cannot be told."""
+    padded = sum(1 for before, after in zip(parsed, cut) if before.attention_mask is None and len(after) < len(before))
+    if padded:
+        warnings.warn(
+            f"{padded} examples of the {what} end in a run of the pad id {pad_token_id}, which is also the EOS id, and "
+            "carry no attention_mask. The rule applied: the first of each trailing run is the line's real EOS and "
+            "counts as a target; right for lines that ended in their EOS, one extra target per line for lines that "
+            "did not. Pass attention_mask (e.g. the tokenizer's output) to be exact.", UserWarning, stacklevel=4)
 
 
 def split_train_val(examples: list[Example], val_fraction: float, seed: int):

@@ -27,6 +27,21 @@ def _digest_tensors(digest, tensors) -> None:
             digest.update(b"-")
 
 
+def _batch_hash(batch) -> str:
+    digest = hashlib.sha256()
+    if isinstance(batch, Mapping):
+        _digest_tensors(digest, (torch.as_tensor(batch[key]) for key in ("input_ids", "attention_mask", "labels")
+                                 if batch.get(key) is not None))
+    return digest.hexdigest()[:16]
+
+
+def _chain_first(first, iterator):
+    if first is None:
+        return
+    yield first
+    yield from iterator
+
+
 class ExampleBatches:
     """Examples held in memory: planned (shuffled, grouped, sharded) batches, collated on the fly."""
 
@@ -99,6 +114,11 @@ class ExampleBatches:
                 check_length(length, limit, f"Example {i} of the {self.what}")
             self._checked["max_length"] = limit
 
+    def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
+        """Whether the pad id occurs where a token is real (then it is a real token of the vocabulary)."""
+        return any(bool(((ex.input_ids == pad_token_id) & (True if ex.attention_mask is None else ex.attention_mask.bool()))
+                        .any()) for ex in self.examples)
+
     def fingerprint(self) -> str:
         """sha256 over every token, mask and label: a resume must see the same data."""
         digest = hashlib.sha256()
@@ -138,6 +158,56 @@ class LoaderBatches:
     def plan(self, spec=None, epoch=None):
         return self.loader
 
+    def iterate(self, order_state: dict | None = None, batch_hashes: list | None = None):
+        """``(order_state, batches)``: one pass over the loader, its order drawn from ``order_state``.
+
+        A shuffling DataLoader draws its permutation (and worker seeds) from torch's RNG when the pass starts.
+        ``order_state=None`` records the state it draws from now (an epoch's start); a resumed epoch passes
+        the recorded one, so it replays the same order, and torch's RNG is then set back to where the
+        checkpoint left it. Each batch's hash is appended to ``batch_hashes``; hashes already there (from
+        the interrupted run) must match the batches replayed, or the loader is not the one trained on.
+        """
+        resumed_state = order_state is not None
+        if not resumed_state:
+            order_state = self._order_state()
+        current = torch.get_rng_state()
+        self._set_order_state(order_state)
+        iterator = iter(self.loader)
+        first = next(iterator, None)  # a sampler draws its permutation when the first batch is asked for
+        if resumed_state:
+            torch.set_rng_state(current)
+        return order_state, self._checked_pass(first, iterator, [] if batch_hashes is None else batch_hashes)
+
+    def _checked_pass(self, first, iterator, batch_hashes: list):
+        recorded, index = len(batch_hashes), 0
+        for batch in _chain_first(first, iterator):
+            digest = _batch_hash(batch)
+            if index < recorded and batch_hashes[index] != digest:
+                raise ValueError(
+                    f"Cannot resume: batch {index + 1} of this epoch from the DataLoader given as {self.what} differs "
+                    "from the one trained on before the interruption. Pass the same DataLoader (same data, batch size, "
+                    "sampler and generator), or start fresh with resume_from_checkpoint=False.")
+            if index >= recorded:
+                batch_hashes.append(digest)
+            index += 1
+            yield batch
+
+    def _order_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in self._generators()]}
+
+    def _set_order_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        for generator, saved in zip(self._generators(), state["generators"]):
+            generator.set_state(saved)
+
+    def _generators(self) -> list:
+        """The generators a user gave the loader or its sampler (their states advance with each epoch's draw)."""
+        found = []
+        for generator in (getattr(self.loader, "generator", None), getattr(self.loader.sampler, "generator", None)):
+            if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
+                found.append(generator)
+        return found
+
     def eval_plan(self, batch_size=None, world_size=1, rank=0):
         return self.loader
 
@@ -150,13 +220,21 @@ class LoaderBatches:
     def check_ids(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size  # not read ahead: each batch is checked as it is collated
 
+    def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
+        batch = self.first_batch()
+        return bool(((batch["input_ids"] == pad_token_id) & batch["attention_mask"].bool()).any())
+
     def check_lengths(self, limit: int | None) -> None:
         self.max_length = limit
 
     def fingerprint(self) -> str:
-        """A user's DataLoader is not read ahead of training: its length and first batch stand for it."""
+        """A training DataLoader is not read ahead: its length and first batch stand for it (a resume then
+        compares every batch it replays). A validation loader is read whole, checking every batch now: it
+        is read every epoch anyway, and a bad batch found after an epoch of training wastes that epoch."""
         digest = hashlib.sha256(f"loader of {len(self)} batches".encode())
-        _digest_tensors(digest, self.first_batch().values())
+        batches = [self.first_batch()] if self.what == "training data" else (self.collate(b) for b in self.loader)
+        for batch in batches:
+            _digest_tensors(digest, (batch.get(key) for key in ("input_ids", "attention_mask", "labels")))
         return digest.hexdigest()
 
     def collate(self, batch) -> dict:

@@ -22,6 +22,10 @@ class TrainState:
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
+    # A user's DataLoader: the RNG state its epoch order was drawn from, and a hash of each batch read so far,
+    # so a resumed epoch replays the same order and can prove it.
+    loader_order_state: dict | None = None
+    loader_batch_hashes: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
@@ -29,3 +33,4 @@ class TrainState:
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step_in_epoch, self.epoch_sums, self.train_seconds = epoch, 0, TokenSums(), 0.0
+        self.loader_order_state, self.loader_batch_hashes = None, []

@@ -140,13 +140,22 @@ class Trainer:
         """This process's micro-batches of one epoch (a user's DataLoader: the loader itself)."""
         return self.data.train.plan(self.plan_spec, epoch)
 
+    def epoch_batches(self, epoch: int):
+        """The epoch's micro-batches; a user's DataLoader is replayed from the RNG state of the epoch's start."""
+        source, state = self.data.train, self.state
+        if source.plannable:
+            return self.epoch_plan(epoch)
+        resumed_order = state.loader_order_state if state.step_in_epoch else None
+        state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
+        return batches
+
     def steps_in(self, plan) -> int:
         return math.ceil(len(plan) / self.settings.gradient_accumulation_steps)
 
     def train_epoch(self, epoch: int) -> None:
         settings, state = self.settings, self.state
-        plan = self.epoch_plan(epoch)
-        steps_in_epoch = self.steps_in(plan)
+        plan = self.epoch_batches(epoch)
+        steps_in_epoch = self.steps_per_epoch[epoch]
         self.train_model.train()
         pending = []
         started = time.perf_counter()
