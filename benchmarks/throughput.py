@@ -8,6 +8,7 @@ Same tiny GPT-2, same offline Wikipedia lines, same batch size and epochs, for e
   HF grouped        the same with Trainer's own length grouping
 
     python benchmarks/throughput.py [--lines 2000] [--batch-size 16] [--epochs 2] [--seeds 0 1] [--device cuda]
+                                    [--methods default HF]   (methods whose name contains any of these words)
 
 Quality is the exact validation perplexity (excl. padding, `evaluate_perplexity`) of each trained model, so
 every method is measured by the same evaluator. Rates are real target tokens over the training time only.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import platform
 import statistics
 import sys
@@ -79,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only methods whose name contains one of these")
     args = parser.parse_args(argv)
 
     text = load_wikitext("train", source="offline")
@@ -93,6 +96,8 @@ def main(argv=None):
         "HF Trainer defaults": lambda m, s: hf_trainer(m, train, tokenizer, args, s, grouped=False),
         "HF Trainer, length grouping": lambda m, s: hf_trainer(m, train, tokenizer, args, s, grouped=True),
     }
+    if args.methods:
+        methods = {name: run for name, run in methods.items() if any(word in name for word in args.methods)}
     rows = {}
     for name, run in methods.items():
         for seed in args.seeds:
@@ -115,7 +120,7 @@ def main(argv=None):
         summary[name] = (rate, statistics.mean(perplexities))
         print(f"| {name} | {rate:,.0f} | {statistics.mean(p for _, p, _ in measured):.1%} | "
               f"{' / '.join(f'{p:.1f}' for p in perplexities)} | {summary[name][1]:.1f} |")
-    default_rate, default_ppl = summary["token-budget (default)"]
+    default_rate, default_ppl = summary.get("token-budget (default)", (math.nan, math.nan))
     for name, (rate, perplexity) in summary.items():
         if name != "token-budget (default)":
             print(f"default vs {name}: {default_rate / rate:.2f}x the speed, perplexity {default_ppl / perplexity - 1:+.1%}")

@@ -11,16 +11,14 @@ from unittest import mock
 import pytest
 import torch
 
-from models import TinyCausalLM, tiny_gpt2
+from models import TinyCausalLM, random_lines, tiny_gpt2
 from utils.tier3_training_utilities import test_fine_tuning
 
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 
 
-def _data(n=24, seed=0, low=3, high=20):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(n)]
+_data = random_lines
 
 
 TRAIN, VAL = _data(), _data(8, seed=1)
