@@ -1,7 +1,14 @@
-"""Run by tests/test_search.py in a separate process: a search sharing a storage, optionally killed mid-trial."""
+"""Run by tests/test_search.py in separate processes: searches sharing a storage, optionally killed mid-trial,
+and new studies created by two processes at the same moment.
+
+    python search_worker.py STORAGE N_TRIALS ok|kill [JSON keywords]   # writes worker-<pid>.json (its counts)
+    python search_worker.py FOLDER ROUNDS race ME OTHER               # writes race-<ME>.json (one line per round)
+"""
+import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +21,7 @@ from utils.tier3_training_utilities import test_hyperparameter_search  # noqa: E
 
 VOCAB = 50
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=0)
+KILL_AT_FORWARD = 3
 
 
 def data(n=24, seed=0):
@@ -22,25 +30,59 @@ def data(n=24, seed=0):
 
 
 class KillingLM(TinyCausalLM):
-    """SIGKILLs its own process at its 3rd training forward: a Colab disconnect in the middle of a trial."""
+    """SIGKILLs its own process at its ``kill_at``-th training forward: a Colab disconnect in the middle of a trial."""
+
+    def __init__(self, kill_at, **kwargs):
+        super().__init__(**kwargs)
+        self.kill_at = kill_at
 
     def forward(self, idx):
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == 3:
+            if self.calls == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(idx)
 
 
-def search(storage, n_trials, *, kill=False, heartbeat_interval=60, output_dir="outputs/search", pruning=True):
-    factory = (lambda: KillingLM(vocab_size=VOCAB)) if kill else (lambda: TinyCausalLM(vocab_size=VOCAB))
-    return test_hyperparameter_search(factory, CONFIG, data(), data(8, seed=1), n_trials=n_trials, storage=storage,
-                                      study_name="shared", heartbeat_interval=heartbeat_interval,
-                                      save_plots=False, progress=False, output_dir=output_dir, pruning=pruning)
+def new_model(kill_at=None):
+    torch.manual_seed(0)  # every trial starts from the same weights, as test_fine_tuning(_model()) does in the tests
+    return KillingLM(kill_at, vocab_size=VOCAB) if kill_at else TinyCausalLM(vocab_size=VOCAB)
+
+
+def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir="outputs/search", pruning=True, **keywords):
+    return test_hyperparameter_search(lambda: new_model(kill_at), CONFIG, data(), data(8, seed=1), n_trials=n_trials,
+                                      storage=storage, study_name="shared", heartbeat_interval=heartbeat_interval,
+                                      save_plots=False, progress=False, output_dir=output_dir, pruning=pruning, **keywords)
+
+
+def race(folder: Path, rounds: int, me: str, other: str) -> None:
+    """Both processes create round r's new SQLite study within a millisecond of each other."""
+    outcomes = []
+    for round_ in range(rounds):
+        (folder / f"ready-{round_}-{me}").touch()
+        deadline = time.time() + 60
+        while not (folder / f"ready-{round_}-{other}").exists() and time.time() < deadline:
+            time.sleep(0.0005)
+        try:
+            search(f"sqlite:///{folder / f'round-{round_}.db'}", 0, heartbeat_interval=1)
+            outcomes.append("ok")
+        except Exception as error:  # noqa: BLE001 - the test reports every round's error
+            outcomes.append(f"{type(error).__name__}: {error}"[:300])
+    (folder / f"race-{me}.json").write_text(json.dumps(outcomes))
 
 
 if __name__ == "__main__":
+    if sys.argv[3] == "race":
+        race(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4], sys.argv[5])
+        sys.exit(0)
     storage, n_trials, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    # Pruning off: every trial of the shared study runs to its end, whatever the other process reports.
-    search(storage, n_trials, kill=mode == "kill", heartbeat_interval=1, output_dir=f"outputs/search-{os.getpid()}",
-           pruning=False)
+    keywords = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    if "search_space" in keywords:  # JSON has no tuples; a list would mean "categorical"
+        keywords["search_space"] = {name: tuple(spec) for name, spec in keywords["search_space"].items()}
+    if mode == "kill":
+        keywords.setdefault("kill_at", KILL_AT_FORWARD)
+    keywords.setdefault("heartbeat_interval", 1)
+    torch.set_num_threads(1)  # several workers share the test machine's cores; their heartbeats must keep beating
+    # Pruning off: every trial of the shared study runs to its end, whatever the other processes report.
+    result = search(storage, n_trials, pruning=False, **keywords)
+    Path(f"worker-{os.getpid()}.json").write_text(json.dumps({k: result[k] for k in ("n_trials", "n_trials_in_study")}))

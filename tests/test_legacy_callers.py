@@ -167,7 +167,9 @@ def test_search_previous_positional_form_and_space_names():
     assert type(distributions["warmup"]).__name__ == "IntDistribution"
     assert type(distributions["batch_size"]).__name__ == "CategoricalDistribution"
     # 'warmup' is a number of warmup steps: the first step of trial 0 ran at lr / (warmup + 1).
-    first = pd.read_csv("outputs/search/trial-0/metrics_steps.csv")["train/learning_rate"].iloc[0]
+    # Trial folders are per study (issue 27): outputs/search/<study name>/trial-N.
+    steps = f"outputs/search/{result['study'].study_name}/trial-0/metrics_steps.csv"
+    first = pd.read_csv(steps)["train/learning_rate"].iloc[0]
     params = result["all_trials"][0]["params"]
     assert first == pytest.approx(params["lr"] / (params["warmup"] + 1))
 

@@ -1,5 +1,8 @@
 """test_hyperparameter_search: objective = test_fine_tuning's val loss, failures recorded, storages shared
-and resumed, pruning mid-epoch, bad spaces refused before any trial (issue 18)."""
+and resumed, pruning mid-epoch, bad spaces refused before any trial (issue 18); new parameters for every
+process and rerun, studies that refuse another set-up, concurrent creation, PostgreSQL with four workers,
+killed trials resumed from their own checkpoint (issue 27)."""
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from models import TinyCausalLM
+from postgres import postgres_url  # noqa: F401 - a fixture
 from search_worker import CONFIG, data
 from utils.tier3_training_utilities import test_fine_tuning, test_hyperparameter_search
 
@@ -54,11 +58,36 @@ def test_same_call_gives_the_same_parameters_and_instance_stays_untouched():
         assert torch.equal(value, before[name]), name
 
 
-def test_second_call_continues_the_sqlite_study(tmp_path):
+def _distinct(trials) -> int:
+    return len({tuple(sorted(t.params.items())) for t in trials})
+
+
+def test_same_call_again_on_sqlite_continues_the_study_with_new_parameters(tmp_path):
+    storage = str(tmp_path / "study.db")
+    first = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=3, storage=storage, study_name="s", **QUIET)
+    again = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=3, storage=storage, study_name="s", **QUIET)
+    assert list(again["trials"]["number"]) == list(range(6))
+    assert (first["n_trials"], again["n_trials"], again["n_trials_in_study"]) == (3, 3, 6)
+    assert _distinct(again["study"].trials) == 6  # the rerun sampled new points, it did not replay trials 0-2
+
+
+def test_rerun_under_another_set_up_is_refused_before_any_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=2, storage=storage, study_name="s", **QUIET)
-    result = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=1, storage=storage, study_name="s", **QUIET)
-    assert list(result["trials"]["number"]) == [0, 1, 2] and result["n_trials"] == 1
+    space = {"learning_rate": ("log", 1e-4, 1e-2)}
+    test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=1, storage=storage, study_name="s", search_space=space,
+                               **QUIET)
+    calls = []
+    factory = lambda: calls.append(1) or _model()  # noqa: E731
+    changes = [("n_epochs", dict(n_epochs=2)), ("validation data", dict(val_data=data(8, seed=2))),
+               ("search_space", dict(search_space={"learning_rate": ("log", 1e-5, 1e-2)})), ("batch_size", dict(batch_size=8))]
+    for named, change in changes:
+        call = dict(dict(model_factory=factory, config=CONFIG, train_data=TRAIN, val_data=VAL, n_trials=1, storage=storage,
+                         study_name="s", search_space=space), **change, **QUIET)
+        with pytest.raises(ValueError, match="another set-up") as refused:
+            test_hyperparameter_search(**call)
+        assert named in str(refused.value) and "study_name" in str(refused.value)
+    assert not calls
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1
 
 
 def test_hopeless_trial_is_pruned_before_its_last_epoch(tmp_path):
@@ -81,11 +110,15 @@ def test_bad_search_space_raises_before_any_trial():
     calls = []
     factory = lambda: calls.append(1) or _model()  # noqa: E731
     bad_spaces = [{"epochs": ("int", 1, 3)}, {"learning_rate": ("log", 0.0, 1e-3)}, {"batch_size": ("categorical", [0, 4])},
-                  {"learning_rate": (1e-3,)}, {"warmup_ratio": ("float", 0.3, 0.1)}, {"batch_size": ("int", 1.5, 4)}, {}]
+                  {"learning_rate": (1e-3,)}, {"warmup_ratio": ("float", 0.3, 0.1)}, {"batch_size": ("int", 1.5, 4)}, {},
+                  {"lr": (1e-4, 1e-3), "learning_rate": (1e-4, 1e-2)}]
     for space in bad_spaces:
         with pytest.raises(ValueError):
             test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=1, search_space=space, **QUIET)
     assert not calls
+    with pytest.raises(ValueError, match="both 'lr' and 'learning_rate'"):
+        test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=1, **QUIET,
+                                   search_space={"lr": (1e-4, 1e-3), "learning_rate": (1e-4, 1e-2)})
 
 
 def test_mid_epoch_evaluations_are_recorded_by_test_fine_tuning(tmp_path):
@@ -99,28 +132,93 @@ def test_mid_epoch_evaluations_are_recorded_by_test_fine_tuning(tmp_path):
     assert evals["val/loss_excl_padding"].notna().all()
 
 
-def test_two_processes_share_one_journal_storage(tmp_path):
+def _workers(tmp_path, storage, modes, n_trials=3, keywords=None):
+    command = lambda mode: [sys.executable, str(WORKER), storage, str(n_trials), mode, json.dumps(keywords or {})]  # noqa: E731
+    return [subprocess.Popen(command(mode), cwd=tmp_path) for mode in modes]
+
+
+def test_two_processes_on_one_journal_file_sample_distinct_parameters(tmp_path):
     storage = str(tmp_path / "study.log")
-    workers = [subprocess.Popen([sys.executable, str(WORKER), storage, "2", "ok"], cwd=tmp_path) for _ in range(2)]
+    workers = _workers(tmp_path, storage, ["ok", "ok"])
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(storage)))
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == list(range(6))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert _distinct(study.trials) == 6
+    counts = [json.loads(path.read_text()) for path in tmp_path.glob("worker-*.json")]
+    assert [c["n_trials"] for c in counts] == [3, 3]  # each process's own trials, not the study's
 
 
-def test_trial_killed_mid_way_is_retried_with_its_parameters(tmp_path):
+def test_two_processes_creating_one_new_sqlite_study_at_once_both_finish(tmp_path):
+    rounds = 10
+    racers = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(rounds), "race", me, other], cwd=tmp_path)
+              for me, other in (("a", "b"), ("b", "a"))]
+    assert [r.wait(timeout=300) for r in racers] == [0, 0]
+    outcomes = {me: json.loads((tmp_path / f"race-{me}.json").read_text()) for me in "ab"}
+    failed = [(me, round_, outcome) for me in "ab" for round_, outcome in enumerate(outcomes[me]) if outcome != "ok"]
+    assert not failed and len(outcomes["a"]) == len(outcomes["b"]) == rounds
+    for round_ in range(rounds):  # one study per file, whoever created it
+        assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / f'round-{round_}.db'}")] == ["shared"]
+
+
+def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    killed = subprocess.run([sys.executable, str(WORKER), storage, "1", "kill"], cwd=tmp_path, timeout=300)
+    # Two epochs of 6 steps with a checkpoint every 2 steps; the 9th training forward is in the middle of epoch 2.
+    keywords = dict(n_epochs=2, checkpoint_every=2, search_space={"learning_rate": ("log", 1e-4, 1e-2)})
+    killed = subprocess.run([sys.executable, str(WORKER), storage, "1", "kill", json.dumps(dict(keywords, kill_at=9))],
+                            cwd=tmp_path, timeout=300)
     assert killed.returncode == -9
+    folder = tmp_path / "outputs" / "search" / "shared" / "trial-0"
+    left = sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+    assert left, "the killed trial wrote no checkpoint"
     time.sleep(3)  # past the grace period (2 x heartbeat_interval=1 s)
     from search_worker import search
 
-    result = search(storage, 1, heartbeat_interval=1)
+    result = search(storage, 1, heartbeat_interval=1, pruning=False, **keywords)
     first, retry = result["study"].trials
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == first.params
     assert result["trials"]["retry_of"].iloc[1] == 0
+    # It continued in trial 0's folder from the newest checkpoint the kill left, not from step 0.
+    assert f"step-{retry.user_attrs['resumed_from_step']}" == left[-1]
+    assert not (folder.parent / "trial-1").exists()
+    uninterrupted = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=2, checkpoint_every=2,
+                                     output_dir=str(tmp_path / "uninterrupted"), progress=False, save_plots=False,
+                                     **retry.params)
+    assert retry.value == pytest.approx(uninterrupted["final_val_loss"], abs=1e-9)
+
+
+def test_second_in_memory_search_never_meets_the_first_ones_checkpoints(tmp_path):
+    keywords = dict(n_trials=1, checkpoint_every=3, load_best_model_at_end=True, output_dir=str(tmp_path), **QUIET)
+    first = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, **keywords)
+    second = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, **keywords)
+    for result in (first, second):
+        assert list(result["trials"]["state"]) == ["COMPLETE"], result["trials"]["reason"].tolist()
+        assert (tmp_path / result["study_name"] / "trial-0" / "checkpoints").is_dir()
+    assert first["study_name"] != second["study_name"]
+
+
+def test_four_processes_on_postgresql(tmp_path, postgres_url):
+    started, beat = time.time(), dict(heartbeat_interval=2)  # 2 s: five workers share the machine's cores
+    workers = _workers(tmp_path, postgres_url, ["ok", "ok", "ok", "kill"], keywords=beat)
+    assert workers[3].wait(timeout=300) == -9  # killed in its first trial, which stays RUNNING
+    killed_at = time.time()
+    time.sleep(5)  # its heartbeat is now older than the grace period (2 x heartbeat_interval)
+    workers += _workers(tmp_path, postgres_url, ["ok"], keywords=beat)  # the killed process's machine reconnects
+    assert [w.wait(timeout=300) for w in workers[:3] + workers[4:]] == [0, 0, 0, 0]
+    elapsed, after_kill = time.time() - started, time.time() - killed_at
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.trials
+    assert sorted(t.number for t in trials) == list(range(13))  # 4 x 3 trials and the killed one
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(failed) == 1 and len(completed) == 12 and _distinct(completed) == 12
+    retries = [t for t in completed if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].params == failed[0].params
+    again = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, progress=False, save_plots=False, **study.best_params)
+    assert again["final_val_loss"] == pytest.approx(study.best_value, rel=1e-6)
+    print(f"4 processes on PostgreSQL, one killed and reconnected: {elapsed:.1f} s in all, {after_kill:.1f} s after the kill")
 
 
 def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch):
@@ -129,7 +227,7 @@ def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     result = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=2, use_wandb=True, wandb_mode="offline",
                                         study_name="grouped", storage=str(tmp_path / "s.log"), output_dir=str(tmp_path), **QUIET)
-    runs = sorted(tmp_path.glob("trial-*/wandb/offline-run-*/run-*.wandb"))
+    runs = sorted(tmp_path.glob("grouped/trial-*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == result["n_trials"] == 2
     for path in runs:
         run = next(r.run for r in read_records(path) if r.WhichOneof("record_type") == "run")

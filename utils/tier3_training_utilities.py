@@ -17,7 +17,7 @@ from .training.checks import check_model_against_data
 from .training.model_call import ModelCaller
 from .training.pad_id import detect_pad_token_id, pad_is_eos
 from .training.previous_interface import CLIP_NORM_DEFAULT, PREVIOUS_DEFAULTS, settings_from_call
-from .training.search import N_TRIALS_DEFAULT, run_search
+from .training.search import N_TRIALS_DEFAULT, SearchRequest, run_search
 from .training.settings import FineTuneSettings
 from .training.sources import batch_source
 from .training.trainer import forward_backward
@@ -132,15 +132,15 @@ def test_hyperparameter_search(model_factory=None, config=None, train_data=None,
                                study_name=None, pruning=True, eval_every=None, random_seed=42, use_wandb=False,
                                tokenizer=None, model=None, **fine_tuning_kwargs) -> dict:
     """Optuna search over ``test_fine_tuning`` keywords; each trial's objective is its final validation loss
-    excluding padding. ``storage`` ("sqlite:///study.db", any SQLAlchemy URL, or a ``*.log`` journal file) with
-    ``study_name`` makes the study survive a disconnect and lets several processes share it. The previous
-    positional form ``(model_factory, config, train_data, n_trials, search_space, random_seed, deterministic)``
-    still works. Details: ``utils/training/search.py``.
+    excluding padding. ``storage`` with ``study_name`` keeps the study across calls and disconnects: a ``*.db``
+    SQLite file for one process at a time, a ``*.log`` journal file for several processes on one machine or a
+    shared disk, a database URL ("postgresql://...") for several machines. A study records its set-up and refuses
+    trials under another one. ``n_trials`` counts this call's trials; ``n_trials_in_study`` the study's. The
+    previous positional form ``(model_factory, config, train_data, n_trials, search_space, random_seed,
+    deterministic)`` still works. Details: ``utils/training/search.py``.
     """
-    return run_search(_fine_tune, model_factory, config, train_data, val_data, n_trials, *legacy_positionals,
-                      search_space=search_space, n_epochs=n_epochs, timeout=timeout, storage=storage, study_name=study_name,
-                      pruning=pruning, eval_every=eval_every, random_seed=random_seed, use_wandb=use_wandb,
-                      tokenizer=tokenizer, model=model, **fine_tuning_kwargs)
+    request = SearchRequest.from_call(dict(locals()))  # the signature above is the one list of keywords
+    return run_search(_fine_tune, request)
 
 
 test_hyperparameter_search.__test__ = False  # library API, not a pytest test

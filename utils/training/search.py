@@ -1,8 +1,9 @@
 """Hyperparameter search: Optuna over the same padding-correct engine as ``test_fine_tuning``.
 
 Every trial's objective is the token-weighted validation loss excluding padding — exactly the
-``final_val_loss`` that ``test_fine_tuning`` reports for the same settings and seed. Persistence
-and parallelism are Optuna's own storages (RDB with heartbeats, or the journal file backend).
+``final_val_loss`` that ``test_fine_tuning`` reports for the same settings and seed. The call's arguments
+become one ``SearchRequest``; search spaces are parsed in ``search_space.py``, storages, studies and their
+recorded set-up live in ``search_study.py``.
 """
 from __future__ import annotations
 
@@ -10,109 +11,93 @@ import copy
 import gc
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .previous_interface import DefaultInt, settings_from_call
-from .sources import train_and_val_sources
 from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
+from .previous_interface import DefaultInt, settings_from_call
+from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
+from .search_study import first_try_of, open_study, setup_record
 from .settings import FineTuneSettings
+from .sources import train_and_val_sources
 
-DEFAULT_SEARCH_SPACE = {
-    "learning_rate": ("log", 1e-5, 1e-3),
-    "batch_size": ("categorical", [4, 8, 16]),
-    "warmup_ratio": ("float", 0.0, 0.2),
-    "weight_decay": ("float", 0.0, 0.1),
-}
-# The previous module's search-space names.
-LEGACY_NAMES = {"lr": "learning_rate", "wd": "weight_decay", "warmup": "warmup_steps"}
-# A (low, high) range without a kind is searched on a log scale for these settings when low > 0:
-# both span orders of magnitude. Every other range is linear.
-LOG_SCALE_SETTINGS = ("learning_rate", "weight_decay")
-KINDS = ("log", "float", "int", "categorical")
 N_TRIALS_DEFAULT = DefaultInt(10)
-NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "wandb_run_name", "wandb_group", "progress"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Search space
+# The call, once
 # ----------------------------------------------------------------------------------------------
-def parse_search_space(space: dict | None) -> dict[str, tuple[str, str, tuple]]:
-    """``{name: (setting, kind, args)}``; raises ``ValueError`` naming a bad entry before any trial runs.
+@dataclass
+class SearchRequest:
+    """One search call: built once from ``test_hyperparameter_search``'s arguments, read everywhere after."""
 
-    Accepted specs: ``("log"|"float"|"int", low, high)``, ``("categorical", [choices])``, a plain list
-    (categorical) or a ``(low, high)`` tuple (ints: an int range; floats: log scale for
-    ``LOG_SCALE_SETTINGS`` when low > 0, else linear).
-    """
-    space = DEFAULT_SEARCH_SPACE if space is None else space
-    if not isinstance(space, dict) or not space:
-        raise ValueError(f"search_space must be a non-empty dict of name -> spec, got {space!r}.")
-    parsed = {}
-    for name, spec in space.items():
-        setting = LEGACY_NAMES.get(name, name)
-        if setting not in FineTuneSettings.keyword_names() or setting in NOT_SEARCHABLE:
-            raise ValueError(f"search_space names {name!r}, which is not a searchable keyword of test_fine_tuning. "
-                             f"Use one of: {sorted(FineTuneSettings.keyword_names() - NOT_SEARCHABLE)}.")
-        kind, args = _parse_spec(name, setting, spec)
-        for value in (args[0] if kind == "categorical" else args):
-            _check_value(name, setting, value)
-        parsed[name] = (setting, kind, args)
-    return parsed
+    new_model: object  # () -> a fresh model for one trial
+    config: object
+    train_data: object
+    val_data: object
+    n_trials: int
+    space: dict  # parsed: {name: (setting, kind, args)}
+    fixed: dict  # the test_fine_tuning keywords every trial shares (n_epochs, eval_every, random_seed included)
+    storage: object = None
+    study_name: str | None = None
+    timeout: float | None = None
+    pruning: object = True
+    tokenizer: object = None
+    device: object = None
+    heartbeat_interval: int = 60
+    progress: bool | str = True
+    prepared: tuple = field(default=(None, None), repr=False)  # (train, val) sources, filled by prepare()
 
+    @classmethod
+    def from_call(cls, arguments: dict) -> "SearchRequest":
+        """From the entry point's own arguments (its signature is the one list of keywords); raises before any
+        trial on a bad space, a keyword both searched and fixed, or a bad fixed keyword."""
+        arguments = dict(arguments)
+        keywords = dict(arguments.pop("fine_tuning_kwargs"))
+        val_data, n_trials, positional = bind_legacy_positionals(arguments["val_data"], arguments["n_trials"],
+                                                                 arguments["legacy_positionals"])
+        if "deterministic" in positional:
+            keywords["deterministic"] = positional["deterministic"]
+        space = parse_search_space(positional.get("search_space", arguments["search_space"]))
+        extras = {name: keywords.pop(name) for name in ("device", "heartbeat_interval", "progress") if name in keywords}
+        clashing = {setting for setting, _, _ in space.values()} & set(keywords)
+        if clashing:
+            raise ValueError(f"{sorted(clashing)} are both searched and fixed by keyword; drop one of them.")
+        # Trials draw no training plots unless asked: the search draws its own.
+        fixed = dict(dict(save_plots=False), **keywords, n_epochs=arguments["n_epochs"], eval_every=arguments["eval_every"],
+                     random_seed=positional.get("random_seed", arguments["random_seed"]), use_wandb=arguments["use_wandb"])
+        settings_from_call(dict(fixed, progress=False))  # bad fixed keywords fail now
+        return cls(new_model=model_source(arguments["model_factory"], arguments["model"]), config=arguments["config"],
+                   train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space, fixed=fixed,
+                   storage=arguments["storage"], study_name=arguments["study_name"], timeout=arguments["timeout"],
+                   pruning=arguments["pruning"], tokenizer=arguments["tokenizer"], **extras)
 
-def _parse_spec(name, setting, spec):
-    bad = ValueError(f"search_space[{name!r}] = {spec!r} is not a spec. Use ('log', low, high), ('float', low, high), "
-                     "('int', low, high), ('categorical', [choices]), a list of choices or a (low, high) tuple.")
-    if isinstance(spec, list):
-        kind, args = "categorical", (spec,)
-    elif isinstance(spec, tuple) and spec and spec[0] in KINDS:
-        kind, args = spec[0], tuple(spec[1:])
-    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-        if all(isinstance(v, int) for v in spec):
-            kind = "int"
-        else:
-            kind = "log" if setting in LOG_SCALE_SETTINGS and spec[0] > 0 else "float"
-        args = tuple(spec)
-    else:
-        raise bad
-    if kind == "categorical":
-        if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
-            raise bad
-        return kind, (list(args[0]),)
-    if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
-        raise bad
-    low, high = args
-    if not low < high:
-        raise ValueError(f"search_space[{name!r}]: low ({low}) must be below high ({high}).")
-    if kind == "log" and low <= 0:
-        raise ValueError(f"search_space[{name!r}]: a log range needs low > 0, got {low}. Use ('float', {low}, {high}).")
-    if kind == "int" and not all(isinstance(v, int) for v in args):
-        raise ValueError(f"search_space[{name!r}]: an int range needs int bounds, got {args}.")
-    return kind, args
+    @property
+    def fixed_settings(self) -> FineTuneSettings:
+        return settings_from_call(dict(self.fixed, progress=False))[0]
 
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.fixed.get("output_dir") or Path.cwd() / "outputs" / "search")
 
-def _check_value(name, setting, value):
-    try:
-        FineTuneSettings(**{setting: value}).validate()
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"search_space[{name!r}] can take {value!r}, which test_fine_tuning refuses: {error}") from None
-
-
-def suggest(trial, name: str, kind: str, args: tuple):
-    if kind == "categorical":
-        return trial.suggest_categorical(name, args[0])
-    if kind == "int":
-        return trial.suggest_int(name, *args)
-    return trial.suggest_float(name, *args, log=kind == "log")
+    def prepare(self) -> None:
+        """Tokens to examples, checked and split once for the whole study (trials reuse them)."""
+        if self.train_data is None:
+            self.prepared = (None, self.val_data)  # each trial's test_fine_tuning makes its announced synthetic set
+            return
+        pad_token_id, _ = detect_pad_token_id(self.config, self.tokenizer)
+        eos_is_pad = pad_is_eos(pad_token_id, self.config, self.tokenizer)
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        settings = self.fixed_settings
+        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id, settings.padding_multiple(device),
+                                              eos_is_pad, settings.val_fraction, settings.random_seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments (the new signature, and the previous positional form)
-# ----------------------------------------------------------------------------------------------
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
     """The previous form was ``(model_factory, config, train_data, n_trials, search_space, random_seed,
     deterministic)``: an int where ``val_data`` stands means that form.
@@ -142,110 +127,43 @@ def model_source(model_factory, model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Storage
-# ----------------------------------------------------------------------------------------------
-def open_storage(storage, heartbeat_interval: int):
-    """None: in memory. A URL: RDB with a heartbeat, whose stale trials are retried. ``*.log``: a journal file."""
-    import optuna
-
-    if storage is None or isinstance(storage, optuna.storages.BaseStorage):
-        return storage
-    location = str(storage)
-    if location.endswith(".log"):
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(location))
-    if "://" in location:
-        if location.startswith("sqlite:///"):
-            Path(location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        # Optuna 4.9 renamed the callback (the old name warns); use whichever the installed version has.
-        retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks heartbeats "experimental" since 2.8
-            retry = retry_class(max_retry=3)
-            return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_interval,
-                                              grace_period=2 * heartbeat_interval, **{_stale_callback_keyword(): retry})
-    raise ValueError(f"storage={storage!r} is neither a database URL (e.g. 'sqlite:///study.db') nor a journal file path "
-                     "ending in '.log'.")
-
-
-def _stale_callback_keyword() -> str:
-    import inspect
-
-    import optuna
-
-    parameters = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-    # Optuna 5 renamed failed_trial_callback; use whichever the installed version has.
-    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
-
-
-# ----------------------------------------------------------------------------------------------
 # The search
 # ----------------------------------------------------------------------------------------------
-def run_search(fine_tune, model_factory=None, config=None, train_data=None, val_data=None, n_trials=N_TRIALS_DEFAULT,
-               *legacy_args, search_space=None, n_epochs=1, timeout=None, storage=None, study_name=None, pruning=True,
-               eval_every=None, random_seed=42, use_wandb=False, tokenizer=None, model=None, heartbeat_interval=60,
-               progress=True, **fine_tuning_kwargs) -> dict:
+def run_search(fine_tune, request: SearchRequest) -> dict:
     import optuna
 
-    val_data, n_trials, positional = bind_legacy_positionals(val_data, n_trials, legacy_args)
-    search_space = positional.get("search_space", search_space)
-    random_seed = positional.get("random_seed", random_seed)
-    if "deterministic" in positional:
-        fine_tuning_kwargs["deterministic"] = positional["deterministic"]
-    n_trials = int(n_trials)
-    device = fine_tuning_kwargs.pop("device", None)
-    space = parse_search_space(search_space)
-    clashing = {setting for setting, _, _ in space.values()} & set(fine_tuning_kwargs)
-    if clashing:
-        raise ValueError(f"{sorted(clashing)} are both searched and fixed by keyword; drop one of them.")
-    # Trials draw no training plots unless asked: the search draws its own.
-    base = dict(dict(save_plots=False), **fine_tuning_kwargs, n_epochs=n_epochs, eval_every=eval_every,
-                random_seed=random_seed, use_wandb=use_wandb)
-    settings_from_call(dict(base, progress=False))  # bad fixed keywords fail now
-    new_model = model_source(model_factory, model)
-    train, val = _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device)
-    output_dir = Path(fine_tuning_kwargs.get("output_dir") or Path.cwd() / "outputs" / "search")
-
-    def objective(trial):
-        params = {name: suggest(trial, name, kind, args) for name, (setting, kind, args) in space.items()}
-        settings, _ = settings_from_call(dict(
-            base, **{space[name][0]: value for name, value in params.items()},
-            output_dir=str(output_dir / f"trial-{trial.number}"), progress=progress == "all",
-            wandb_group=study.study_name, wandb_run_name=f"{study.study_name}-trial-{trial.number}"))
-        return _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device)
-
+    request.prepare()
+    setup = setup_record(request.fixed_settings, request.space, *request.prepared)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
     try:
-        study = optuna.create_study(
-            storage=open_storage(storage, heartbeat_interval), sampler=optuna.samplers.TPESampler(seed=random_seed),
-            pruner=_pruner(pruning), study_name=study_name or ("tier3-search" if storage is not None else None),
-            direction="minimize", load_if_exists=True)
-        started_with = len(study.trials)
-        bar = _TrialBar(n_trials, enabled=bool(progress))
+        study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
+                           request.fixed["random_seed"], setup)
+        bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
-            study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[bar.update])
+            study.optimize(lambda trial: _objective(fine_tune, request, study, trial), n_trials=request.n_trials,
+                           timeout=request.timeout, catch=(Exception,), callbacks=[bar.update])
         except KeyboardInterrupt:
             warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
         finally:
             bar.close()
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return _results(study, len(study.trials) - started_with, output_dir)
+    return _results(study, bar.finished, request.output_dir)
 
 
-def _prepare_once(config, tokenizer, train_data, val_data, base, random_seed, device):
-    """Tokens to examples, checked and split once for the whole study (trials reuse them)."""
-    if train_data is None:
-        return None, val_data  # each trial's test_fine_tuning makes its announced synthetic set
-    pad_token_id, _ = detect_pad_token_id(config, tokenizer)
-    eos_is_pad = pad_is_eos(pad_token_id, config, tokenizer)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = FineTuneSettings(**{k: v for k, v in base.items() if k in FineTuneSettings.keyword_names()})
-    return train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device), eos_is_pad,
-                                 settings.val_fraction, random_seed)
+def _objective(fine_tune, request: SearchRequest, study, trial) -> float:
+    params = {name: suggest(trial, name, kind, args) for name, (setting, kind, args) in request.space.items()}
+    first_try = first_try_of(study, trial)
+    # Per study, so a second study never meets the first's checkpoints; a retried trial continues in the folder
+    # of the trial it retries, from that trial's last checkpoint.
+    folder = request.output_dir / study.study_name / f"trial-{trial.number if first_try is None else first_try}"
+    settings, _ = settings_from_call(dict(
+        request.fixed, **{request.space[name][0]: value for name, value in params.items()}, output_dir=str(folder),
+        resume_from_checkpoint=first_try is not None and request.fixed_settings.writes_checkpoints,
+        progress=request.progress == "all", wandb_group=study.study_name,
+        wandb_run_name=f"{study.study_name}-trial-{trial.number}"))
+    return _run_trial(fine_tune, trial, request, settings)
 
 
 def _pruner(pruning):
@@ -259,7 +177,7 @@ def _pruner(pruning):
     return pruning  # an Optuna pruner instance
 
 
-def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokenizer, device) -> float:
+def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSettings) -> float:
     import optuna
 
     def report(step, val_loss, final):
@@ -269,9 +187,11 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
         return None
 
     model = None
+    train, val = request.prepared
     try:
-        model = new_model()
-        results = fine_tune(model, config, train, val, settings, tokenizer=tokenizer, device=device, on_evaluation=report)
+        model = request.new_model()
+        results = fine_tune(model, request.config, train, val, settings, tokenizer=request.tokenizer, device=request.device,
+                            on_evaluation=report)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         if isinstance(error, torch.OutOfMemoryError):
@@ -283,6 +203,8 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if results["resumed_from_step"] is not None:
+        trial.set_user_attr("resumed_from_step", results["resumed_from_step"])
     outcome = results["outcome"]
     if outcome.kind is OutcomeKind.INTERRUPTED:
         raise KeyboardInterrupt
@@ -298,14 +220,17 @@ def _run_trial(fine_tune, trial, new_model, config, train, val, settings, tokeni
 
 
 class _TrialBar:
+    """The progress bar, and the count of trials this call ran (other processes add theirs to the study)."""
+
     def __init__(self, total: int, enabled: bool):
-        self.bar = None
+        self.bar, self.finished = None, 0
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="search", unit="trial", dynamic_ncols=True)
 
     def update(self, study, trial) -> None:
+        self.finished += 1
         if self.bar is None:
             return
         self.bar.update(1)
@@ -341,7 +266,9 @@ def _results(study, trials_run: int, output_dir: Path) -> dict:
         "best_value": best.value if best else None,
         "best_val_perplexity": math.exp(best.value) if best else None,
         "best_trial_number": best.number if best else None,
-        "trials": frame, "trials_df": frame, "study": study, "n_trials": trials_run,
+        "trials": frame, "trials_df": frame, "study": study, "study_name": study.study_name,
+        "n_trials": trials_run, "n_trials_in_study": len(study.trials),
+        "n_completed_in_study": len(completed),
         "all_trials": [{"number": t.number, "value": t.value, "params": dict(t.params)} for t in study.trials],
         "plot_paths": _plots(study, len(completed), output_dir),
     }
