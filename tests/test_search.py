@@ -164,13 +164,13 @@ def test_two_processes_creating_one_new_sqlite_study_at_once_both_finish(tmp_pat
 
 def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    # Two epochs of 6 steps with a checkpoint every 2 steps; the 9th training forward is in the middle of epoch 2.
+    # Two epochs of 8 token-budget steps, a checkpoint every 2 steps: the 12th training forward is step 4 of epoch 2.
     keywords = dict(n_epochs=2, checkpoint_every=2, search_space={"learning_rate": ("log", 1e-4, 1e-2)})
-    killed = subprocess.run([sys.executable, str(WORKER), storage, "1", "kill", json.dumps(dict(keywords, kill_at=9))],
+    killed = subprocess.run([sys.executable, str(WORKER), storage, "1", "kill", json.dumps(dict(keywords, kill_at=12))],
                             cwd=tmp_path, timeout=300)
     assert killed.returncode == -9
     folder = tmp_path / "outputs" / "search" / "shared" / "trial-0"
-    left = sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+    left = sorted(int(p.name[len("step-"):]) for p in (folder / "checkpoints").glob("step-*"))
     assert left, "the killed trial wrote no checkpoint"
     time.sleep(3)  # past the grace period (2 x heartbeat_interval=1 s)
     from search_worker import search
@@ -181,11 +181,12 @@ def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == first.params
     assert result["trials"]["retry_of"].iloc[1] == 0
     # It continued in trial 0's folder from the newest checkpoint the kill left, not from step 0.
-    assert f"step-{retry.user_attrs['resumed_from_step']}" == left[-1]
+    assert retry.user_attrs["resumed_from_step"] == left[-1]
     assert not (folder.parent / "trial-1").exists()
     uninterrupted = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=2, checkpoint_every=2,
                                      output_dir=str(tmp_path / "uninterrupted"), progress=False, save_plots=False,
                                      **retry.params)
+    assert retry.user_attrs["resumed_from_step"] % (uninterrupted["global_step"] // 2) != 0  # inside an epoch
     assert retry.value == pytest.approx(uninterrupted["final_val_loss"], abs=1e-9)
 
 
@@ -197,6 +198,10 @@ def test_second_in_memory_search_never_meets_the_first_ones_checkpoints(tmp_path
         assert list(result["trials"]["state"]) == ["COMPLETE"], result["trials"]["reason"].tolist()
         assert (tmp_path / result["study_name"] / "trial-0" / "checkpoints").is_dir()
     assert first["study_name"] != second["study_name"]
+    named = dict(keywords, study_name="mine")
+    test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, **named)
+    with pytest.raises(ValueError, match="another study_name"):  # in memory again: its trial-0 would meet the first's
+        test_hyperparameter_search(lambda: pytest.fail("no trial may start"), CONFIG, TRAIN, VAL, **named)
 
 
 def test_four_processes_on_postgresql(tmp_path, postgres_url):

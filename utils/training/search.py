@@ -139,6 +139,7 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     try:
         study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
                            request.fixed["random_seed"], setup)
+        _check_study_folder(request.output_dir / study.study_name, study)
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
             study.optimize(lambda trial: _objective(fine_tune, request, study, trial), n_trials=request.n_trials,
@@ -150,6 +151,18 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     finally:
         optuna.logging.set_verbosity(verbosity)
     return _results(study, bar.finished, request.output_dir)
+
+
+def _check_study_folder(folder: Path, study) -> None:
+    """Trial folders with checkpoints that the study has no trial for belong to an earlier search of the same name
+    (in memory, or a deleted database): new trials would start there and be refused one by one."""
+    known = {trial.number for trial in study.get_trials(deepcopy=False)}
+    foreign = sorted(path.name for path in folder.glob("trial-*")
+                     if (path / "checkpoints").is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
+    if foreign:
+        raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have ({', '.join(foreign[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}): they are from an earlier search of the same name. Pass "
+                         f"another study_name (or none, in memory), or move {folder} away.")
 
 
 def _objective(fine_tune, request: SearchRequest, study, trial) -> float:
