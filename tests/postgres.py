@@ -18,8 +18,8 @@ import pytest
 
 
 def _binary(name: str) -> str | None:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-    return found
+    # Debian installs the server binaries off the PATH; the newest version wins.
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
 
 
 def _free_port() -> int:
