@@ -103,26 +103,105 @@ def count_real_targets(batch, pad_token_id, pad_is_eos: bool = False) -> torch.T
     return (targets != IGNORE_INDEX).sum()
 
 
-def masked_lm_loss(logits, input_ids, labels=None, attention_mask=None, pad_token_id=None, pad_is_eos: bool = False) -> TokenSums:
+# Rows of logits per chunk: about this many bytes of float32 per chunk, whatever the vocabulary. 64 MB keeps a
+# 50k-vocabulary chunk at ~330 rows (the float32 peak stays a few chunks) while small vocabularies run as one chunk.
+CHUNK_BYTES = 64 * 2**20
+
+
+def rows_per_chunk(vocab_size: int, chunk_bytes: int | None = None) -> int:
+    """Rows whose float32 logits take about ``chunk_bytes`` (default :data:`CHUNK_BYTES`); at least one."""
+    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * max(int(vocab_size), 1)))
+
+
+def flat_targets(input_ids, labels=None, attention_mask=None, pad_token_id=None, pad_is_eos: bool = False):
+    """``(targets, counted_rows)``: one target per position, flattened (the last position of a row predicts
+    nothing and gets IGNORE_INDEX), and which rows have at least one real target."""
+    shifted = shifted_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos)
+    targets = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    return targets, (shifted != IGNORE_INDEX).any(dim=1)
+
+
+def sums_from(loss_sum, correct, targets, counted_rows) -> TokenSums:
+    """The batch's :class:`TokenSums` from a chunked loss and its flat targets."""
+    sequences = counted_rows.sum()
+    target_positions_per_row = targets.numel() // max(counted_rows.numel(), 1) - 1  # the last position predicts nothing
+    return TokenSums(loss_sum=loss_sum, real_targets=(targets != IGNORE_INDEX).sum(), correct=correct,
+                     positions=sequences * target_positions_per_row, sequences=sequences)
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the softmax: under bf16/fp16 autocast the log-sum-exp loses precision (float64 stays float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def chunk_loss_and_correct(chunk_logits: torch.Tensor, targets: torch.Tensor):
+    """Summed cross-entropy over the real targets of one chunk of rows, and how many are predicted right.
+
+    ``chunk_logits`` is upcast here, one chunk at a time, so no full-size float32 copy ever exists.
+    "Correct" is "the target's logit is the row's maximum": 8x faster than argmax on CPU (measured); a tie counts.
+    """
+    chunk_logits = chunk_logits.to(loss_dtype(chunk_logits.dtype))
+    loss_sum = F.cross_entropy(chunk_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    target_logit = chunk_logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    correct = ((target_logit >= chunk_logits.amax(dim=-1)) & (targets != IGNORE_INDEX)).sum()
+    return loss_sum, correct
+
+
+def chunk_logits_grad(chunk_logits: torch.Tensor, targets: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """d(summed cross-entropy)/d(logits) of one chunk, times ``grad_loss``: ``softmax - one_hot`` on real rows.
+
+    Rows of excluded targets are set to exactly zero (``masked_fill``, so even a non-finite logit there
+    cannot leak a NaN into the gradient).
+    """
+    grad = torch.softmax(chunk_logits.to(loss_dtype(chunk_logits.dtype)), dim=-1)
+    real = targets != IGNORE_INDEX
+    grad.scatter_add_(1, targets.clamp(min=0)[:, None], -real.to(grad.dtype)[:, None])
+    grad.mul_(grad_loss.to(grad.dtype))
+    return grad.masked_fill_(~real[:, None], 0.0)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss sum and correct count over row chunks of ``(rows, vocab)`` logits.
+
+    Saves only the logits (which exist anyway) and the targets; backward writes the gradient chunk by chunk
+    into one tensor of the logits' dtype. ``F.cross_entropy`` over the whole batch would also keep a full
+    float32 log-softmax for backward, and its backward a full float32 gradient of it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        loss_sum = logits.new_zeros((), dtype=loss_dtype(logits.dtype))
+        correct = targets.new_zeros(())
+        for start in range(0, logits.shape[0], chunk_rows):
+            loss, right = chunk_loss_and_correct(logits[start:start + chunk_rows], targets[start:start + chunk_rows])
+            loss_sum += loss
+            correct += right
+        ctx.save_for_backward(logits, targets)
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        rows = ctx.chunk_rows
+        for start in range(0, logits.shape[0], rows):
+            grad[start:start + rows] = chunk_logits_grad(logits[start:start + rows], targets[start:start + rows], grad_loss)
+        return grad, None, None
+
+
+def masked_lm_loss(logits, input_ids, labels=None, attention_mask=None, pad_token_id=None, pad_is_eos: bool = False,
+                   chunk_rows: int | None = None) -> TokenSums:
     """Summed cross-entropy, real-target count, correct count and positions of one batch.
 
     ``logits`` is ``(batch, seq, vocab)`` aligned with ``input_ids``; the shift happens here.
-    Excluded targets get ``ignore_index``: zero loss and exactly zero gradient. A batch with
-    no real target returns zeros, never NaN (``reduction="sum"``).
+    Computed over chunks of ``chunk_rows`` rows (default: :func:`rows_per_chunk`), each upcast to float32
+    on its own. Excluded targets get ``ignore_index``: zero loss and exactly zero gradient. A batch with
+    no real target returns zeros, never NaN.
     """
-    shifted = shifted_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos)
-    # The last position predicts nothing: give it an ignored target instead of slicing the logits,
-    # which would copy a (batch, seq, vocab) tensor every step.
-    targets = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    targets, counted_rows = flat_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos)
+    # A view, not a copy: the last position's ignored target replaces slicing (batch, seq - 1, vocab).
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    # fp32 for the softmax: under bf16/fp16 autocast the log-sum-exp loses precision (float64 stays float64).
-    exact_logits = flat_logits.float() if flat_logits.dtype in (torch.float16, torch.bfloat16) else flat_logits
-    loss_sum = F.cross_entropy(exact_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    real = targets != IGNORE_INDEX
-    counted_rows = (shifted != IGNORE_INDEX).any(dim=1)
-    with torch.no_grad():
-        # "The target's logit is the row's maximum": 8x faster than argmax on CPU (measured); a tie counts as correct.
-        target_logit = flat_logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-        correct = ((target_logit >= flat_logits.amax(dim=-1)) & real).sum()
-    return TokenSums(loss_sum=loss_sum, real_targets=real.sum(), correct=correct,
-                     positions=counted_rows.sum() * shifted.shape[1], sequences=counted_rows.sum())
+    loss_sum, correct = _ChunkedCrossEntropy.apply(flat_logits, targets, chunk_rows or rows_per_chunk(logits.shape[-1]))
+    return sums_from(loss_sum, correct, targets, counted_rows)

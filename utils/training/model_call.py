@@ -1,4 +1,14 @@
-"""Calling a user's model: plain nn.Module or Hugging Face, whatever it returns."""
+"""Calling a user's model: plain nn.Module or Hugging Face, whatever it returns, and getting a batch's loss sums.
+
+``ModelCaller.loss_sums`` is where training and validation get a batch's :class:`TokenSums`. Two paths, chosen
+once at start-up (:func:`use_linear_loss_if_exact`):
+
+* ``"linear"``: hidden states from the model's body, then :func:`linear_loss.linear_masked_lm_loss` with the
+  output layer's weight: the full logits never exist. For Hugging Face causal LMs (``get_output_embeddings()``
+  and the base model) and a user's module with ``forward_hidden(input_ids)`` and ``output_head`` (see
+  :mod:`linear_loss`), when on the first padded batch it gives the same sums as the model's own forward.
+* ``"chunked"``: the model's own forward, then :func:`loss.masked_lm_loss` over its logits in chunks.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .linear_loss import linear_masked_lm_loss
 from .loss import TokenSums, masked_lm_loss
 
 
@@ -41,23 +52,109 @@ class ModelCaller:
         # Set once at start-up (see mask_free_is_exact): right-padded batches then go without a mask, which
         # lets a causal model's attention take its fastest (is_causal / flash) path.
         self.mask_free = False
+        # Set once at start-up (see use_linear_loss_if_exact): losses from hidden states and the head's weight.
+        self.output_layer = None
 
     def __call__(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
+        return extract_logits(self.call(model, batch))
+
+    def call(self, model: nn.Module, batch: Mapping):
+        """The model's output for ``batch``, as it returns it."""
         input_ids = batch["input_ids"]
         if self.accepts_attention_mask:
             mask = None if (self.mask_free and batch.get("right_padded")) else batch.get("attention_mask")
             kwargs = dict(attention_mask=mask, **self.extra_kwargs)
             if self.accepts_position_ids and batch.get("position_ids") is not None:  # a user's loader may carry them (packed rows)
                 kwargs["position_ids"] = batch["position_ids"]
-            output = model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
-        else:
-            output = model(input_ids)
-        return extract_logits(output)
+            return model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
+        return model(input_ids)
+
+    @property
+    def loss_path(self) -> str:
+        return "chunked" if self.output_layer is None else "linear"
 
     def loss_sums(self, model: nn.Module, batch: Mapping, pad_token_id: int) -> TokenSums:
-        """Forward ``batch`` and return its masked LM sums (``loss_sum`` carries the graph for backward)."""
+        """Forward ``batch`` and return its masked LM sums (``loss_sum`` carries the graph for backward).
+
+        The linear path applies to the very module it was probed on; a wrapper of it (DDP, ``torch.compile``)
+        goes through its own forward, since calling the body directly would bypass what the wrapper does.
+        """
+        if self.output_layer is not None and model is self.output_layer.model:
+            return self.linear_sums(batch, pad_token_id)
         logits = self(model, batch)
         return masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+
+    def linear_sums(self, batch: Mapping, pad_token_id: int, layer=None) -> TokenSums:
+        layer = layer or self.output_layer
+        if layer.body_caller is None:
+            hidden = layer.model.forward_hidden(batch["input_ids"])
+        else:
+            layer.body_caller.mask_free = self.mask_free
+            hidden = _first_tensor(layer.body_caller.call(layer.body, batch))
+        head = layer.head
+        return linear_masked_lm_loss(hidden, head.weight, head.bias, batch["input_ids"], batch.get("labels"),
+                                     batch.get("attention_mask"), pad_token_id)
+
+
+class OutputLayer:
+    """Where a model's logits come from: ``head(body(batch))``, ``head`` an ``nn.Linear``."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, body: nn.Module | None = None):
+        self.model, self.head, self.body = model, head, body
+        # Hugging Face bodies take the same keywords as their model (mask, position ids, use_cache).
+        self.body_caller = None if body is None else ModelCaller(body)
+
+
+def output_layer_of(model: nn.Module) -> OutputLayer | None:
+    """The model's output layer and body, when it says where they are; None otherwise (its own forward is used)."""
+    head = getattr(model, "output_head", None)
+    if callable(getattr(model, "forward_hidden", None)) and isinstance(head, nn.Linear):
+        return OutputLayer(model, head)
+    config = getattr(model, "config", None)
+    get_output = getattr(model, "get_output_embeddings", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not callable(get_output):
+        return None
+    head = get_output()
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    if type(head) is not nn.Linear or not isinstance(body, nn.Module) or body is model:  # a subclass may quantize or adapt
+        return None
+    return OutputLayer(model, head, body)
+
+
+def use_linear_loss_if_exact(model: nn.Module, caller: ModelCaller, batch: Mapping, pad_token_id: int) -> bool:
+    """Switch ``caller`` to the linear path when, on (two rows of) ``batch``, it gives the model's own sums.
+
+    The comparison catches what the body-and-head reading misses: logits that are scaled or soft-capped
+    after the head (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``), heads that are not
+    what ``get_output_embeddings()`` returns, bodies that need other arguments. Anything raising means no.
+    """
+    layer = output_layer_of(model)
+    if layer is None:
+        return False
+    rows = batch["input_ids"].shape[0]
+    # Two rows bound the probe's own logits (a 50k vocabulary: 2 x seq x 200 KB).
+    small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v) for k, v in batch.items()}
+    try:
+        with eval_mode(model):
+            full = masked_lm_loss(caller(model, small), small["input_ids"], small.get("labels"),
+                                  small.get("attention_mask"), pad_token_id)
+            lean = caller.linear_sums(small, pad_token_id, layer)
+    except Exception:  # noqa: BLE001 - any failure of the probe means: keep the model's own forward
+        return False
+    if int(full.real_targets) == 0 or int(lean.real_targets) != int(full.real_targets):
+        return False
+    if not torch.isclose(lean.loss_sum.double(), full.loss_sum.double(), rtol=5e-5, atol=0.0):
+        return False
+    caller.output_layer = layer
+    return True
+
+
+def _first_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "last_hidden_state", None) is not None:
+        return output.last_hidden_state
+    return output[0]
 
 
 def _hf_causal_lm_class_names() -> set[str]:

@@ -22,7 +22,7 @@ from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
 from .metrics import MetricsTracker
-from .model_call import ModelCaller, mask_free_is_exact
+from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
 from .optim import build_optimizer, build_scheduler
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
 from .reproducibility import rng_state
@@ -79,6 +79,8 @@ class Trainer:
         # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
         self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(
             model, self.caller, to_device(data.train.padded_batch(), device))
+        # Losses from hidden states and the head's weight (no full logits) where that equals the model's own forward.
+        use_linear_loss_if_exact(model, self.caller, to_device(data.train.padded_batch(), device), data.pad_token_id)
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
