@@ -39,21 +39,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.device_type = hidden.device.type
         ctx.autocast = _autocast_state(ctx.device_type)
         loss_sum = correct = None
+        log_sum_exp = []
         for start in range(0, hidden.shape[0], chunk_rows):
             logits = F.linear(hidden[start:start + chunk_rows], weight, bias)
-            loss, right = chunk_loss_and_correct(logits, targets[start:start + chunk_rows])
+            loss, right, lse = chunk_loss_and_correct(logits, targets[start:start + chunk_rows])
             loss_sum = loss if loss_sum is None else loss_sum + loss
             correct = right if correct is None else correct + right
+            log_sum_exp.append(lse)
         if loss_sum is None:  # no rows at all
             loss_sum, correct = hidden.new_zeros((), dtype=torch.float32), targets.new_zeros(())
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(log_sum_exp) if log_sum_exp else loss_sum.new_zeros(0))
         ctx.chunk_rows = chunk_rows
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, log_sum_exp = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
@@ -65,10 +67,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk = hidden[start:start + rows]
                 logits = F.linear(chunk, weight, bias)
                 # d loss / d logits, in the logits' own dtype: what the model's head would receive in backward.
-                grad = chunk_logits_grad(logits, targets[start:start + rows], grad_loss).to(logits.dtype)
+                grad = chunk_logits_grad(logits, log_sum_exp[start:start + rows], targets[start:start + rows], grad_loss,
+                                         out=logits).to(logits.dtype)
                 if needs_hidden:
                     grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
-                if needs_weight:
+                if needs_weight and grad.dtype == grad_weight.dtype == chunk.dtype:
+                    grad_weight.addmm_(grad.t(), chunk)  # float32 without autocast: no weight-sized temporary
+                elif needs_weight:
                     grad_weight += grad.t() @ chunk.to(grad.dtype)
                 if needs_bias:
                     grad_bias += grad.sum(dim=0)
