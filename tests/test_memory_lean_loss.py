@@ -241,3 +241,27 @@ def test_autocast_keeps_the_loss_in_float32_and_gradients_in_the_parameters_dtyp
     torch.testing.assert_close(lean.loss_sum, full.loss_sum, rtol=1e-5, atol=0)  # same bf16 logits, fp32 sums
     lean.loss_sum.backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _train(model, switch_off_linear, monkeypatch, tmp_path):
+    import utils.training.trainer as trainer_module
+    from utils.tier3_training_utilities import test_fine_tuning
+
+    if switch_off_linear:
+        monkeypatch.setattr(trainer_module, "use_linear_loss_if_exact", lambda *_: False)
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(1, 48, (int(n),), generator=generator).tolist()
+                 for n in torch.randint(4, 20, (24,), generator=generator)]
+    return test_fine_tuning(model, model.config, sequences[:16], sequences[16:], n_epochs=1, batch_size=4,
+                            learning_rate=1e-3, progress=False, save_plots=False, output_dir=str(tmp_path))
+
+
+def test_the_engine_decides_the_path_once_and_trains_the_same_weights(monkeypatch, tmp_path):
+    """A whole run on the linear path ends where the same run on the model's own logits ends."""
+    lean_model, full_model = tiny_gpt2(vocab_size=48, pad_token_id=PAD), tiny_gpt2(vocab_size=48, pad_token_id=PAD)
+    lean = _train(lean_model, False, monkeypatch, tmp_path / "lean")
+    full = _train(full_model, True, monkeypatch, tmp_path / "full")
+    assert (lean["loss_path"], full["loss_path"]) == ("linear", "chunked")
+    assert abs(lean["final_val_loss"] / full["final_val_loss"] - 1) < 5e-5
+    for (name, a), b in zip(lean_model.state_dict().items(), full_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
