@@ -137,7 +137,7 @@ def test_sys_modules_wandb_mock_gets_histograms_every_n_steps():
         result = _mocked_run(wandb, log_grad_dist_every=2, log_grad_histogram=True)
     wandb.log.assert_any_call({"config/effective_batch_size": 8, "config/gradient_accumulation_steps": 2})
     run = wandb.init.return_value
-    steps = [c.kwargs["step"] for c in run.log.call_args_list if any(k.startswith("gradients/") for k in c.args[0])]
+    steps = [c.args[0]["train/global_step"] for c in run.log.call_args_list if any(k.startswith("gradients/") for k in c.args[0])]
     assert steps == list(range(2, result["global_step"] + 1, 2))
     assert wandb.Histogram.called
 

@@ -5,6 +5,7 @@ Every loss and accuracy here is over real target tokens only, and every name say
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,9 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import torch
+
+from .warn import warnings_through
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",
@@ -21,6 +25,9 @@ EPOCH_COLUMNS = [
     "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
     "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s", "train/distinct_batch_shapes",
 ]
+# W&B's x-axis for every row: the package's optimizer step. W&B's own ``step=`` must only increase, so rows sent
+# out of order (or again, after a resume) were dropped; a custom step metric takes any order.
+STEP_KEY = "train/global_step"
 STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
                 "train/step_real_tokens", "train/step_real_tokens_per_sec"]
 
@@ -67,6 +74,14 @@ class _WandbLogger:
             self.run = self.module.init(**kwargs)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
             self._fail(error)
+            return
+        define = getattr(self.run, "define_metric", None)
+        if callable(define):  # absent in old wandb versions; then rows still arrive, plotted against W&B's own step
+            try:
+                define(STEP_KEY)
+                define("*", step_metric=STEP_KEY)
+            except Exception:  # noqa: BLE001 - the axis is a nicety, the rows matter
+                pass
 
     def log_to_active_run(self, values: dict) -> None:
         """Through the module-level ``wandb.log`` (the active run), as the previous module logged its config lines."""
@@ -78,10 +93,11 @@ class _WandbLogger:
             self._fail(error)
 
     def log(self, values: dict, step: int) -> None:
+        """One row keyed by the package's ``step`` (no ``step=``: W&B would drop a row below its current step)."""
         if self.run is None:
             return
         try:
-            self.run.log(values, step=step)
+            self.run.log({**values, STEP_KEY: step})
         except Exception as error:  # noqa: BLE001
             self._fail(error)
 
@@ -130,6 +146,8 @@ class MetricsTracker:
         self.show_progress = progress and is_main
         self.bar = None
         self._last_flush_time = None
+        self._gradients: dict[int, dict] = {}  # optimizer step -> its gradient statistics, on the device until flushed
+        self._bar_warnings = contextlib.ExitStack()
 
     # -- run lifecycle -------------------------------------------------------------------------
     def start(self, config: dict, *, total_steps: int, wandb_project=None, wandb_run_name=None, wandb_mode=None,
@@ -146,14 +164,18 @@ class MetricsTracker:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=len(self.step_rows), desc="fine-tuning", unit="step", dynamic_ncols=True)
+            self._bar_warnings.enter_context(warnings_through(self.bar))
         self._last_flush_time = time.perf_counter()
 
     def finish(self, summary: dict) -> None:
+        self._bar_warnings.close()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         self.write_files()
         if self.wandb is not None:
+            for step in sorted(self._gradients):  # a step that never got its row (it stopped on a non-finite loss)
+                self.wandb.log(self._gradient_values(step), step=step)
             self.wandb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
 
     # -- recording -------------------------------------------------------------------------------
@@ -167,7 +189,8 @@ class MetricsTracker:
             row["train/step_real_tokens_per_sec"] = tokens_per_sec
             self.step_rows.append(row)
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                values = {k: v for k, v in row.items() if k != "step"}
+                self.wandb.log({**values, **self._gradient_values(row["step"])}, step=row["step"])
         if self.bar is not None and rows:
             self.bar.update(len(rows))
             self.bar.set_postfix(loss_excl_pad=f"{rows[-1]['train/step_loss_excl_padding']:.4f}",
@@ -185,15 +208,41 @@ class MetricsTracker:
         return self.wandb is not None and self.wandb.run is not None
 
     def log_gradients(self, model, step: int, histograms: bool) -> None:
-        """Per-layer gradient norms (and histograms) to W&B; called before clipping, after AMP unscaling."""
-        values = {}
+        """Per-layer gradient norms (and histograms) of optimizer ``step``, before clipping, after AMP unscaling.
+
+        Held on the device and sent inside that step's row when the rows are flushed: logged at once they reached
+        W&B before the buffered rows of earlier steps, which W&B then dropped as out of order. No host sync here.
+        """
+        names, norms, counts, ranges = [], [], [], []
         for name, parameter in model.named_parameters():
             if parameter.grad is None:
                 continue
-            values[f"gradients/{name}.norm"] = float(parameter.grad.detach().norm())
+            grad = parameter.grad.detach().float().flatten()
+            names.append(name)
+            norms.append(torch.linalg.vector_norm(grad))
             if histograms:
-                values[f"gradients/{name}"] = self.wandb.module.Histogram(parameter.grad.detach().float().cpu().numpy())
-        self.wandb.log(values, step=step)
+                # torch.histc's own range (min == max == 0) reads the data's min and max back to the host: scale instead.
+                low, high = torch.aminmax(grad)
+                scaled = (grad - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+                counts.append(torch.histc(scaled, bins=64, min=0.0, max=1.0))
+                ranges.append(torch.stack([low, high]))
+        if names:
+            self._gradients[step] = {"names": names, "norms": torch.stack(norms),
+                                     "counts": torch.stack(counts) if counts else None,
+                                     "ranges": torch.stack(ranges) if ranges else None}
+
+    def _gradient_values(self, step: int) -> dict:
+        """W&B values of ``step``'s held gradient statistics (one host read per step that has them), else {}."""
+        held = self._gradients.pop(step, None)
+        if held is None:
+            return {}
+        values = {f"gradients/{name}.norm": norm for name, norm in zip(held["names"], held["norms"].cpu().tolist())}
+        if held["counts"] is not None:
+            counts, ranges = held["counts"].cpu().numpy(), held["ranges"].cpu().double().numpy()
+            for name, count, (low, high) in zip(held["names"], counts, ranges):
+                edges = low + (high - low) * torch.linspace(0, 1, len(count) + 1, dtype=torch.float64).numpy()
+                values[f"gradients/{name}"] = self.wandb.module.Histogram(np_histogram=(count, edges))
+        return values
 
     def log_config_lines(self, values: dict) -> None:
         if self.wandb is not None:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import warnings
+import weakref
+
+from .warn import caller_stacklevel
 
 FALLBACK_MESSAGE = "No pad_token_id found in config/tokenizer, defaulting to 0"
 
@@ -12,6 +15,32 @@ def _int_attr(obj, name):
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
     return None if value is None else int(value)
+
+
+_warned: dict[tuple, list] = {}  # (kind, id(config), id(tokenizer)) -> references to those two objects
+
+
+def _first_warning(kind: str, config, tokenizer) -> bool:
+    """Whether this (config, tokenizer) has not yet had this warning in this process (a search asks once per trial).
+
+    Keyed on identity: a weak reference where the object allows one, else a strong one, so that an id is
+    never reused by another object while its entry stands. A call with neither object warns every time.
+    """
+    objects = [o for o in (config, tokenizer) if o is not None]
+    if not objects:
+        return True
+    key = (kind, id(config), id(tokenizer))
+    held = _warned.get(key)
+    if held is not None and all((r() if isinstance(r, weakref.ref) else r) is o for r, o in zip(held, objects)):
+        return False
+    refs = []
+    for obj in objects:
+        try:
+            refs.append(weakref.ref(obj))
+        except TypeError:  # SimpleNamespace, object(): hold them (configs are small)
+            refs.append(obj)
+    _warned[key] = refs
+    return True
 
 
 def detect_pad_token_id(config, tokenizer=None) -> tuple[int, str]:
@@ -31,20 +60,24 @@ def detect_pad_token_id(config, tokenizer=None) -> tuple[int, str]:
         return pad, "tokenizer.pad_token_id"
     eos = _int_attr(tokenizer, "eos_token_id")
     if eos is not None:
+        if not _first_warning("eos", config, tokenizer):
+            return eos, "tokenizer.eos_token_id"
         warnings.warn(
             f"The tokenizer has no pad_token_id; using its eos_token_id ({eos}) as the pad id "
             "(the GPT-2 convention). Set tokenizer.pad_token or config.pad_token_id to choose another.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         return eos, "tokenizer.eos_token_id"
+    if not _first_warning("zero", config, tokenizer):
+        return 0, "default 0"
     # Printed as well as warned: notebooks and callers' tests read it from stdout.
     print(FALLBACK_MESSAGE, flush=True)
     warnings.warn(
         f"{FALLBACK_MESSAGE}. If token 0 is a real token of your vocabulary, set config.pad_token_id "
         "(or tokenizer.pad_token_id) to your pad id.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=caller_stacklevel(),
     )
     return 0, "default 0"
 
