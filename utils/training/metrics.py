@@ -143,6 +143,7 @@ class MetricsTracker:
         self.eval_rows: list[dict] = []  # mid-epoch validations (eval_every)
         self.wandb = _WandbLogger(wandb_module_getter) if (use_wandb and is_main) else None
         self.wandb_run_id = None
+        self.run_name = self.output_dir.name  # the plots' title; the W&B run name when there is one
         self.show_progress = progress and is_main
         self.bar = None
         self._last_flush_time = None
@@ -160,6 +161,7 @@ class MetricsTracker:
                              run_id=self.wandb_run_id, directory=os.environ.get("WANDB_DIR") or str(self.output_dir),
                              group=wandb_group)
             self.wandb_run_id = self.wandb.run_id or self.wandb_run_id
+        self.run_name = wandb_run_name or self.run_name
         if self.show_progress:
             from tqdm.auto import tqdm
 
@@ -306,4 +308,5 @@ class MetricsTracker:
 
         if not self.is_main or not self.epoch_rows:
             return {}
-        return save_training_plots(self.epochs_frame(), self.steps_frame(), self.output_dir)
+        evals = pd.DataFrame(self.eval_rows) if self.eval_rows else None
+        return save_training_plots(self.epochs_frame(), self.steps_frame(), self.output_dir, evals=evals, title=self.run_name)

@@ -288,29 +288,14 @@ def _results(study, trials_run: int, output_dir: Path) -> dict:
 
 
 def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
+    """The search's figures (``plots.search_figures``): trial values and best so far, each parameter against the
+    objective, and importances once enough trials completed."""
     if n_completed == 0:
         return {}
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
+    from .plots import save_search_plots
 
-    from .plots import show_inline
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    makers = {"history": optuna_plots.plot_optimization_history}
-    if n_completed >= 3:
-        makers["importances"] = optuna_plots.plot_param_importances
-    paths = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        for name, make in makers.items():
-            try:
-                figure = make(study).figure
-            except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
-                warnings.warn(f"Could not draw the search's {name} plot ({type(error).__name__}: {error}).", UserWarning, stacklevel=4)
-                continue
-            path = output_dir / f"search_{name}.png"
-            figure.savefig(path, dpi=100, bbox_inches="tight")
-            show_inline(path)
-            plt.close(figure)  # Optuna draws through pyplot: close, or every trial's figures stay in memory
-            paths[name] = str(path)
-    return paths
+    try:
+        return save_search_plots(study, output_dir)
+    except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
+        warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning, stacklevel=4)
+        return {}

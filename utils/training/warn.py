@@ -40,7 +40,8 @@ def warnings_through(bar):
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=sys.stderr)
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+        bar.write(text, file=getattr(bar, "fp", None) or sys.stderr)  # the stream the bar draws on
 
     warnings.showwarning = show
     try:
