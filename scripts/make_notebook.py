@@ -94,43 +94,131 @@ if USE_OWN_MODEL:
     new_model = lambda: MyCausalLM(len(tokenizer))  # noqa: E731
     model = new_model()"""),
     ("md", """## 4. Why padding matters, measured on this data
-A naive loop batches random lines, pads them to the longest, and averages the cross-entropy over every position —
-padding included. Below: how much of such a batch is padding, and the untrained model's loss and perplexity
-counted both ways (the package's number excludes padding)."""),
-    ("code", """import math
+A naive loop batches random lines, pads them to the longest, and averages the cross-entropy over every position,
+padding included. Here two copies of the same model train for the same steps on the same batches with the same
+optimizer; the only difference is the loss: the naive one counts padding, the other is this package's
+(`masked_lm_loss`: real target tokens only). Then each model is measured both ways. The cell prints:
+- the share of the naive batches that is padding, and the share of the naive loss that is "predict padding";
+- for each model, the perplexity the naive loop would report and its real perplexity on real tokens
+  (the number the package reports): the naive loop's own number flatters its model, because predicting the
+  padding that follows a line's end is nearly free;
+- how likely each model says "end of line" (EOS) where a line ends and where it goes on."""),
+    ("code", """import inspect
+import math
 
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from utils.tier3_training_utilities import evaluate_perplexity
+from utils.training.loss import masked_lm_loss
 
 BATCH = 16
+PAD, EOS = tokenizer.pad_token_id, tokenizer.eos_token_id
+PADDING_STEPS = 75 if QUICK else 300
 
 
-def naive_loss(model, data):
-    \"\"\"What a loop without masking reports: mean cross-entropy over every position of padded random batches.\"\"\"
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-    loss_sum = targets = positions = padded = 0
-    model.to(DEVICE).eval()
+def padded_batches(data, seed):
+    \"\"\"Random batches padded to their longest line, as a naive loop builds them (and their attention masks).\"\"\"
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    for start in range(0, len(order), BATCH):
+        rows = [torch.tensor(data[i]["input_ids"]) for i in order[start:start + BATCH]]
+        ids = pad_sequence(rows, batch_first=True, padding_value=PAD)
+        mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+        yield ids.to(DEVICE), mask.to(DEVICE)
+
+
+def logits_of(model, ids, mask):
+    takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    out = model(input_ids=ids, attention_mask=mask) if takes_mask else model(ids)
+    return (out if torch.is_tensor(out) else out.logits).float()
+
+
+def naive_loss(logits, ids, mask):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # every position, padding too
+
+
+def package_loss(logits, ids, mask):
+    sums = masked_lm_loss(logits, ids, None, mask, PAD)
+    return sums.loss_sum / sums.real_targets.clamp(min=1)
+
+
+def train_copy(loss_fn):
+    model = new_model().to(DEVICE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step, epoch = 0, 0
+    while step < PADDING_STEPS:
+        for ids, mask in padded_batches(train_data, seed=epoch):
+            loss = loss_fn(logits_of(model, ids, mask), ids, mask)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == PADDING_STEPS:
+                break
+        epoch += 1
+    return model.eval()
+
+
+def measure(model):
+    \"\"\"Naive and real loss on the validation lines, the padding's share, P(EOS) at line ends and mid-line.\"\"\"
+    sums = dict(all=0.0, positions=0, padding=0.0, pad_positions=0, eos_end=0.0, ends=0, eos_mid=0.0, mids=0)
     with torch.no_grad():
-        for start in range(0, len(order), BATCH):
-            rows = [torch.tensor(data[i]["input_ids"]) for i in order[start:start + BATCH]]
-            ids = pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id).to(DEVICE)
-            out = model(ids)
-            logits = out if torch.is_tensor(out) else out.logits
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
-            targets += ids[:, 1:].numel()
-            positions += ids.numel()
-            padded += sum(ids.shape[1] - len(r) for r in rows)
-    return loss_sum / targets, padded / positions
+        for ids, mask in padded_batches(val_data, seed=0):
+            logits = logits_of(model, ids, mask)[:, :-1]
+            targets = ids[:, 1:]
+            token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            real = (mask[:, 1:] * mask[:, :-1]).bool()  # the target and the position predicting it are real
+            p_eos = torch.softmax(logits, -1)[..., EOS]
+            line_end = real & (targets == EOS)
+            sums["all"] += token_loss.sum().item()
+            sums["positions"] += targets.numel()
+            sums["padding"] += token_loss[~real].sum().item()
+            sums["pad_positions"] += int((~real).sum())
+            sums["eos_end"] += p_eos[line_end].sum().item()
+            sums["ends"] += int(line_end.sum())
+            sums["eos_mid"] += p_eos[real & ~line_end].sum().item()
+            sums["mids"] += int((real & ~line_end).sum())
+    real_ppl = evaluate_perplexity(model, val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)["perplexity"]
+    return {"naive_ppl": math.exp(sums["all"] / sums["positions"]), "real_ppl": real_ppl,
+            "pad_share_of_positions": sums["pad_positions"] / sums["positions"],
+            "pad_share_of_naive_loss": sums["padding"] / sums["all"],
+            "p_eos_line_end": sums["eos_end"] / max(sums["ends"], 1), "p_eos_mid_line": sums["eos_mid"] / max(sums["mids"], 1)}
 
 
-naive_before, pad_fraction = naive_loss(model, val_data)
-exact_before = evaluate_perplexity(model, val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)
-print(f"padded positions in naive batches of {BATCH}: {pad_fraction:.1%}")
-print(f"untrained: loss counting padding {naive_before:.4f} (perplexity {math.exp(naive_before):.1f}) | "
-      f"excl. padding {exact_before['loss']:.4f} (perplexity {exact_before['perplexity']:.1f})")"""),
+naive_model, package_model = train_copy(naive_loss), train_copy(package_loss)
+naive, exact = measure(naive_model), measure(package_model)
+print(f"{PADDING_STEPS} steps each, batches of {BATCH} random validation lines: "
+      f"{naive['pad_share_of_positions']:.1%} of the positions a naive loss averages over are padding")
+print(f"share of the naive-trained model's naive loss that is 'predict padding': {naive['pad_share_of_naive_loss']:.1%}")
+print(f"{'':34}{'naive loss':>12}{'this package':>14}")
+print(f"{'perplexity the naive loop reports':34}{naive['naive_ppl']:12.1f}{exact['naive_ppl']:14.1f}")
+print(f"{'real perplexity (excl. padding)':34}{naive['real_ppl']:12.1f}{exact['real_ppl']:14.1f}")
+print(f"{'P(EOS) where a line ends':34}{naive['p_eos_line_end']:12.4f}{exact['p_eos_line_end']:14.4f}")
+print(f"{'P(EOS) where the line goes on':34}{naive['p_eos_mid_line']:12.4f}{exact['p_eos_mid_line']:14.4f}")
+print(f"The naive loop reports perplexity {naive['naive_ppl']:.1f} for its model; on real tokens that model's "
+      f"perplexity is {naive['real_ppl']:.1f}, {naive['real_ppl'] / naive['naive_ppl']:.2f}x the reported number.")
+print(f"Mid-line, the naive-trained model says EOS with probability {naive['p_eos_mid_line']:.4f}, "
+      f"{naive['p_eos_mid_line'] / exact['p_eos_mid_line']:.1f}x the other model's {exact['p_eos_mid_line']:.4f}.")"""),
+    ("md", """Read the table by rows. The first row is the number a naive loop would log; the second is the same models
+measured on real tokens only, as this package measures. The last two printed lines put the gap between them into
+one number each: how far the naive loop's own report is from its model's real perplexity, and how much more often
+the naive-trained model ends a line where the line goes on (it was taught that EOS follows EOS, over and over, in
+the padding). Compare the two columns of the second row to see what counting padding did to the model itself."""),
+    ("code", """figure, axis = plt.subplots(figsize=(7, 4))
+positions = [0, 1]
+reported = axis.bar([x - 0.2 for x in positions], [naive["naive_ppl"], exact["naive_ppl"]], width=0.4,
+                    label="what a naive loop reports (padding counted)")
+real = axis.bar([x + 0.2 for x in positions], [naive["real_ppl"], exact["real_ppl"]], width=0.4,
+                label="real perplexity (excl. padding)")
+for bars in (reported, real):
+    axis.bar_label(bars, fmt="%.0f")
+axis.set_xticks(positions, ["model trained with\\nthe naive loss", "model trained with\\nthis package's loss"])
+axis.set_ylabel("validation perplexity")
+axis.set_title(f"The same two models, measured both ways ({PADDING_STEPS} training steps each)")
+axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)  # below the axes, never over the bars
+figure.tight_layout()
+plt.show()"""),
     ("md", """## 5. Fine-tune
 W&B is used when a key is present (a Colab secret named `WANDB_API_KEY`, or the environment variable); otherwise
 it is off — never a login prompt. In Colab the run writes to Google Drive with a checkpoint every 200 steps and
@@ -165,17 +253,8 @@ One row per epoch (losses exclude padding); the plots are saved under `OUTPUT_DI
            "train/real_tokens_per_sec"]
 results["metrics_summary"][columns]"""),
     ("code", """exact_after = evaluate_perplexity(model, val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)
-naive_after, _ = naive_loss(model, val_data)
-print(f"validation perplexity excl. padding: {exact_before['perplexity']:.1f} before -> {exact_after['perplexity']:.1f} after")
-
-figure, axis = plt.subplots(figsize=(6, 3))
-labels = ["untrained", "fine-tuned"]
-axis.bar([0, 2], [naive_before, naive_after], label="counting padding (naive)")
-axis.bar([1, 3], [exact_before["loss"], exact_after["loss"]], label="excl. padding (this package)")
-axis.set_xticks([0.5, 2.5], labels)
-axis.set_ylabel("validation loss (nats per token)")
-axis.legend()
-plt.show()"""),
+exact_before = evaluate_perplexity(new_model(), val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)
+print(f"validation perplexity excl. padding: {exact_before['perplexity']:.1f} before -> {exact_after['perplexity']:.1f} after")"""),
     ("code", """def sample(model, prompt, new_tokens=30, temperature=0.8):
     \"\"\"Sampling with plain logits, so it works for any model this notebook trains.\"\"\"
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=DEVICE)
