@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 LOSS_LABEL = "cross-entropy (nats per real token)"
 OBJECTIVE_LABEL = "validation loss (excl. padding)"
@@ -41,12 +41,20 @@ def _integer_x(*axes) -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks to label (minor ones too when the range is under a decade or two),
+    written as plain numbers ("600", "2,000", "0.0005") rather than 6×10²."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:,.0f}" if x >= 1 else f"{x:.3g}"
+
+
 def _plain_log_ticks(axis, which: str) -> None:
-    """Log-scale ticks at 1, 2 and 5 per decade, written as plain numbers ("2e-04", "50") rather than 2×10⁻⁴."""
     target = axis.xaxis if which == "x" else axis.yaxis
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-    target.set_minor_formatter(NullFormatter())
+    target.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    target.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if which == "x":  # small numbers are long: slanted, neighbours do not overlap
+        axis.tick_params(axis="x", which="both", labelrotation=35)
 
 
 def _study_title(study) -> str:
