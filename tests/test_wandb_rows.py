@@ -69,7 +69,8 @@ def test_rows_of_a_killed_and_resumed_run_cover_every_step(tmp_path):
     resumed_from = result["resumed_from_step"]
     assert resumed_from == 65 and result["global_step"] >= 80
     run_files = _run_files(tmp_path)
-    assert len(run_files) == 2, (killed.stderr[-1500:], resumed.stderr[-1500:])  # W&B's own failure, if any, is warned
+    failure = [line for line in (killed.stderr + resumed.stderr).splitlines() if "W&B logging is off" in line]
+    assert len(run_files) == 2, failure  # W&B's own failure, if any, is warned: show its reason whole
     first, second = run_files
     assert result["wandb_run_id"] in first.name and result["wandb_run_id"] in second.name
     before, after = (_loss_steps(history_and_config(f)[0]) for f in (first, second))
