@@ -107,7 +107,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
     train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
-                                       settings.random_seed)
+                                       settings.random_seed, settings.stream_buffer_size)
     vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
@@ -123,7 +123,7 @@ def _start_tracker(trainer: Trainer, model) -> None:
                       precision_used=trainer.precision or "fp32", attention_mask_free=trainer.caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0], model_class=type(model).__name__)
-    trainer.tracker.start(run_config, total_steps=sum(trainer.steps_per_epoch), wandb_project=settings.wandb_project,
+    trainer.tracker.start(run_config, total_steps=trainer.total_steps, wandb_project=settings.wandb_project,
                           wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode,
                           wandb_group=settings.wandb_group)
     effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size

@@ -147,19 +147,25 @@ def _warn_if_eos_padding_is_ambiguous(parsed, cut, pad_token_id: int, what: str)
             "did not. Pass attention_mask (e.g. the tokenizer's output) to be exact.", UserWarning, stacklevel=4)
 
 
-def split_train_val(examples: list[Example], val_fraction: float, seed: int):
-    """Seeded random hold-out; both parts keep the original order (``shuffle=False`` stays meaningful)."""
-    if len(examples) < 2:
+def split_positions(n: int, val_fraction: float, seed: int):
+    """Positions of a seeded random hold-out, each part in the original order (``shuffle=False`` stays meaningful)."""
+    import numpy as np
+
+    if n < 2:
         raise ValueError("Need at least 2 training examples to hold out a validation set; pass val_data explicitly.")
-    n_val = max(1, int(round(len(examples) * val_fraction)))
-    if n_val >= len(examples):
-        raise ValueError(f"val_fraction={val_fraction} of {len(examples)} examples holds out {n_val}, leaving none to "
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} of {n} examples holds out {n_val}, leaving none to "
                          "train on. Lower val_fraction, pass more training data, or pass val_data explicitly.")
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_ids = set(perm[:n_val])
-    train = [ex for i, ex in enumerate(examples) if i not in val_ids]
-    val = [ex for i, ex in enumerate(examples) if i in val_ids]
-    return train, val
+    held_out = np.zeros(n, bool)
+    held_out[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val].numpy()] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def split_train_val(examples: list[Example], val_fraction: float, seed: int):
+    """Seeded random hold-out of a list; both parts keep the original order."""
+    train, val = split_positions(len(examples), val_fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in val]
 
 
 def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64, seed: int = 0):

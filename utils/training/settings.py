@@ -59,6 +59,9 @@ class FineTuneSettings:
     progress: bool = True
     log_every: int = 10  # optimizer steps between host reads of the step rows (progress bar, W&B, the stop flag)
     save_plots: bool = True
+    # Stop after this many optimizer steps (HF's name); the schedule spans them. Needed for streamed data.
+    max_steps: int | None = None
+    stream_buffer_size: int = 4096  # streamed data: examples shuffled and grouped by length together
 
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
@@ -92,7 +95,8 @@ class FineTuneSettings:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps",):
             _check_int(name, getattr(self, name), minimum=0, optional=True)
-        for name in ("checkpoint_every", "early_stopping_patience", "eval_every", "max_tokens_per_batch"):
+        _check_int("stream_buffer_size", self.stream_buffer_size, minimum=1)
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_every", "max_tokens_per_batch", "max_steps"):
             _check_int(name, getattr(self, name), minimum=1, optional=True)
         _check_int("random_seed", self.random_seed, minimum=0)
         if self.random_seed > MAX_SEED:

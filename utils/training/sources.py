@@ -12,10 +12,14 @@ from collections.abc import Mapping
 import torch
 from torch.utils.data import DataLoader
 
-from .batch_plans import MEGA_BATCH_FACTOR, PlanSettings, epoch_order, resolve_grouping, shard_batches, token_budget_steps
-from .examples import (Example, PaddingCollator, check_batch_ids, check_length, split_train_val,
-                       to_examples)
+import numpy as np
+
+from .batch_plans import (MEGA_BATCH_FACTOR, Plan, PlanSettings, epoch_order, resolve_grouping, shard_batches,
+                          token_budget_steps, token_plan)
+from .example_tables import ExampleList, example_table
+from .examples import PaddingCollator, check_batch_ids, check_length, split_positions
 from .loss import IGNORE_INDEX, real_token_mask
+from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream, stream_positions  # noqa: F401 (for the trainer)
 
 
 def _digest_tensors(digest, tensors) -> None:
@@ -43,23 +47,38 @@ def _chain_first(first, iterator):
 
 
 class ExampleBatches:
-    """Examples held in memory: planned (shuffled, grouped, sharded) batches, collated on the fly."""
+    """Examples planned (shuffled, grouped, sharded) over one array of lengths, read and collated per batch.
+
+    ``examples`` is a table (:mod:`example_tables`): a list of token lists or an Arrow ``Dataset`` is read per
+    batch; a list of ``Example`` is taken as it is.
+    """
 
     plannable = True
 
-    def __init__(self, examples: list[Example], collator: PaddingCollator, what: str = "training data"):
-        self.examples = examples
+    def __init__(self, examples, collator: PaddingCollator, what: str = "training data"):
+        self.examples = ExampleList(examples) if isinstance(examples, list) else examples
         self.collator = collator
         self.what = what
-        self.lengths = [len(ex) for ex in examples]
+        self.lengths = self.examples.lengths  # numpy int64, one entry per example
         # What the start-up checks passed, so a search's trials do not rescan the same examples.
         self._checked = {"vocab_size": None, "max_length": None}
+        self._last_plan = (None, None)
 
-    def plan(self, spec: PlanSettings, epoch: int):
+    def plan(self, spec: PlanSettings, epoch: int) -> Plan:
         """This rank's micro-batches of one epoch, in order; consecutive ``accumulation`` of them form a step."""
+        if self._last_plan[0] != (spec, epoch):  # counted before the run, then run: made once
+            self._last_plan = ((spec, epoch), self._make_plan(spec, epoch))
+        return self._last_plan[1]
+
+    def _make_plan(self, spec: PlanSettings, epoch: int) -> Plan:
         grouping = resolve_grouping(spec.group_by_length, spec.shuffle)
         if grouping == "tokens":
-            return self._token_plan(spec, epoch)
+            per_step = spec.micro_batches_per_step
+            indices, bounds = token_budget_steps(
+                self.lengths, step_budget=self.step_token_budget(spec), micro_batches_per_step=per_step,
+                examples_per_mega_batch=spec.batch_size * per_step * MEGA_BATCH_FACTOR, shuffle=spec.shuffle,
+                seed=spec.seed, epoch=epoch)
+            return token_plan(indices, bounds, spec.accumulation, spec.world_size, spec.rank)
         order = epoch_order(self.lengths, spec.batch_size * spec.micro_batches_per_step, shuffle=spec.shuffle,
                             group_by_length=bool(grouping), seed=spec.seed, epoch=epoch)
         return shard_batches(order, spec.batch_size, spec.world_size, spec.rank)
@@ -71,59 +90,52 @@ class ExampleBatches:
         per_step = spec.micro_batches_per_step
         if spec.max_tokens_per_batch is not None:
             return spec.max_tokens_per_batch * per_step
-        return max(1, round(spec.batch_size * per_step * sum(self.lengths) / len(self.lengths)))
+        # Python ints: the same rounding as the list code had, for any corpus size.
+        return max(1, round(spec.batch_size * per_step * int(self.lengths.sum()) / len(self.lengths)))
 
-    def _token_plan(self, spec: PlanSettings, epoch: int):
-        per_step = spec.micro_batches_per_step
-        steps = token_budget_steps(self.lengths, step_budget=self.step_token_budget(spec), micro_batches_per_step=per_step,
-                                   examples_per_mega_batch=spec.batch_size * per_step * MEGA_BATCH_FACTOR,
-                                   shuffle=spec.shuffle, seed=spec.seed, epoch=epoch)
-        # Rank r runs micro-batches r*a .. r*a+a-1 of each step. An empty one becomes a repeat that does not
-        # count (labels all -100), so every process runs the same number of forwards and backwards.
-        a, r = spec.accumulation, spec.rank
-        mine = [micro for step in steps for micro in step[r * a:(r + 1) * a]]
-        return [[(i, True) for i in micro] if micro else [(steps[0][0][0], False)] for micro in mine]
-
-    def eval_plan(self, batch_size, world_size=1, rank=0):
+    def eval_plan(self, batch_size, world_size=1, rank=0) -> Plan:
         """Validation order does not change token-weighted sums, so sort by length: least padding."""
-        order = sorted(range(len(self.examples)), key=lambda i: -self.lengths[i])
-        return shard_batches(order, batch_size, world_size, rank)
+        return shard_batches(np.argsort(-self.lengths, kind="stable"), batch_size, world_size, rank)
 
     def collate(self, planned_batch):
-        return self.collator([(self.examples[i], counts) for i, counts in planned_batch])
+        examples = self.examples.examples([i for i, _ in planned_batch])
+        return self.collator([(example, counts) for example, (_, counts) in zip(examples, planned_batch)])
 
     def first_batch(self) -> dict:
         return self.collate(self.plan(PlanSettings(batch_size=2), epoch=0)[0])
 
     def padded_batch(self) -> dict:
         """The longest and the shortest example together: a batch that surely holds padding."""
-        by_length = sorted(range(len(self.examples)), key=self.lengths.__getitem__)
-        return self.collate([(by_length[-1], True), (by_length[0], True)])
+        by_length = np.argsort(self.lengths, kind="stable")
+        return self.collate([(int(by_length[-1]), True), (int(by_length[0]), True)])
 
     def check_ids(self, vocab_size: int) -> None:
         """Every token id fits the vocabulary, naming the first example that does not."""
         if self._checked["vocab_size"] != vocab_size:
-            for i, example in enumerate(self.examples):
-                check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size,
-                                f"Example {i} of the {self.what}")
+            self.examples.check_ids(vocab_size, self.what)
             self._checked["vocab_size"] = vocab_size
 
     def check_lengths(self, limit: int | None) -> None:
         if limit is not None and self._checked["max_length"] != limit:
-            for i, length in enumerate(self.lengths):
-                check_length(length, limit, f"Example {i} of the {self.what}")
+            too_long = np.flatnonzero(self.lengths > limit)
+            if len(too_long):
+                check_length(int(self.lengths[too_long[0]]), limit, f"Example {int(too_long[0])} of the {self.what}")
             self._checked["max_length"] = limit
 
     def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
         """Whether the pad id occurs where a token is real (then it is a real token of the vocabulary)."""
-        return any(bool(((ex.input_ids == pad_token_id) & (True if ex.attention_mask is None else ex.attention_mask.bool()))
-                        .any()) for ex in self.examples)
+        return self.examples.pad_inside(pad_token_id)
 
     def fingerprint(self) -> str:
-        """sha256 over every token, mask and label: a resume must see the same data."""
-        digest = hashlib.sha256()
-        _digest_tensors(digest, (t for ex in self.examples for t in (ex.input_ids, ex.attention_mask, ex.labels)))
-        return digest.hexdigest()
+        """Identifies the data, so a resume sees the same: every token for data in memory, the Dataset's own
+        fingerprint and the lengths for an Arrow ``Dataset``."""
+        return self.examples.fingerprint()
+
+    def split(self, val_fraction: float, seed: int) -> tuple["ExampleBatches", "ExampleBatches"]:
+        """Seeded random hold-out; both parts keep the original order (``shuffle=False`` stays meaningful)."""
+        train, val = split_positions(len(self), val_fraction, seed)
+        return (ExampleBatches(self.examples.subset(train), self.collator, "training data"),
+                ExampleBatches(self.examples.subset(val), self.collator, "validation data"))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -278,23 +290,49 @@ class LoaderBatches:
 
 
 def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",
-                 pad_is_eos: bool = False):
-    if isinstance(data, (ExampleBatches, LoaderBatches)):
+                 pad_is_eos: bool = False, buffer_size: int = DEFAULT_BUFFER_SIZE):
+    if isinstance(data, (ExampleBatches, LoaderBatches, StreamBatches)):
         return data  # prepared once (the hyperparameter search reuses it for every trial)
+    if is_stream(data):
+        return StreamBatches(data, PaddingCollator(pad_token_id, pad_to_multiple_of), pad_is_eos, what, buffer_size)
     if isinstance(data, DataLoader):
         return LoaderBatches(data, pad_token_id, pad_is_eos, what)
-    return ExampleBatches(to_examples(data, pad_token_id, what, pad_is_eos), PaddingCollator(pad_token_id, pad_to_multiple_of),
+    return ExampleBatches(example_table(data, pad_token_id, what, pad_is_eos), PaddingCollator(pad_token_id, pad_to_multiple_of),
                           what)
 
 
 def train_and_val_sources(train_data, val_data, pad_token_id: int, pad_to_multiple_of: int | None, pad_is_eos: bool,
-                          val_fraction: float, seed: int):
+                          val_fraction: float, seed: int, buffer_size: int = DEFAULT_BUFFER_SIZE):
     """Batch sources for training and validation; ``val_data=None`` holds out a seeded ``val_fraction``."""
-    train = batch_source(train_data, pad_token_id, pad_to_multiple_of, "training data", pad_is_eos)
+    train = batch_source(train_data, pad_token_id, pad_to_multiple_of, "training data", pad_is_eos, buffer_size)
     if val_data is not None:
-        return train, batch_source(val_data, pad_token_id, pad_to_multiple_of, "validation data", pad_is_eos)
+        return train, batch_source(val_data, pad_token_id, pad_to_multiple_of, "validation data", pad_is_eos, buffer_size)
     if not isinstance(train, ExampleBatches):
-        raise ValueError("val_data=None needs train_data as a list of examples to hold out from; pass val_data.")
-    train_examples, val_examples = split_train_val(train.examples, val_fraction, seed)
-    return (ExampleBatches(train_examples, train.collator, "training data"),
-            ExampleBatches(val_examples, train.collator, "validation data"))
+        raise ValueError("val_data=None needs train_data as a list of examples or a Dataset to hold out from (a stream or "
+                         "a DataLoader cannot be split); pass val_data.")
+    return train.split(val_fraction, seed)
+
+
+def steps_per_epoch(source, spec: PlanSettings, n_epochs: int, max_steps: int | None) -> list:
+    """Steps of each epoch, known up front so the schedule, progress bar and resume know them. Token-budget steps
+    vary in number from epoch to epoch: each epoch's plan (a pure function) is counted. ``max_steps`` ends the
+    run inside the epoch that reaches it; a stream's epochs end when it does (``[None]``: only ``max_steps`` is known)."""
+    if getattr(source, "streamed", False):
+        if max_steps is None:
+            raise TypeError(f"The {source.what} has no length (a stream: a datasets.IterableDataset, a torch IterableDataset "
+                            "or a loader over one), so the run's length and the learning-rate schedule need max_steps: pass "
+                            "max_steps=N optimizer steps.")
+        return [None]
+    count = lambda epoch: -(-len(source.plan(spec, epoch)) // spec.accumulation)  # noqa: E731
+    if max_steps is None:
+        return [count(epoch) for epoch in reversed(range(n_epochs))][::-1]  # epoch 0 last: its plan stays cached
+    counts = []
+    while sum(counts) < max_steps:
+        counts.append(min(count(len(counts)), max_steps - sum(counts)))
+    return counts
+
+
+def run_length(source, spec: PlanSettings, settings) -> tuple[list, int, int]:
+    """Steps of each epoch, the epochs the run may take (a stream: until ``max_steps``) and its optimizer steps."""
+    counts = steps_per_epoch(source, spec, settings.n_epochs, settings.max_steps)
+    return counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from itertools import islice
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
+from .sources import run_length, stream_positions
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from .evaluation import evaluate
 from .examples import to_device
@@ -84,12 +86,10 @@ class Trainer:
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
-        # Token-budget steps vary in number from epoch to epoch: count each epoch's plan (a pure function).
-        self.steps_per_epoch = [self.steps_in(self.epoch_plan(epoch)) for epoch in range(settings.n_epochs)]
+        self.steps_per_epoch, self.n_epochs, self.total_steps = run_length(data.train, self.plan_spec, settings)
+        self.streamed = self.steps_per_epoch == [None]  # epochs end with the stream; max_steps ends the run
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
-        total_steps = sum(self.steps_per_epoch)
-        self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, total_steps,
-                                         settings.warmup_steps_for(total_steps))
+        self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
         self.precision = settings.autocast_dtype(device)  # None: float32
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.train_model = wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
@@ -106,7 +106,7 @@ class Trainer:
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
         try:
-            for epoch in range(state.epoch, settings.n_epochs):
+            for epoch in range(state.epoch, self.n_epochs):
                 epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
                 val = self.validate()
@@ -116,9 +116,9 @@ class Trainer:
                 state.run_seconds = time.perf_counter() - started
                 if settings.writes_checkpoints:
                     self.save_checkpoint(best=improved)
-                stop = self.after_validation(val, final=epoch + 1 == settings.n_epochs, when=f"epoch {epoch + 1}")
-                if stop or (stop := self.early_stopping(epoch)):
-                    return stop
+                stop = self.after_validation(val, final=self.run_finished(epoch), when=f"epoch {epoch + 1}")
+                if stop or (stop := self.early_stopping(epoch)) or self.run_finished(epoch):
+                    return stop or COMPLETED
             return COMPLETED
         except KeyboardInterrupt:
             self.tracker.message(f"Interrupted at optimizer step {state.global_step}; returning the metrics so far.")
@@ -151,22 +151,25 @@ class Trainer:
         state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
         return batches
 
-    def steps_in(self, plan) -> int:
-        return math.ceil(len(plan) / self.settings.gradient_accumulation_steps)
+    def run_finished(self, epoch: int) -> bool:
+        return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
 
     def train_epoch(self, epoch: int) -> None:
         settings, state = self.settings, self.state
         plan = self.epoch_batches(epoch)
-        steps_in_epoch = self.steps_per_epoch[epoch]
+        steps_in_epoch, first = None if self.streamed else self.steps_per_epoch[epoch], getattr(plan, "first_step", 0)  # a stream resumes mid-epoch
         self.train_model.train()
         pending = []
         started = time.perf_counter()
         try:
-            for step_in_epoch, planned in group_into_steps(plan, settings.gradient_accumulation_steps, state.step_in_epoch):
+            left = max(0, settings.max_steps - state.global_step) if settings.max_steps else None  # max_steps ends the run
+            for step_in_epoch, planned in islice(group_into_steps(plan, settings.gradient_accumulation_steps,
+                                                                  state.step_in_epoch - first), left):
                 pending.append(self.optimizer_step([to_device(self.data.train.collate(p), self.device) for p in planned]))
                 state.global_step += 1
-                state.step_in_epoch = step_in_epoch + 1
-                last_of_epoch = state.step_in_epoch == steps_in_epoch
+                state.step_in_epoch = first + step_in_epoch + 1
+                last_of_run = state.global_step >= (settings.max_steps or math.inf)
+                last_of_epoch = state.step_in_epoch == steps_in_epoch or last_of_run
                 checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
                 eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
                 if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
@@ -176,6 +179,7 @@ class Trainer:
                     self.save_checkpoint()
                 if eval_due:
                     self.evaluate_mid_epoch(epoch)
+            self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
             self.record_steps(pending, epoch)  # Ctrl-C, a stop or any error: every completed step stays in the history
             raise
@@ -311,7 +315,7 @@ class Trainer:
             "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
             "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
         })
-        self.tracker.message(f"epoch {epoch + 1}/{self.settings.n_epochs}: train loss (excl. padding) {sums.loss:.4f} | "
+        self.tracker.message(f"epoch {epoch + 1}{'' if self.streamed else f'/{self.n_epochs}'}: train loss (excl. padding) {sums.loss:.4f} | "
                              f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "
                              f"padded positions {row['train/pad_fraction']:.1%}")
 
@@ -328,7 +332,7 @@ class Trainer:
 
     def early_stopping(self, epoch: int) -> Outcome | None:
         state, patience = self.state, self.settings.early_stopping_patience
-        if patience and state.epochs_without_improvement >= patience and epoch + 1 < self.settings.n_epochs:
+        if patience and state.epochs_without_improvement >= patience and not self.run_finished(epoch):
             return Outcome(OutcomeKind.STOPPED_EARLY,
                            f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
                            f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
@@ -348,7 +352,7 @@ class Trainer:
         return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
                 "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
                                      "scaler": self.scaler.state_dict(), "rng": rng_states,
-                                     "tracker": self.tracker.state_dict()}}
+                                     "tracker": self.tracker.state_dict(), "stream": stream_positions(self.data.train, self.ctx)}}
 
     def load_state_dict(self, files: dict) -> None:
         try:
@@ -363,6 +367,8 @@ class Trainer:
         self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
         self.tracker.load_state_dict(trainer_state["tracker"])
+        if trainer_state.get("stream"):
+            self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""

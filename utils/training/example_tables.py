@@ -1,0 +1,309 @@
+"""Examples read per batch from what the user holds: the corpus is never turned into per-example objects up front.
+
+A table knows, before the first step, only what a plan and the start-up checks need: each kept example's real
+length (one numpy array) and whether every token id fits the vocabulary; the examples of a batch are built
+(cut to their real span, as :func:`examples.to_examples` does) when the batch is collated. Three kinds:
+
+- :class:`TokenLists`: a list of plain token sequences (lists, tuples, 1-D tensors or arrays). Lengths come from
+  ``len()``; only rows ending in the pad id need the pad rule applied up front (a trailing run of pad ids).
+- :class:`ArrowRows`: a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow). Lengths, last tokens, masks and
+  id ranges are read from the Arrow buffers in vectorised passes; rows are read per batch with ``dataset[indices]``.
+- :class:`ExampleList`: examples already built (lists of dicts, other indexables): the earlier in-memory path.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+import numpy as np
+import torch
+
+from .examples import (Example, _cut_to_real_span, _to_example, _warn_if_eos_padding_is_ambiguous, check_batch_ids,
+                       to_examples)
+from .loss import IGNORE_INDEX
+
+SCAN_ROWS = 65_536  # rows per chunk of the id scan: bounded memory whatever the corpus size
+
+
+def _kept_error(what: str, pad_token_id: int) -> ValueError:
+    return ValueError(f"No example of the {what} has a real target token (each needs at least 2 non-padding tokens, "
+                      f"pad_token_id={pad_token_id}). Check the pad id and that the data is not all padding.")
+
+
+def _skipped_warning(skipped: int, total: int, what: str) -> None:
+    import warnings
+
+    warnings.warn(f"Skipped {skipped} of {total} examples of the {what}: they have no real target token (all padding, "
+                  "masked, or a single token).", UserWarning, stacklevel=5)
+
+
+class ExampleList:
+    """Examples already in memory."""
+
+    def __init__(self, examples: list[Example]):
+        self.items = examples
+        self.lengths = np.fromiter(map(len, examples), np.int64, len(examples))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def examples(self, positions) -> list[Example]:
+        return [self.items[i] for i in positions]
+
+    def subset(self, positions) -> "ExampleList":
+        return ExampleList([self.items[i] for i in positions])
+
+    def pad_inside(self, pad_token_id: int) -> bool:
+        return any(bool(((ex.input_ids == pad_token_id) & (True if ex.attention_mask is None else ex.attention_mask.bool()))
+                        .any()) for ex in self.items)
+
+    def check_ids(self, vocab_size: int, what: str) -> None:
+        for i, example in enumerate(self.items):
+            check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size, f"Example {i} of the {what}")
+
+    def fingerprint(self) -> str:
+        """sha256 over every token, mask and label: a resume must see the same data."""
+        digest = hashlib.sha256()
+        for example in self.items:
+            for tensor in (example.input_ids, example.attention_mask, example.labels):
+                if tensor is None:
+                    digest.update(b"-")
+                else:
+                    digest.update(str(tuple(tensor.shape)).encode())
+                    digest.update(tensor.detach().cpu().long().numpy().tobytes())
+        return digest.hexdigest()
+
+
+class _LazyRows:
+    """Rows of ``self.rows`` at positions ``self.kept``, cut to their real span when a batch is built."""
+
+    rows: object
+    kept: np.ndarray
+    lengths: np.ndarray
+    pad_token_id: int
+    pad_is_eos: bool
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def _read(self, rows: list) -> list:
+        return [self.rows[j] for j in rows]
+
+    def examples(self, positions) -> list[Example]:
+        rows = self.kept[np.asarray(positions, dtype=np.int64)].tolist()
+        return [_cut_to_real_span(_to_example(item, j), self.pad_token_id, self.pad_is_eos)
+                for j, item in zip(rows, self._read(rows))]
+
+    def subset(self, positions):
+        part = object.__new__(type(self))
+        part.__dict__.update(self.__dict__, kept=self.kept[positions], lengths=self.lengths[positions],
+                             given_lengths=self.given_lengths[positions])
+        return part
+
+    def _settle(self, rows: np.ndarray, raw_lengths: np.ndarray, needs_rule: np.ndarray, what: str) -> None:
+        """Keep rows with a real target: rows the fast rule cannot decide (``needs_rule``) are built one by one."""
+        lengths, kept, parsed, cut = raw_lengths.copy(), raw_lengths >= 2, [], []
+        for k in np.flatnonzero(needs_rule).tolist():
+            parsed.append(_to_example(self._read([int(rows[k])])[0], int(rows[k])))
+            cut.append(_cut_to_real_span(parsed[-1], self.pad_token_id, self.pad_is_eos))
+            lengths[k], kept[k] = len(cut[-1]), cut[-1].real_targets() > 0
+        if self.pad_is_eos:
+            _warn_if_eos_padding_is_ambiguous(parsed, cut, self.pad_token_id, what)
+        if not kept.any():
+            raise _kept_error(what, self.pad_token_id)
+        if not kept.all():
+            _skipped_warning(int((~kept).sum()), len(kept), what)
+        self.kept, self.lengths, self.given_lengths = rows[kept], lengths[kept], raw_lengths[kept]
+
+    def _first_bad(self, candidates: np.ndarray, vocab_size: int, what: str) -> None:
+        """Name the first kept example among physical rows ``candidates`` whose ids do not fit."""
+        for position in np.flatnonzero(np.isin(self.kept, candidates)).tolist():
+            example = self.examples([position])[0]
+            check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size,
+                            f"Example {position} of the {what}")
+
+
+class TokenLists(_LazyRows):
+    """A list of plain token sequences, read per batch."""
+
+    def __init__(self, rows, pad_token_id: int, pad_is_eos: bool, what: str):
+        self.rows, self.pad_token_id, self.pad_is_eos = rows, pad_token_id, pad_is_eos
+        n = len(rows)
+        raw = np.fromiter(map(len, rows), np.int64, n)
+        if (raw == 0).any():
+            _to_example(rows[int(np.argmax(raw == 0))], int(np.argmax(raw == 0)))  # raises, naming the example
+        last = np.fromiter((int(row[-1]) for row in rows), np.int64, n)
+        # Only a trailing run of pad ids is padding in this form: other rows are real as they are.
+        self._settle(np.arange(n), raw, last == pad_token_id, what)
+
+    @staticmethod
+    def accepts(data) -> bool:
+        """Plain sequences of integers, all of one kind; anything else takes the in-memory path (and its checks)."""
+        if not isinstance(data, (list, tuple)) or not data:
+            return False
+        kinds = set(map(type, data))
+        if kinds <= {list, tuple}:
+            return np.asarray([row[-1] for row in data[:1000] if len(row)]).dtype.kind in "iu" and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in data[0])
+        if kinds == {torch.Tensor}:
+            return {(t.dim(), t.dtype.is_floating_point) for t in data} == {(1, False)}
+        return False
+
+    def _flat(self, rows: list) -> np.ndarray:
+        if isinstance(rows[0], torch.Tensor):
+            return torch.cat(rows).long().numpy()
+        flat = array("q")
+        for row in rows:  # array.fromlist is about twice as fast as np.fromiter over a chain of the lists
+            flat.fromlist(row) if type(row) is list else flat.extend(row)
+        return np.frombuffer(flat, np.int64)
+
+    def _scan(self) -> tuple[str, list]:
+        """One pass over the tokens in chunks (bounded memory): the fingerprint and each chunk's id range."""
+        if getattr(self, "_scanned", None) is None:
+            digest, ranges, self._pad_inside = hashlib.sha256(b"token lists"), [], False
+            digest.update(self.kept.tobytes())
+            digest.update(self.lengths.tobytes())
+            for start in range(0, len(self.kept), SCAN_ROWS):
+                rows = self.kept[start:start + SCAN_ROWS]
+                flat = self._flat(self._read(rows.tolist()))
+                digest.update(flat.tobytes())
+                ranges.append((rows, int(flat.min()), int(flat.max())))
+                # Pad ids beyond the trailing run (cut off) are real tokens: is the pad id a word of the vocabulary?
+                given = self.given_lengths[start:start + SCAN_ROWS]
+                pads = np.add.reduceat(flat == self.pad_token_id, np.concatenate([[0], np.cumsum(given)[:-1]]))
+                self._pad_inside |= bool((pads > given - self.lengths[start:start + SCAN_ROWS]).any())
+            self._scanned = digest.hexdigest(), ranges
+        return self._scanned
+
+    def subset(self, positions):
+        part = super().subset(positions)
+        part._scanned = None
+        return part
+
+    def check_ids(self, vocab_size: int, what: str) -> None:
+        for rows, low, high in self._scan()[1]:
+            if low < 0 or high >= vocab_size:
+                self._first_bad(rows, vocab_size, what)
+
+    def fingerprint(self) -> str:
+        return self._scan()[0]
+
+    def pad_inside(self, pad_token_id: int) -> bool:
+        self._scan()
+        return self._pad_inside
+
+
+def _list_chunks(column) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(offsets, values)`` of each chunk of an Arrow list column, zero-copy where Arrow allows: values are the
+    chunk's backing buffer (memory-mapped for a saved dataset), offsets index into it."""
+    chunks = []
+    for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        chunks.append((offsets, chunk.values.to_numpy(zero_copy_only=False)))
+    return chunks
+
+
+def _row_spans(chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a 0/1 mask column: first real position, one past the last, and the number of real positions."""
+    firsts, ends, ones = [], [], []
+    for offsets, values in chunks:
+        n = len(offsets) - 1
+        real = np.flatnonzero(values[offsets[0]:offsets[-1]]) + offsets[0]
+        row = np.searchsorted(offsets, real, side="right") - 1
+        first, end = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        first[row[::-1]] = real[::-1] - offsets[:-1][row[::-1]]  # repeated indices: the last write (the smallest) wins
+        end[row] = real + 1 - offsets[:-1][row]
+        firsts.append(first), ends.append(end), ones.append(np.bincount(row, minlength=n))
+    return np.concatenate(firsts), np.concatenate(ends), np.concatenate(ones)
+
+
+class ArrowRows(_LazyRows):
+    """A Hugging Face ``datasets.Dataset``, read per batch; nothing per example is kept but its length and index."""
+
+    def __init__(self, dataset, pad_token_id: int, pad_is_eos: bool, what: str):
+        columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+        if "input_ids" not in columns:
+            raise ValueError(f"The {what} is a datasets.Dataset without an 'input_ids' column (columns: "
+                             f"{dataset.column_names}). Tokenize it first (dataset.map(tokenize, batched=True)).")
+        self.dataset = dataset.select_columns(columns).with_format(None)
+        self.pad_token_id, self.pad_is_eos = pad_token_id, pad_is_eos
+        # A selected or shuffled Dataset reads its rows through an indices mapping over the stored table.
+        mapping = None if dataset._indices is None else dataset._indices.column(0).to_numpy()
+        physical = lambda values: values if mapping is None else values[mapping]  # noqa: E731
+        ids = _list_chunks(self.dataset.data.column("input_ids"))
+        raw = physical(np.concatenate([np.diff(offsets) for offsets, _ in ids]))
+        if (raw == 0).any():
+            raise ValueError(f"Example {int(np.argmax(raw == 0))}: the sequence is empty. Remove empty examples (e.g. "
+                             "blank lines) before passing the data.")
+        if np.concatenate([values[:0] for _, values in ids]).dtype.kind not in "iu":
+            raise TypeError(f"The {what}'s input_ids are not integers; token ids must be integers.")
+        if "attention_mask" in columns:
+            first, end, ones = (physical(a) for a in _row_spans(_list_chunks(self.dataset.data.column("attention_mask"))))
+            # Rows with a hole inside their real span keep a mask after the cut: built one by one below.
+            needs_rule, real = ones < end - first, end - first
+        else:
+            last = physical(np.concatenate([values[offsets[1:] - 1] for offsets, values in ids]))
+            needs_rule, real = last == pad_token_id, raw
+        if "labels" in columns:
+            needs_rule = needs_rule | physical(self._rows_with(IGNORE_INDEX, "labels"))
+        self.rows = self.dataset
+        self._settle(np.arange(len(raw)), real, needs_rule, what)
+
+    def _rows_with(self, value: int, column: str) -> np.ndarray:
+        flags = []
+        for offsets, values in _list_chunks(self.dataset.data.column(column)):
+            hits = np.flatnonzero(values[offsets[0]:offsets[-1]] == value) + offsets[0]
+            flag = np.zeros(len(offsets) - 1, bool)
+            flag[np.searchsorted(offsets, hits, side="right") - 1] = True
+            flags.append(flag)
+        return np.concatenate(flags)
+
+    def _read(self, rows: list) -> list:
+        batch = self.dataset[rows]
+        return [{key: column[k] for key, column in batch.items()} for k in range(len(rows))]
+
+    def check_ids(self, vocab_size: int, what: str) -> None:
+        """Vectorised over the Arrow buffers; a violation is then located and named like the in-memory path."""
+        mapping = None if self.dataset._indices is None else self.dataset._indices.column(0).to_numpy()
+        for column, allowed in (("input_ids", None), ("labels", IGNORE_INDEX)):
+            if column not in self.dataset.column_names:
+                continue
+            start = 0  # the chunk's first row in the stored table
+            for offsets, values in _list_chunks(self.dataset.data.column(column)):
+                span = values[offsets[0]:offsets[-1]]
+                bad = (span < 0) | (span >= vocab_size)
+                if allowed is not None:
+                    bad &= span != allowed
+                if bad.any():
+                    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(bad) + offsets[0], side="right") - 1) + start
+                    self._first_bad(rows if mapping is None else np.flatnonzero(np.isin(mapping, rows)), vocab_size, what)
+                start += len(offsets) - 1
+
+    def pad_inside(self, pad_token_id: int) -> bool:
+        """Whether the pad id occurs among real tokens, over the stored rows (a vectorised pass)."""
+        ids = _list_chunks(self.dataset.data.column("input_ids"))
+        if "attention_mask" in self.dataset.column_names:
+            masks = _list_chunks(self.dataset.data.column("attention_mask"))
+            return any(bool(((v[o[0]:o[-1]] == pad_token_id) & (m[mo[0]:mo[-1]] != 0)).any())
+                       for (o, v), (mo, m) in zip(ids, masks))
+        mapping = None if self.dataset._indices is None else self.dataset._indices.column(0).to_numpy()
+        counts = np.concatenate([np.add.reduceat(v[o[0]:o[-1]] == pad_token_id, o[:-1] - o[0]) for o, v in ids])
+        counts = (counts if mapping is None else counts[mapping])[self.kept]
+        return bool((counts > self.given_lengths - self.lengths).any())
+
+    def fingerprint(self) -> str:
+        """The Dataset's own fingerprint (``datasets`` derives it from the files and transforms) and the plan's
+        inputs: the corpus is not read a second time."""
+        digest = hashlib.sha256(f"arrow {self.dataset._fingerprint}".encode())
+        digest.update(self.kept.tobytes())
+        digest.update(self.lengths.tobytes())
+        return digest.hexdigest()
+
+
+def example_table(data, pad_token_id: int, what: str, pad_is_eos: bool):
+    """The table for ``data``: read per batch where the form allows it, else examples built up front."""
+    if type(data).__name__ == "Dataset" and hasattr(data, "_fingerprint") and hasattr(data, "column_names"):
+        return ArrowRows(data, pad_token_id, pad_is_eos, what)
+    if TokenLists.accepts(data):
+        return TokenLists(data, pad_token_id, pad_is_eos, what)
+    return ExampleList(to_examples(data, pad_token_id, what, pad_is_eos))

@@ -1,0 +1,235 @@
+"""Streamed examples: token-budget steps formed inside a seeded buffer, resumable exactly.
+
+A stream (a ``datasets.IterableDataset``, any iterable of examples that can be iterated again, a DataLoader over
+an ``IterableDataset``) has no length, so ``max_steps`` sets the run's length and the schedule; an epoch ends
+when the stream does. ``buffer_size`` examples are read at a time, shuffled with a generator seeded by
+``(seed, epoch, buffer number)``, sorted by length and cut into steps of about the same number of tokens (the
+rule of :func:`batch_plans.budget_step_bounds`), whose order is shuffled too. A checkpoint records where the
+current buffer starts in the stream and how many of its steps ran: the same buffer is read again and the same
+steps come out, so a resumed run equals an uninterrupted one. The position is reached by reading the stream up
+to it again (exact for any source; it costs the reading). Under torchrun each process reads its own shard
+(``split_dataset_by_node`` for a ``datasets`` stream, every k-th example otherwise); before each step the
+processes agree that each still has one, so they stop together when the first shard ends.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from itertools import chain, islice
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .batch_plans import PlanSettings, budget_step_bounds, resolve_grouping
+from .examples import PaddingCollator, _cut_to_real_span, _to_example, check_batch_ids, check_length
+
+DEFAULT_BUFFER_SIZE = 4096
+
+
+def is_stream(data) -> bool:
+    """An iterable without a length: a ``datasets.IterableDataset``, a torch ``IterableDataset`` or a loader over one."""
+    if isinstance(data, DataLoader):
+        return isinstance(data.dataset, torch.utils.data.IterableDataset)
+    if isinstance(data, (torch.utils.data.IterableDataset, torch.utils.data.Dataset, Mapping, str, bytes, list, tuple)):
+        return isinstance(data, torch.utils.data.IterableDataset)
+    return hasattr(data, "__iter__") and not hasattr(data, "__len__")
+
+
+def _rows(item) -> list:
+    """The examples of one item a stream yields: an example, or a collated batch of them (a DataLoader's)."""
+    ids = item.get("input_ids") if isinstance(item, Mapping) else None
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        keys = [k for k in ("input_ids", "attention_mask", "labels") if item.get(k) is not None]
+        return [{k: item[k][r] for k in keys} for r in range(ids.shape[0])]
+    return [item]
+
+
+def _all_agree(flag: bool) -> bool:
+    """True when every process has ``flag`` True (one tiny all-reduce; a no-op in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class StreamPlan:
+    """One epoch's micro-batches of ``(Example, counts)``, read lazily; ``first_step`` is the step it resumes at."""
+
+    def __init__(self, micro_batches, first_step: int):
+        self.micro_batches, self.first_step = micro_batches, first_step
+
+    def __iter__(self):
+        return iter(self.micro_batches)
+
+
+class StreamBatches:
+    """A stream of examples, batched by token budget inside a seeded buffer (see the module docstring)."""
+
+    plannable = True  # the package shards it itself under torchrun
+    streamed = True
+
+    def __init__(self, data, collator: PaddingCollator, pad_is_eos: bool = False, what: str = "training data",
+                 buffer_size: int = DEFAULT_BUFFER_SIZE):
+        if iter(data) is data:
+            raise TypeError(f"The {what} is a one-shot iterator (a generator?): it cannot be read again for a second "
+                            "epoch, a resume or validation. Pass a datasets.IterableDataset, a torch IterableDataset, "
+                            "or an object whose __iter__ starts over.")
+        self.data, self.collator, self.pad_is_eos, self.what = data, collator, pad_is_eos, what
+        self.buffer_size = buffer_size
+        self.position = None  # where this process's stream stands (see state_dict)
+        self.resume_at = None
+        self.vocab_size = self.max_length = None  # checked per batch, as it is collated
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _shard(self, world_size: int, rank: int, epoch: int):
+        data = self.data
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)  # a datasets stream's own shuffle, if the user asked for one
+        if world_size > 1 and hasattr(data, "n_shards") and hasattr(data, "_ex_iterable"):
+            from datasets.distributed import split_dataset_by_node
+
+            return iter(chain.from_iterable(map(_rows, split_dataset_by_node(data, rank=rank, world_size=world_size))))
+        rows = chain.from_iterable(map(_rows, data))
+        return islice(rows, rank, None, world_size) if world_size > 1 else rows
+
+    def _examples(self, rows: list, first: int) -> list:
+        """Rows cut to their real span; rows without a real target are dropped (as for lists, but not warned:
+        a stream is never read whole)."""
+        pad = self.collator.pad_token_id
+        examples = [_cut_to_real_span(_to_example(row, first + k), pad, self.pad_is_eos) for k, row in enumerate(rows)]
+        return [example for example in examples if example.real_targets() > 0]
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _budget(self, spec: PlanSettings, first_buffer: list) -> int:
+        if spec.max_tokens_per_batch is not None:
+            return spec.max_tokens_per_batch * spec.accumulation
+        # The first buffer's mean length stands for the stream's, agreed over processes so every shard uses one budget.
+        sums = torch.tensor([float(sum(map(len, first_buffer))), float(len(first_buffer))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = sums.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
+        return max(1, round(spec.batch_size * spec.accumulation * total / max(count, 1.0)))
+
+    def _buffer_steps(self, examples: list, spec: PlanSettings, epoch: int, buffer: int, budget: int) -> list:
+        """The steps of one buffer: a pure function of its examples, the seed, the epoch and the buffer's number."""
+        if not examples:
+            return []
+        rng = np.random.default_rng([spec.seed, epoch, buffer])
+        order = rng.permutation(len(examples)) if spec.shuffle else np.arange(len(examples))
+        if resolve_grouping(spec.group_by_length, spec.shuffle) == "tokens":
+            lengths = np.fromiter(map(len, examples), np.int64, len(examples))
+            order = order[np.argsort(-lengths[order], kind="stable")]
+            bounds = budget_step_bounds(lengths[order], budget, len(order))
+        else:
+            bounds = np.append(np.arange(0, len(order), spec.batch_size * spec.accumulation), len(order))
+        steps = [order[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        if spec.shuffle:
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        return [[examples[i] for i in step] for step in steps]
+
+    @staticmethod
+    def _micro_batches(step: list, accumulation: int) -> list:
+        """A step split into ``accumulation`` micro-batches; an empty one is a non-counting repeat."""
+        rows = -(-len(step) // accumulation)
+        micro = [step[k * rows:(k + 1) * rows] for k in range(accumulation)]
+        return [[(example, True) for example in m] if m else [(step[0], False)] for m in micro]
+
+    def plan(self, spec: PlanSettings, epoch: int) -> StreamPlan:
+        start = self.resume_at if self.resume_at and self.resume_at["epoch"] == epoch else None
+        self.resume_at = None
+        return StreamPlan(self._epoch(spec, epoch, start), start["step"] if start else 0)
+
+    def _epoch(self, spec: PlanSettings, epoch: int, start: dict | None):
+        read, buffer, step = (start["read"], start["buffer"], start["step"]) if start else (0, 0, 0)
+        skip, budget = (start["steps_done"], start["budget"]) if start else (0, None)
+        rows = self._shard(spec.world_size, spec.rank, epoch)
+        for _ in islice(rows, read):  # to the buffer's start: reading again is exact for any source
+            pass
+        while True:
+            raw = list(islice(rows, self.buffer_size))
+            examples = self._examples(raw, read)
+            budget = budget if budget is not None else self._budget(spec, examples)
+            for done, step_examples in enumerate(self._buffer_steps(examples, spec, epoch, buffer, budget), start=1):
+                if done <= skip:
+                    continue
+                if not _all_agree(True):
+                    return
+                step += 1
+                self.position = {"epoch": epoch, "read": read, "buffer": buffer, "steps_done": done, "step": step,
+                                 "budget": budget}
+                yield from self._micro_batches(step_examples, spec.accumulation)
+            skip, read, buffer = 0, read + len(raw), buffer + 1
+            if len(raw) < self.buffer_size:
+                break
+        _all_agree(False)  # this shard has ended: every process ends the epoch here
+
+    def eval_plan(self, batch_size, world_size=1, rank=0):
+        """Validation: each process's shard once, sorted by length inside each buffer (least padding)."""
+        rows, read = self._shard(world_size, rank, 0), 0
+        while raw := list(islice(rows, self.buffer_size)):
+            examples = sorted(self._examples(raw, read), key=len, reverse=True)
+            read += len(raw)
+            for k in range(0, len(examples), batch_size):
+                yield [(example, True) for example in examples[k:k + batch_size]]
+
+    # -- batches and checks ------------------------------------------------------------------------
+    def collate(self, planned_batch) -> dict:
+        batch = self.collator(planned_batch)
+        if self.vocab_size is not None:
+            check_batch_ids(batch, self.vocab_size, f"A batch of the {self.what}")
+        check_length(batch["input_ids"].shape[1], self.max_length, f"A batch of the {self.what}")
+        return batch
+
+    def _head(self, n: int) -> list:
+        examples = self._examples(list(islice(self._shard(1, 0, 0), n)), 0)
+        if not examples:
+            raise ValueError(f"The {self.what} yields no example with a real target among its first {n}. Pass a "
+                             "non-empty stream of tokenized sequences.")
+        return examples
+
+    def first_batch(self) -> dict:
+        return self.collate([(example, True) for example in self._head(2)])
+
+    def padded_batch(self) -> dict:
+        examples = sorted(self._head(64), key=len)
+        return self.collate([(examples[-1], True), (examples[0], True)])
+
+    def check_ids(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
+        batch = self.padded_batch()
+        return bool(((batch["input_ids"] == pad_token_id) & batch["attention_mask"].bool()).any())
+
+    def check_lengths(self, limit: int | None) -> None:
+        self.max_length = limit
+
+    def fingerprint(self) -> str:
+        """A stream is not read ahead of training: its kind, buffer size and first examples stand for it."""
+        digest = hashlib.sha256(f"stream {type(self.data).__name__} {self.buffer_size}".encode())
+        for example in self._head(16):
+            digest.update(example.input_ids.numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict | None:
+        """Where this process's stream stands: its epoch, the current buffer's start (examples read before it)
+        and number, the steps of it already run, and the token budget."""
+        return None if self.position is None else dict(self.position)
+
+    def load_state_dict(self, position: dict | None) -> None:
+        self.resume_at = position
+
+
+def stream_positions(source, ctx) -> list | None:
+    """Each process's position in a streamed training source, for the checkpoint (None for data with a plan)."""
+    if not isinstance(source, StreamBatches):
+        return None
+    positions = [source.state_dict()]
+    if ctx.enabled:
+        positions = [None] * ctx.world_size
+        torch.distributed.all_gather_object(positions, source.state_dict())
+    return positions
