@@ -332,7 +332,9 @@ def steps_per_epoch(source, spec: PlanSettings, n_epochs: int, max_steps: int | 
     return counts
 
 
-def run_length(source, spec: PlanSettings, settings) -> tuple[list, int, int]:
-    """Steps of each epoch, the epochs the run may take (a stream: until ``max_steps``) and its optimizer steps."""
+def run_length(source, spec: PlanSettings, settings) -> tuple[list, int, int, bool]:
+    """Steps of each epoch, the epochs the run may take (a stream: until ``max_steps``), its optimizer steps, and
+    whether the source is streamed."""
     counts = steps_per_epoch(source, spec, settings.n_epochs, settings.max_steps)
-    return counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts)
+    streamed = counts == [None]
+    return counts, 2**62 if streamed else len(counts), settings.max_steps or sum(counts), streamed

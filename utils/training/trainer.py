@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from itertools import islice
 import warnings
+from itertools import islice
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,8 +86,7 @@ class Trainer:
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
-        self.steps_per_epoch, self.n_epochs, self.total_steps = run_length(data.train, self.plan_spec, settings)
-        self.streamed = self.steps_per_epoch == [None]  # epochs end with the stream; max_steps ends the run
+        self.steps_per_epoch, self.n_epochs, self.total_steps, self.streamed = run_length(data.train, self.plan_spec, settings)
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
         self.precision = settings.autocast_dtype(device)  # None: float32
