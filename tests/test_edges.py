@@ -287,13 +287,15 @@ def test_17_an_overlong_validation_loader_batch_is_named_before_training(tmp_pat
     assert model.training_forwards == 0
 
 
-def test_18_a_dataloader_over_an_iterable_dataset_is_named(tmp_path):
+def test_18_a_dataloader_over_an_iterable_dataset_needs_max_steps_and_says_so(tmp_path):
     class Stream(IterableDataset):
         def __iter__(self):
             return iter(_padded_dicts(TRAIN, 20))
 
-    with pytest.raises(TypeError, match="has no length .*IterableDataset"):
+    with pytest.raises(TypeError, match="has no length .*IterableDataset.*pass max_steps=N"):
         _run(tmp_path, train=DataLoader(Stream(), batch_size=4))
+    result = _run(tmp_path, train=DataLoader(Stream(), batch_size=4), max_steps=5)  # streamed (issue 28)
+    assert result["global_step"] == 5
 
 
 def test_19_settings_and_inputs_with_unclear_errors_are_named(tmp_path):

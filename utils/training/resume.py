@@ -57,7 +57,8 @@ def check_resumable(trainer, meta: dict) -> None:
         raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this "
                          f"run has {trainer.ctx.world_size}. Launch the same number of processes, or start fresh.")
     epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.n_epochs
-    if trainer.settings.max_steps is None and epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0):
+    past_the_end = epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0)
+    if trainer.settings.max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
         raise ValueError(f"Cannot resume: the checkpoint is {step_in_epoch} step(s) into epoch {epoch + 1}, past "
                          f"n_epochs={n_epochs}. Pass n_epochs >= {epoch + (1 if step_in_epoch else 0)}, or resume from "
                          "an earlier checkpoint folder, or start fresh.")

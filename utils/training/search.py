@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .metrics import safe_exp
 from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .previous_interface import DefaultInt, settings_from_call
@@ -95,7 +96,8 @@ class SearchRequest:
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
         self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id, settings.padding_multiple(device),
-                                              eos_is_pad, settings.val_fraction, settings.random_seed)
+                                              eos_is_pad, settings.val_fraction, settings.random_seed,
+                                              settings.stream_buffer_size)
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -277,7 +279,7 @@ def _results(study, trials_run: int, output_dir: Path) -> dict:
     return {
         "best_params": dict(best.params) if best else None,
         "best_value": best.value if best else None,
-        "best_val_perplexity": math.exp(best.value) if best else None,
+        "best_val_perplexity": safe_exp(best.value) if best else None,
         "best_trial_number": best.number if best else None,
         "trials": frame, "trials_df": frame, "study": study, "study_name": study.study_name,
         "n_trials": trials_run, "n_trials_in_study": len(study.trials),

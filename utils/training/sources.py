@@ -224,10 +224,21 @@ class LoaderBatches:
         return self.loader
 
     def first_batch(self) -> dict:
+        """The loader's first batch, drawn without moving any random state: a shuffling loader's first batch (and so
+        the fingerprint) must not depend on when it is taken, and training must draw its order as if it had not been."""
+        generators = self._generators()
+        saved = [generator.get_state() for generator in generators]
         try:
-            return self.collate(next(iter(self.loader)))
+            with torch.random.fork_rng(devices=[]):
+                for generator in [torch.default_generator] + generators:
+                    generator.manual_seed(0)
+                batch = next(iter(self.loader))
         except StopIteration:
             raise ValueError(f"The DataLoader given as {self.what} yields no batch. Pass a non-empty DataLoader.") from None
+        finally:
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)
+        return self.collate(batch)
 
     def check_ids(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size  # not read ahead: each batch is checked as it is collated

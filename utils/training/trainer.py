@@ -106,8 +106,12 @@ class Trainer:
         started = time.perf_counter() - state.run_seconds
         try:
             for epoch in range(state.epoch, self.n_epochs):
-                epoch_started = time.perf_counter()
+                epoch_started, steps_before = time.perf_counter(), state.global_step
                 self.train_epoch(epoch)
+                if self.streamed and state.global_step == steps_before:
+                    raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
+                                     "must start again from its beginning when iterated again (and, under torchrun, give "
+                                     "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
@@ -174,16 +178,19 @@ class Trainer:
                 if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
                     flushing, pending = pending, []
                     self.record_steps(flushing, epoch)
-                if checkpoint_due:
-                    self.save_checkpoint()
-                if eval_due:
-                    self.evaluate_mid_epoch(epoch)
+                if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
+                    state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if checkpoint_due:
+                        self.save_checkpoint()
+                    if eval_due:
+                        self.evaluate_mid_epoch(epoch)
+                    started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
             self.record_steps(pending, epoch)  # Ctrl-C, a stop or any error: every completed step stays in the history
             raise
         finally:
-            state.train_seconds += time.perf_counter() - started  # training only, no validation
+            state.train_seconds += time.perf_counter() - started  # training steps only: no validation
 
     def optimizer_step(self, batches: list[dict]) -> dict:
         """One optimizer step over its micro-batches; the loss is normalised by the step's global real targets."""
@@ -220,7 +227,9 @@ class Trainer:
         """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
         never reaches the weights."""
         if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # reads its own found_inf on the host, as GradScaler always does
+            # fp16 only: one host read of the flag per step (GradScaler has no way to take a found_inf of ours).
+            if not bool(self.stop_flag):
+                self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = self.stop_flag  # the fused kernel returns early where it is 1
@@ -363,7 +372,8 @@ class Trainer:
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         _rate_from_schedule(self.optimizer, self.scheduler)
-        self.scaler.load_state_dict(trainer_state["scaler"])
+        if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
+            self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
         self.tracker.load_state_dict(trainer_state["tracker"])
         if trainer_state.get("stream"):
