@@ -132,7 +132,7 @@ def main(argv=None) -> list:
     folder = Path(args.data)
     folder.mkdir(parents=True, exist_ok=True)
     results = []
-    print(f"| data | form | call -> first optimizer step | peak RSS growth |\n|---|---|---:|---:|")
+    print("| data | form | call -> first optimizer step | peak RSS growth |\n|---|---|---:|---:|")
     for rows in args.rows:
         path = make_data(rows, folder)
         for form in args.forms:

@@ -274,7 +274,10 @@ torch.manual_seed(0)
 print(sample(model, "The history of"))"""),
     ("md", """## 7. A small hyperparameter search
 Optuna searches the learning rate and warmup; each trial's objective is its validation loss excluding padding.
-The study lives in SQLite next to the outputs: re-running the cell continues it (also after a disconnect)."""),
+The study lives in SQLite next to the outputs: re-running the cell adds trials with new parameters (also after a
+disconnect). Changing the search space, `N_EPOCHS` or the data needs a new `study_name` (the call says so).
+SQLite suits this one notebook; several Colab sessions searching one study at once need a `postgresql://` URL
+(see the README's storage table). Trials write to `OUTPUT_DIR/search/notebook-search/trial-N`."""),
     ("code", """from utils.tier3_training_utilities import test_hyperparameter_search
 
 search = test_hyperparameter_search(

@@ -1,4 +1,7 @@
 """Tiny models for tests: a plain causal transformer (forward(x) -> logits) and a tiny HF GPT-2."""
+import os
+import signal
+
 import torch
 from torch import nn
 
@@ -37,3 +40,19 @@ def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
     """``n`` token lines of random lengths in [low, high) and ids in [1, vocab_size) (0 stays the pad id)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+class KillableLM(nn.Module):
+    """A TinyCausalLM that SIGKILLs its own process at training forward ``kill_at`` (no clean-up can run)."""
+
+    def __init__(self, kill_at=None, vocab_size=50, dropout=0.0):
+        super().__init__()
+        self.lm = TinyCausalLM(vocab_size=vocab_size, dropout=dropout)
+        self.kill_at, self.calls = kill_at, 0
+
+    def forward(self, idx):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.lm(idx)

@@ -1,17 +1,14 @@
 """Run by tests/test_checkpoints.py: an uninterrupted run, a run SIGKILLed mid-epoch, and its resume."""
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import TinyCausalLM  # noqa: E402
+from models import KillableLM  # noqa: E402
 from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
 
 VOCAB, PAD = 50, 0
@@ -21,22 +18,6 @@ SETTINGS = dict(n_epochs=2, batch_size=4, gradient_accumulation_steps=2, checkpo
                 progress=False, save_plots=False)
 
 
-class KillableLM(nn.Module):
-    """Dropout on; optionally SIGKILLs its own process at a training forward (no clean-up can run)."""
-
-    def __init__(self, kill_at=None):
-        super().__init__()
-        self.lm = TinyCausalLM(vocab_size=VOCAB, dropout=0.1)
-        self.kill_at, self.calls = kill_at, 0
-
-    def forward(self, idx):
-        if self.training:
-            self.calls += 1
-            if self.calls == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return self.lm(idx)
-
-
 def data(seed=1, n=40):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, VOCAB, (int(torch.randint(2, 41, (1,), generator=g)),), generator=g) for _ in range(n)]
@@ -44,7 +25,7 @@ def data(seed=1, n=40):
 
 def run(mode: str, out_dir: str, **overrides) -> dict:
     torch.manual_seed(123)  # initial weights; a resume replaces them from the checkpoint
-    model = KillableLM(kill_at=KILL_AT_FORWARD if mode == "killed" else None)
+    model = KillableLM(kill_at=KILL_AT_FORWARD if mode == "killed" else None, vocab_size=VOCAB, dropout=0.1)
     settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume", **overrides)
     train = overrides.pop("train", None) or data()
     settings.pop("train", None)

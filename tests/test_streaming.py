@@ -1,7 +1,6 @@
 """Streamed data and max_steps (issue 28): token-budget steps inside a seeded buffer, the run's length from
 max_steps, exact resume from the stream position, a shard per process under torchrun."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -20,7 +20,10 @@ DROPPED = "less than the current step"
 
 
 def _worker(out_dir, kill_at=None, **extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_DIR=str(out_dir), WANDB_MODE="offline")
+    # A W&B run earlier in this pytest process leaves WANDB_SERVICE (its service's port) in the environment; a worker
+    # that inherits it shares that service, which still holds the killed worker's run when the resume opens it.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(OMP_NUM_THREADS="1", WANDB_DIR=str(out_dir), WANDB_MODE="offline")
     return subprocess.run([sys.executable, str(WORKER), str(out_dir), json.dumps(kill_at), json.dumps(extra)],
                           cwd=out_dir, env=env, capture_output=True, text=True, timeout=300)
 

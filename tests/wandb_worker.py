@@ -1,37 +1,20 @@
 """Run by tests/test_wandb_rows.py: an offline W&B run with default logging, optionally SIGKILLed at a training forward."""
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import TinyCausalLM  # noqa: E402
+from models import KillableLM  # noqa: E402
 from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
 
 VOCAB, PAD = 50, 0
 # 40 lines, batch 4, 9 epochs: 13 token-budget steps per epoch, 117 steps; every logging setting at its default.
 SETTINGS = dict(n_epochs=9, batch_size=4, learning_rate=1e-3, use_wandb=True, wandb_mode="offline", progress=False,
                 save_plots=False, wandb_project="tests", wandb_run_name="rows", log_grad_histogram=True)
-
-
-class KillableLM(nn.Module):
-    def __init__(self, kill_at=None):
-        super().__init__()
-        self.lm = TinyCausalLM(vocab_size=VOCAB)
-        self.kill_at, self.calls = kill_at, 0
-
-    def forward(self, idx):
-        if self.training:
-            self.calls += 1
-            if self.calls == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return self.lm(idx)
 
 
 def data(seed, n):

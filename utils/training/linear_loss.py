@@ -82,13 +82,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_masked_lm_loss(hidden, weight, bias, input_ids, labels=None, attention_mask=None, pad_token_id=None,
-                          pad_is_eos: bool = False, chunk_rows: int | None = None) -> TokenSums:
+                          chunk_rows: int | None = None) -> TokenSums:
     """:func:`loss.masked_lm_loss` of ``F.linear(hidden, weight, bias)``, never holding those logits whole.
 
     ``hidden`` is ``(batch, seq, d_model)`` aligned with ``input_ids``; ``weight`` is ``(vocab, d_model)``.
-    Chunks hold ``chunk_rows`` rows (default: :func:`loss.rows_per_chunk` of the vocabulary).
+    Chunks hold ``chunk_rows`` rows (default: :func:`loss.rows_per_chunk` of the vocabulary). Batches reach it
+    collated, with their attention mask, so the pad == EOS rule of unmasked lines has already been applied.
     """
-    targets, counted_rows = flat_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos)
+    targets, counted_rows = flat_targets(input_ids, labels, attention_mask, pad_token_id)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     loss_sum, correct = _LinearCrossEntropy.apply(flat_hidden, weight, bias, targets,
                                                   chunk_rows or rows_per_chunk(weight.shape[0]))

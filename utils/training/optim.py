@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -39,3 +40,15 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: in
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rate_from_schedule(optimizer, scheduler) -> None:
+    """The next step's learning rate from the (possibly rebuilt) schedule, not the one saved with the optimizer.
+
+    Equal for a plain resume; after raising n_epochs the saved rate belongs to the old curve (0 at a cosine's
+    end), and the first resumed step would otherwise run at it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns
+        for group, rate in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = rate

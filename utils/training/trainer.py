@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from itertools import islice
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .examples import to_device
 from .loss import TokenSums, count_real_targets
 from .metrics import MetricsTracker
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
 from .reproducibility import rng_state
 from .settings import FineTuneSettings
@@ -371,7 +370,7 @@ class Trainer:
         self.optimizer.load_state_dict(files["optimizer.pt"])
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
-        _rate_from_schedule(self.optimizer, self.scheduler)
+        rate_from_schedule(self.optimizer, self.scheduler)
         if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
@@ -396,15 +395,3 @@ class Trainer:
             self.last_checkpoint = str(ckpt.save_step(self.checkpoints_dir, self.state.global_step, files, meta))
             ckpt.prune_checkpoints(self.checkpoints_dir, self.settings.keep_checkpoints)
         barrier(self.ctx)
-
-
-def _rate_from_schedule(optimizer, scheduler) -> None:
-    """The next step's learning rate from the (possibly rebuilt) schedule, not the one saved with the optimizer.
-
-    Equal for a plain resume; after raising n_epochs the saved rate belongs to the old curve (0 at a cosine's
-    end), and the first resumed step would otherwise run at it.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # get_lr() outside step() warns
-        for group, rate in zip(optimizer.param_groups, scheduler.get_lr()):
-            group["lr"] = rate
