@@ -69,3 +69,17 @@ def test_a_stream_that_yields_nothing_on_its_second_pass_is_named_not_looped(tmp
     with pytest.raises(ValueError, match="yielded no optimizer step in epoch 2"):
         test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, RunsDry(lines, passes=2), lines[:6], max_steps=1000, batch_size=4,
                          progress=False, save_plots=False, output_dir=str(tmp_path))
+
+
+def test_step_rows_appended_across_epochs_equal_the_results_and_the_history_file(tmp_path):
+    import json
+
+    import pandas as pd
+
+    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, random_lines(24), random_lines(6, seed=1), n_epochs=3,
+                              batch_size=4, eval_every=4, progress=False, save_plots=False, output_dir=str(tmp_path))
+    on_disk = pd.read_csv(tmp_path / "metrics_steps.csv")
+    assert len(on_disk) == result["global_step"] == len(result["steps_summary"])
+    assert on_disk["train/step_loss_excl_padding"].tolist() == pytest.approx(result["loss_history"], rel=1e-12)
+    history = json.loads((tmp_path / "metrics_history.json").read_text())
+    assert len(history["steps"]) == result["global_step"] and len(history["epochs"]) == 3

@@ -141,6 +141,7 @@ class MetricsTracker:
         self.step_rows: list[dict] = []
         self.epoch_rows: list[dict] = []
         self.eval_rows: list[dict] = []  # mid-epoch validations (eval_every)
+        self._step_rows_on_disk = None  # rows of steps_csv written by this process; None: rewrite it whole first
         self.wandb = _WandbLogger(wandb_module_getter) if (use_wandb and is_main) else None
         self.wandb_run_id = None
         self.run_name = self.output_dir.name  # the plots' title; the W&B run name when there is one
@@ -174,7 +175,7 @@ class MetricsTracker:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.write_files()
+        self.write_files(final=True)
         if self.wandb is not None:
             for step in sorted(self._gradients):  # a step that never got its row (it stopped on a non-finite loss)
                 self.wandb.log(self._gradient_values(step), step=step)
@@ -281,17 +282,31 @@ class MetricsTracker:
     def steps_csv(self) -> Path:
         return self.output_dir / "metrics_steps.csv"
 
-    def write_files(self) -> None:
-        """Rewrite the CSVs (and a JSON copy) atomically: a crash mid-write leaves the previous version."""
+    def write_files(self, final: bool = False) -> None:
+        """The CSVs, after every epoch: the small epoch and eval files rewritten atomically (a crash mid-write
+        leaves the previous version); the step file appended, after being rewritten whole once per process (so a
+        resume, or a line torn by a kill, starts clean). ``metrics_history.json`` (all rows in one file) is written
+        at the end only: rewritten whole every epoch it took 1.6 s at 300k steps."""
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.epochs_csv, self.epochs_frame().to_csv(index=False))
-        _write_atomically(self.steps_csv, self.steps_frame().to_csv(index=False))
+        self._write_step_rows()
         if self.eval_rows:
             _write_atomically(self.output_dir / "metrics_evals.csv", pd.DataFrame(self.eval_rows).to_csv(index=False))
-        history = {"epochs": self.epoch_rows, "steps": self.step_rows, "evals": self.eval_rows}
-        _write_atomically(self.output_dir / "metrics_history.json", json.dumps(history, default=float))
+        if final:
+            history = {"epochs": self.epoch_rows, "steps": self.step_rows, "evals": self.eval_rows}
+            _write_atomically(self.output_dir / "metrics_history.json", json.dumps(history, default=float))
+
+    def _write_step_rows(self) -> None:
+        written = self._step_rows_on_disk
+        if written is None or written > len(self.step_rows) or not self.steps_csv.exists():
+            _write_atomically(self.steps_csv, self.steps_frame().to_csv(index=False))
+        elif written < len(self.step_rows):
+            new_rows = pd.DataFrame(self.step_rows[written:], columns=STEP_COLUMNS)
+            with open(self.steps_csv, "a") as handle:
+                handle.write(new_rows.to_csv(index=False, header=False))
+        self._step_rows_on_disk = len(self.step_rows)
 
     def state_dict(self) -> dict:
         return {"step_rows": list(self.step_rows), "epoch_rows": list(self.epoch_rows), "eval_rows": list(self.eval_rows),
