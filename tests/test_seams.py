@@ -83,3 +83,16 @@ def test_step_rows_appended_across_epochs_equal_the_results_and_the_history_file
     assert on_disk["train/step_loss_excl_padding"].tolist() == pytest.approx(result["loss_history"], rel=1e-12)
     history = json.loads((tmp_path / "metrics_history.json").read_text())
     assert len(history["steps"]) == result["global_step"] and len(history["epochs"]) == 3
+
+
+def test_gradient_clip_norm_is_the_same_setting_in_the_search_and_echoed_in_the_settings(tmp_path):
+    from utils.tier3_training_utilities import test_hyperparameter_search
+
+    lines = random_lines(16)
+    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], n_epochs=1, gradient_clip_norm=0.5,
+                              progress=False, save_plots=False, output_dir=str(tmp_path / "run"))
+    assert result["settings"]["max_grad_norm"] == 0.5 and result["settings"]["gradient_clip_norm"] == 0.5
+    search = test_hyperparameter_search(lambda: TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], n_trials=1,
+                                        search_space={"learning_rate": ("log", 1e-4, 1e-3)}, gradient_clip_norm=0.5,
+                                        progress=False, output_dir=str(tmp_path / "search"))
+    assert search["trials"]["state"].tolist() == ["COMPLETE"]

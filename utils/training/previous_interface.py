@@ -29,7 +29,10 @@ def settings_from_call(keywords: dict, *, gradient_clip_norm=CLIP_NORM_DEFAULT) 
     (shown in ``results["settings"]`` so a caller sees what it passed)."""
     keywords = dict(keywords)
     given = {name: keywords.pop(name, default) for name, default in PREVIOUS_DEFAULTS.items()}
+    if "gradient_clip_norm" in keywords:  # the search passes every keyword by name
+        gradient_clip_norm = keywords.pop("gradient_clip_norm")
     if gradient_clip_norm is not CLIP_NORM_DEFAULT:
+        given["gradient_clip_norm"] = gradient_clip_norm
         if "max_grad_norm" in keywords and keywords["max_grad_norm"] != gradient_clip_norm:
             raise ValueError(f"gradient_clip_norm={gradient_clip_norm} and max_grad_norm={keywords['max_grad_norm']} name "
                              "the same setting with different values; pass only one of them.")
