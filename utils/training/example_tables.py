@@ -4,7 +4,7 @@ A table knows, before the first step, only what a plan and the start-up checks n
 length (one numpy array) and whether every token id fits the vocabulary; the examples of a batch are built
 (cut to their real span, as :func:`examples.to_examples` does) when the batch is collated. Three kinds:
 
-- :class:`TokenLists`: a list of plain token sequences (lists, tuples, 1-D tensors or arrays). Lengths come from
+- :class:`TokenLists`: a list of plain token sequences (lists, tuples or 1-D tensors). Lengths come from
   ``len()``; only rows ending in the pad id need the pad rule applied up front (a trailing run of pad ids).
 - :class:`ArrowRows`: a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow). Lengths, last tokens, masks and
   id ranges are read from the Arrow buffers in vectorised passes; rows are read per batch with ``dataset[indices]``.
