@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .examples import (Example, _cut_to_real_span, _to_example, _warn_if_eos_padding_is_ambiguous, check_batch_ids,
-                       to_examples)
+                       pad_id_among_real_tokens, to_examples)
 from .loss import IGNORE_INDEX
 
 SCAN_ROWS = 65_536  # rows per chunk of the id scan: bounded memory whatever the corpus size
@@ -54,8 +54,7 @@ class ExampleList:
         return ExampleList([self.items[i] for i in positions])
 
     def pad_inside(self, pad_token_id: int) -> bool:
-        return any(bool(((ex.input_ids == pad_token_id) & (True if ex.attention_mask is None else ex.attention_mask.bool()))
-                        .any()) for ex in self.items)
+        return any(pad_id_among_real_tokens(ex.input_ids, ex.attention_mask, pad_token_id) for ex in self.items)
 
     def check_ids(self, vocab_size: int, what: str) -> None:
         for i, example in enumerate(self.items):

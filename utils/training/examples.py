@@ -162,12 +162,6 @@ def split_positions(n: int, val_fraction: float, seed: int):
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def split_train_val(examples: list[Example], val_fraction: float, seed: int):
-    """Seeded random hold-out of a list; both parts keep the original order."""
-    train, val = split_positions(len(examples), val_fraction, seed)
-    return [examples[i] for i in train], [examples[i] for i in val]
-
-
 def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64, seed: int = 0):
     """Learnable variable-length sequences (arithmetic progressions mod vocab) that never use the pad id."""
     g = torch.Generator().manual_seed(seed)
@@ -242,6 +236,12 @@ def check_batch_ids(batch: dict, vocab_size: int, where: str) -> None:
     _check_ids(torch.as_tensor(batch["input_ids"]), vocab_size, where)
     if batch.get("labels") is not None:
         _check_ids(torch.as_tensor(batch["labels"]), vocab_size, where + " (labels)", allow_ignore=True)
+
+
+def pad_id_among_real_tokens(input_ids: torch.Tensor, attention_mask, pad_token_id: int) -> bool:
+    """Whether the pad id occurs at a real position (no mask: every position is real), i.e. it is a real token."""
+    at_pad = input_ids == pad_token_id
+    return bool((at_pad if attention_mask is None else at_pad & attention_mask.bool()).any())
 
 
 def check_length(length: int, limit: int | None, where: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from .batch_plans import (MEGA_BATCH_FACTOR, Plan, PlanSettings, epoch_order, resolve_grouping, shard_batches,
                           token_budget_steps, token_plan)
 from .example_tables import ExampleList, example_table
-from .examples import PaddingCollator, check_batch_ids, check_length, split_positions
+from .examples import PaddingCollator, check_batch_ids, check_length, pad_id_among_real_tokens, split_positions
 from .loss import IGNORE_INDEX, real_token_mask
 from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream, stream_positions  # noqa: F401 (for the trainer)
 
@@ -245,7 +245,7 @@ class LoaderBatches:
 
     def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
         batch = self.first_batch()
-        return bool(((batch["input_ids"] == pad_token_id) & batch["attention_mask"].bool()).any())
+        return pad_id_among_real_tokens(batch["input_ids"], batch["attention_mask"], pad_token_id)
 
     def check_lengths(self, limit: int | None) -> None:
         self.max_length = limit

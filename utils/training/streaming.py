@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings, budget_step_bounds, resolve_grouping
-from .examples import PaddingCollator, _cut_to_real_span, _to_example, check_batch_ids, check_length
+from .examples import (PaddingCollator, _cut_to_real_span, _to_example, check_batch_ids, check_length,
+                       pad_id_among_real_tokens)
 
 DEFAULT_BUFFER_SIZE = 4096
 
@@ -202,7 +203,7 @@ class StreamBatches:
 
     def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
         batch = self.padded_batch()
-        return bool(((batch["input_ids"] == pad_token_id) & batch["attention_mask"].bool()).any())
+        return pad_id_among_real_tokens(batch["input_ids"], batch["attention_mask"], pad_token_id)
 
     def check_lengths(self, limit: int | None) -> None:
         self.max_length = limit
