@@ -77,11 +77,11 @@ class Trainer:
         self.tracker, self.run_id = tracker, run_id
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
+        probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
         # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
-        self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(
-            model, self.caller, to_device(data.train.padded_batch(), device))
+        self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, self.caller, probe)
         # Losses from hidden states and the head's weight (no full logits) where that equals the model's own forward.
-        use_linear_loss_if_exact(model, self.caller, to_device(data.train.padded_batch(), device), data.pad_token_id)
+        use_linear_loss_if_exact(model, self.caller, probe, data.pad_token_id)
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
