@@ -42,17 +42,24 @@ def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
     return [torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-class KillableLM(nn.Module):
-    """A TinyCausalLM that SIGKILLs its own process at training forward ``kill_at`` (no clean-up can run)."""
+class StopAtForward(nn.Module):
+    """Wraps ``lm``; at its ``at``-th training forward it raises KeyboardInterrupt (a notebook's stop button) or,
+    with ``kill=True``, SIGKILLs its own process (no clean-up can run). ``at=None``: never."""
 
-    def __init__(self, kill_at=None, vocab_size=50, dropout=0.0):
+    def __init__(self, lm, at=None, kill=False):
         super().__init__()
-        self.lm = TinyCausalLM(vocab_size=vocab_size, dropout=dropout)
-        self.kill_at, self.calls = kill_at, 0
+        self.lm, self.at, self.kill, self.calls = lm, at, kill, 0
 
     def forward(self, idx):
         if self.training:
             self.calls += 1
-            if self.calls == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.calls == self.at:
+                if self.kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise KeyboardInterrupt
         return self.lm(idx)
+
+
+def KillableLM(kill_at=None, vocab_size=50, dropout=0.0):  # noqa: N802 - reads like the class it builds
+    """A TinyCausalLM that SIGKILLs its own process at training forward ``kill_at``."""
+    return StopAtForward(TinyCausalLM(vocab_size=vocab_size, dropout=dropout), kill_at, kill=True)

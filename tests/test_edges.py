@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from models import TinyCausalLM, random_lines, tiny_gpt2
+from models import StopAtForward, TinyCausalLM, random_lines, tiny_gpt2
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning
 from utils.training import checkpoint as ckpt
 from utils.training.batch_plans import PlanSettings
@@ -90,35 +90,14 @@ def test_03_learning_rate_infinite_in_float32_is_refused_before_any_step(tmp_pat
         _run(tmp_path, learning_rate=1e39)
 
 
-class _Lines(torch.utils.data.Dataset):
-    def __init__(self, lines):
-        self.lines = lines
-
-    def __len__(self):
-        return len(self.lines)
-
-    def __getitem__(self, i):
-        return self.lines[i]
-
-
 def _loader(lines, shuffle, batch_size=4):
     width = max(len(t) for t in lines)
-    return DataLoader(_Lines(_padded_dicts(lines, width)), batch_size=batch_size, shuffle=shuffle)
+    return DataLoader(_padded_dicts(lines, width), batch_size=batch_size, shuffle=shuffle)
 
 
-class InterruptAt(nn.Module):
+def InterruptAt(at=None):  # noqa: N802
     """Dropout on; a Ctrl-C at training forward ``at`` (the checkpoints written before it stay)."""
-
-    def __init__(self, at=None):
-        super().__init__()
-        self.lm, self.at, self.calls = _model(dropout=0.1), at, 0
-
-    def forward(self, idx):
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt
-        return self.lm(idx)
+    return StopAtForward(_model(dropout=0.1), at)
 
 
 def test_04_a_shuffled_dataloader_resumes_to_the_uninterrupted_run(tmp_path):

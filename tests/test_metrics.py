@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import TinyCausalLM
+from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
 from wandb_reader import history_and_config
 
@@ -53,24 +53,9 @@ def test_wandb_failure_warns_once_and_keeps_metrics(tmp_path, monkeypatch):
     assert len(result["loss_history"]) == result["global_step"] > 0
 
 
-class _InterruptAt(torch.nn.Module):
-    """Raises KeyboardInterrupt (the notebook's stop button) at the n-th training forward."""
-
-    def __init__(self, inner, n):
-        super().__init__()
-        self.inner, self.n, self.calls = inner, n, 0
-
-    def forward(self, idx):
-        if self.training:
-            self.calls += 1
-            if self.calls == self.n:
-                raise KeyboardInterrupt
-        return self.inner(idx)
-
-
 @pytest.mark.parametrize("interrupt_at", [20, 3])  # in epoch 2 (after one full epoch), and in epoch 1
 def test_interrupted_run_returns_partial_results_and_the_csv_matches(tmp_path, interrupt_at):
-    model = _InterruptAt(_model(), n=interrupt_at)  # 13 training steps per epoch
+    model = StopAtForward(_model(), interrupt_at)  # 13 training steps per epoch
     result = _run(tmp_path, model=model, log_every=4)
     assert result["interrupted"] and result["stopped_early"]
     assert result["global_step"] == interrupt_at - 1 == len(result["loss_history"])  # every completed step kept

@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from models import TinyCausalLM
+from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.batch_plans import PlanSettings
 from utils.training.sources import batch_source
@@ -35,19 +34,9 @@ class Reiterable:
         return iter(self.rows)
 
 
-class InterruptingLM(nn.Module):
+def InterruptingLM(stop_at=None):  # noqa: N802
     """Dropout on (so the restored RNG matters); raises KeyboardInterrupt at a chosen training forward."""
-
-    def __init__(self, stop_at=None):
-        super().__init__()
-        self.lm, self.stop_at, self.calls = TinyCausalLM(vocab_size=VOCAB, dropout=0.1), stop_at, 0
-
-    def forward(self, idx):
-        if self.training:
-            self.calls += 1
-            if self.calls == self.stop_at:
-                raise KeyboardInterrupt
-        return self.lm(idx)
+    return StopAtForward(TinyCausalLM(vocab_size=VOCAB, dropout=0.1), stop_at)
 
 
 def _fit(model, train, out, **keywords):
