@@ -68,7 +68,7 @@ def test_tracker_plot_writes_pngs_titled_with_the_run(tmp_path):
             assert image.format == "PNG" and image.size[0] >= 1000
 
 
-def _study(values, name="plots"):
+def _study(values, name="plots", with_pruned=True):
     study = optuna.create_study(study_name=name)
     distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
                      "warmup_ratio": optuna.distributions.FloatDistribution(0.0, 0.2)}
@@ -77,7 +77,8 @@ def _study(values, name="plots"):
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
     pruned = optuna.trial.create_trial(params={"learning_rate": 1e-3, "warmup_ratio": 0.1}, distributions=distributions,
                                        state=optuna.trial.TrialState.PRUNED, intermediate_values={3: 9.0})
-    study.add_trial(pruned)
+    if with_pruned:
+        study.add_trial(pruned)
     return study
 
 
@@ -91,6 +92,12 @@ def test_search_history_names_the_objective_and_counts_trials_in_integers():
     assert list(lines["best so far"].get_ydata()) == [4.0, 3.0, 3.0]
     assert list(lines["pruned trial (last validation)"].get_xdata()) == [3]
     assert "plots" in axis.get_title()
+
+
+def test_a_one_trial_search_history_still_ticks_whole_trial_numbers():
+    axis = search_figures(_study([4.0], with_pruned=False))["history"].axes[0]
+    ticks = [t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # MaxNLocator falls back to fractions in a narrow view
 
 
 def test_search_parameter_plot_uses_a_log_axis_for_the_learning_rate():

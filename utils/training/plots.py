@@ -37,8 +37,14 @@ def show_inline(png_path) -> None:
 
 
 def _integer_x(*axes) -> None:
+    """Whole-number x ticks. MaxNLocator(integer=True) falls back to fractional ticks when fewer than two integers
+    are in view (one trial, one step), so such a view is widened to two units."""
     for axis in axes:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = axis.get_xlim()
+        if high - low < 2:
+            middle = (low + high) / 2
+            axis.set_xlim(middle - 1, middle + 1)
 
 
 class _PlainLogFormatter(LogFormatter):
