@@ -57,48 +57,45 @@ def tiny(kill_at=None, killable=False):
     return StopAtForward(model, kill_at, kill=True) if killable else model
 
 
-def main(out: str, scenarios: str) -> None:
+def main(out: str, scenarios: str, source: str = "") -> None:
     for scenario in scenarios.split(","):
-        run_scenario(out, scenario)
+        run_scenario(out, scenario, source)
 
 
-def run_scenario(out: str, scenario: str) -> None:
-    fsdp = torch.distributed.is_available() and "RANK" in os.environ  # torchrun: sharded; alone: one process, no FSDP
+# The run that the SIGKILL interrupts, its reference, and the one-process equality share these settings. Every step
+# is kept as a checkpoint, so that another number of processes can resume from any of them.
+KILL_FAMILY = dict(n_epochs=3, checkpoint_every=1, keep_checkpoints=20, load_best_model_at_end=True)
+
+
+def run_scenario(out: str, scenario: str, source: str) -> None:
+    fsdp = "RANK" in os.environ  # under torchrun: sharded (one process included); alone: one process without FSDP
     if scenario == "equal":
-        # Equality with one process; evaluate_perplexity on the (sharded) best weights; HF GPT-2; the non-finite guard.
-        model = tiny()
-        result = fit(out, "equal", model, fsdp=fsdp, load_best_model_at_end=True, n_epochs=3)
+        # The reference run (also the one-process equality); evaluate_perplexity on the (sharded) best weights.
+        model = tiny(killable=True)
+        result = fit(out, "equal", model, fsdp=fsdp, **KILL_FAMILY)
         val = evaluate_perplexity(model, VAL, CONFIG, batch_size=3)
         record(out, "equal", result, model, {"evaluate_perplexity": val["loss"], "tokens": val["tokens"]})
-        gpt2 = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=PAD)
+        gpt2 = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=PAD)  # HF: its decoder layers are the units
         record(out, "gpt2", fit(out, "gpt2", gpt2, fsdp=fsdp, n_epochs=1), gpt2)
-        model = tiny()
+        model = tiny()  # the non-finite guard: the first update makes every weight huge, the second step is NaN
         record(out, "nan", fit(out, "nan", model, fsdp=fsdp, n_epochs=1, learning_rate=1e30, max_grad_norm=None), model)
-    elif scenario == "uninterrupted":
-        model = tiny(killable=True)
-        record(out, "reference", fit(out, "reference", model, fsdp=True, checkpoint_every=1), model)
-    elif scenario == "killed":  # both processes SIGKILL themselves at the same training forward, mid-epoch 2
-        fit(out, "kill", tiny(int(os.environ["KILL_AT"]), killable=True), fsdp=True, checkpoint_every=1)
+    elif scenario == "killed":  # every process SIGKILLs itself at the same training forward, mid-epoch 2
+        fit(out, "kill", tiny(int(os.environ["KILL_AT"]), killable=True), fsdp=True, **KILL_FAMILY)
         raise SystemExit("the kill did not happen")
     elif scenario == "resumed":
         model = tiny(killable=True)
-        record(out, "resumed", fit(out, "kill", model, fsdp=True, checkpoint_every=1, resume_from_checkpoint=True), model)
-    elif scenario == "one-epoch":  # the first epoch with checkpoints, for a resume on another number of processes
-        model = tiny()
-        record(out, "one-epoch", fit(out, "one-epoch", model, fsdp=fsdp, checkpoint_every=3, n_epochs=1), model)
-    elif scenario == "other-world":  # this process count resumes the one-epoch run's checkpoint of epoch 1
-        source = Path(f"{out}/one-epoch-run")
-        for name, epochs in (("at-resume", 1), ("continued", 2)):
-            if RANK == 0:
-                shutil.rmtree(f"{out}/{name}-run", ignore_errors=True)
-                shutil.copytree(source, f"{out}/{name}-run")
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            model = tiny()
-            record(out, name, fit(out, name, model, fsdp=fsdp, n_epochs=epochs, resume_from_checkpoint=True), model)
+        result = fit(out, "kill", model, fsdp=True, resume_from_checkpoint=True, **KILL_FAMILY)
+        record(out, "resumed", result, model)
+    elif scenario == "other-world":  # this number of processes resumes checkpoints of the run in ``source``
+        steps = Path(source) / "equal-run" / "checkpoints"
+        for name, step, epochs in (("at-resume", os.environ["AT_STEP"], 1), ("continued", os.environ["FROM_STEP"], 3)):
+            model = tiny(killable=True)
+            result = fit(out, name, model, fsdp=fsdp, **dict(KILL_FAMILY, n_epochs=epochs,
+                                                              resume_from_checkpoint=str(steps / f"step-{step}")))
+            record(out, name, result, model)
         try:  # the per-process batch size not scaled with the number of processes: refused
-            newest = max((source / "checkpoints").glob("step-*"), key=lambda folder: int(folder.name[len("step-"):]))
-            fit(out, "refused", tiny(), fsdp=fsdp, batch_size=8 // WORLD * 2, resume_from_checkpoint=str(newest))
+            fit(out, "refused", tiny(killable=True), fsdp=fsdp, batch_size=8 // WORLD * 2,
+                **dict(KILL_FAMILY, resume_from_checkpoint=str(steps / f"step-{os.environ['FROM_STEP']}")))
         except ValueError as error:
             Path(f"{out}/refused-rank{RANK}.txt").write_text(str(error))
     else:
@@ -106,4 +103,4 @@ def run_scenario(out: str, scenario: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
