@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
+from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
 from .sources import run_length, stream_positions
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from .evaluation import evaluate
@@ -103,18 +104,21 @@ class Trainer:
         """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
+        if state.global_step and self.nothing_left():
+            return self.already_complete()
         try:
             for epoch in range(state.epoch, self.n_epochs):
-                epoch_started, steps_before = time.perf_counter(), state.global_step
+                epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
-                if self.streamed and state.global_step == steps_before:
+                if self.streamed and state.step_in_epoch == 0:  # (a resumed epoch may have had its steps already)
                     raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
                                      "must start again from its beginning when iterated again (and, under torchrun, give "
                                      "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
-                state.start_epoch(epoch + 1)
+                if not self.cut_short_by_max_steps(epoch):  # else the position stays: a raised max_steps continues here
+                    state.start_epoch(epoch + 1)
                 state.run_seconds = time.perf_counter() - started
                 if settings.writes_checkpoints:
                     self.save_checkpoint(best=improved)
@@ -152,6 +156,29 @@ class Trainer:
         resumed_order = state.loader_order_state if state.step_in_epoch else None
         state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
         return batches
+
+    def nothing_left(self) -> bool:
+        """Whether a resumed run has already trained every step and epoch it is asked for."""
+        return self.state.epoch >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
+
+    def already_complete(self) -> Outcome:
+        limit = (f"max_steps={self.settings.max_steps}" if self.settings.max_steps is not None
+                 else f"n_epochs={self.settings.n_epochs}")
+        outcome = Outcome(OutcomeKind.COMPLETED, (
+            f"Nothing to train: the checkpoint already completed this run ({limit}, optimizer step "
+            f"{self.state.global_step}); the results are the checkpoint's. Raise max_steps or n_epochs to train further."),
+            already_complete=True)
+        self.tracker.message(outcome.reason)
+        return outcome
+
+    def cut_short_by_max_steps(self, epoch: int) -> bool:
+        """Whether ``max_steps`` ended the run before the end of this epoch's plan (a stream: before its end)."""
+        if self.settings.max_steps is None or self.state.global_step < self.settings.max_steps:
+            return False
+        if self.streamed:
+            return True
+        planned_steps = -(-len(self.epoch_plan(epoch)) // self.settings.gradient_accumulation_steps)
+        return self.state.step_in_epoch < planned_steps
 
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
@@ -380,7 +407,7 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
-        return {"settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
+        return {FORMAT_KEY: FORMAT_VERSION, "settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
                 "val_fingerprint": self.fingerprints["val"], "run_id": self.run_id, "world_size": self.ctx.world_size,
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
                 "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
