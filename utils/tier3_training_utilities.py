@@ -121,7 +121,7 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
-    check_model_against_data(model, config, [source], pad_token_id, device)
+    check_model_against_data(model, config, [source], pad_token_id, device, tokenizer)
     result = evaluate(model, source, pad_token_id, batch_size=batch_size, device=device)
     return {"loss": result["loss"], "perplexity": result["perplexity"], "accuracy": result["accuracy"],
             "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"], "pad_token_id": pad_token_id}

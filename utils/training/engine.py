@@ -108,7 +108,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
     train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed, settings.stream_buffer_size)
-    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device)
+    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
