@@ -23,7 +23,7 @@ from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .previous_interface import DefaultInt, settings_from_call
 from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
-from .search_study import first_try_of, open_study, setup_record
+from .search_study import first_try_of, model_record, open_study, setup_record
 from .settings import FineTuneSettings
 from .sources import train_and_val_sources
 
@@ -140,7 +140,7 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
     try:
         study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
-                           request.fixed["random_seed"], setup)
+                           request.fixed["random_seed"], setup, model=_first_model_record(request))
         _check_study_folder(request.output_dir / study.study_name, study)
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
@@ -153,6 +153,21 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     finally:
         optuna.logging.set_verbosity(verbosity)
     return _results(study, bar.finished, request.output_dir)
+
+
+def _first_model_record(request: SearchRequest):
+    """() -> the record of the model the first trial trains (built once; that trial then takes this instance)."""
+    made = {}
+
+    def record() -> dict:
+        if "record" not in made:
+            first, factory = request.new_model(), request.new_model
+            made["record"] = model_record(first, request.config)
+            waiting = [first]
+            request.new_model = lambda: waiting.pop() if waiting else factory()
+        return made["record"]
+
+    return record
 
 
 def _check_study_folder(folder: Path, study) -> None:
