@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint_format import check_format
+from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
 
 # Settings that fix the data's order or the optimisation: resuming with other values would not continue the
 # same run. n_epochs and max_steps may be raised (the schedule is rebuilt for the new total; max_steps continues
@@ -53,13 +54,15 @@ def check_resumable(trainer, meta: dict) -> None:
                          "differs), so best-model and early-stopping decisions would compare other numbers. Pass "
                          "the same val_data, or start fresh with resume_from_checkpoint=False.")
     settings = trainer.settings.as_dict()
+    world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
     for name in RESUME_SETTINGS:
+        if world_changed and name in PER_PROCESS_SETTINGS:
+            continue  # compared per optimizer step (all processes) by check_world_size_change
         if name in meta["settings"] and meta["settings"][name] != settings[name]:
             raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
                              f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
-    if meta.get("world_size", 1) != trainer.ctx.world_size:
-        raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this "
-                         f"run has {trainer.ctx.world_size}. Launch the same number of processes, or start fresh.")
+    if world_changed:
+        check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.streamed)
     step, max_steps = meta.get("step", 0), trainer.settings.max_steps
     if max_steps is not None and step > max_steps:
         raise ValueError(f"Cannot resume: the checkpoint is at optimizer step {step}, past max_steps={max_steps} (it "
@@ -96,12 +99,12 @@ def restore_best(trainer, loaded: dict) -> None:
     if matches:
         trainer.best_checkpoint = str(best)
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = ckpt.load_checkpoint(best)["model.pt"]
+            trainer.best_weights = trainer.saved_weights(ckpt.load_checkpoint(best))
     elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
         # The checkpoint ends the best epoch: its own weights are the best.
         trainer.best_checkpoint = str(loaded["folder"])
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = loaded["model.pt"]
+            trainer.best_weights = trainer.saved_weights(loaded)
     elif trainer.settings.load_best_model_at_end:
         warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
                       "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)
