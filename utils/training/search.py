@@ -23,7 +23,7 @@ from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .previous_interface import DefaultInt, settings_from_call
 from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
-from .search_study import first_try_of, model_record, open_study, setup_record
+from .search_study import first_try_of, join_model, model_record, open_study, setup_record
 from .settings import FineTuneSettings
 from .sources import train_and_val_sources
 
@@ -140,8 +140,9 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
     try:
         study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
-                           request.fixed["random_seed"], setup, model=_first_model_record(request))
+                           request.fixed["random_seed"], setup)
         _check_study_folder(request.output_dir / study.study_name, study)
+        join_model(study, _first_model_record(request), request.storage)
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
             study.optimize(lambda trial: _objective(fine_tune, request, study, trial), n_trials=request.n_trials,

@@ -83,9 +83,8 @@ def _stale_callback_keyword() -> str:
 # ----------------------------------------------------------------------------------------------
 # Opening a study
 # ----------------------------------------------------------------------------------------------
-def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner, seed: int, setup: dict, model=None):
-    """Create or join the study, refuse another set-up (``model``: see :func:`join_setup`), then sample with a seed
-    of this process's own."""
+def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner, seed: int, setup: dict):
+    """Create or join the study, refuse another set-up, then sample with a seed of this process's own."""
     import optuna
 
     shared = is_shared(storage)
@@ -97,7 +96,7 @@ def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner,
         return optuna.create_study(storage=opened["storage"], study_name=name, direction="minimize", load_if_exists=True)
 
     study = _retry_concurrent_creation(create)
-    join_setup(study, setup, storage, model)
+    join_setup(study, setup, storage)
     sampler = _sampler(sampler_seed(seed, len(study.get_trials(deepcopy=False)), shared), shared)
     return optuna.load_study(study_name=name, storage=opened["storage"], sampler=sampler, pruner=pruner)
 
@@ -152,35 +151,44 @@ def setup_record(fixed_settings, space: dict, train, val) -> dict:
     return json.loads(json.dumps(record, default=repr))
 
 
-def join_setup(study, setup: dict, storage, model=None) -> None:
-    """Record the set-up in a new study; refuse to add trials to a study made under another one.
-
-    ``model``: () -> the model's record (:func:`model_record`); it builds a model, so it is called only once the
-    rest of the set-up agrees. A study recorded before the model was part of the set-up adopts this call's model,
-    with a warning (its trials cannot tell which model they used).
-    """
+def join_setup(study, setup: dict, storage) -> None:
+    """Record the set-up in a new study; refuse to add trials to a study made under another one. The model is
+    compared afterwards (:func:`join_model`): reading it builds a model."""
     recorded = study.user_attrs.get(SETUP_ATTR)
     if recorded is None:  # a new study, or one made by Optuna directly: this call's set-up becomes its own
-        study.set_user_attr(SETUP_ATTR, dict(setup, model=model()) if model is not None else setup)
+        study.set_user_attr(SETUP_ATTR, setup)
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its own first
     differences = [f"{key}: study {_short(recorded.get(key, '(not recorded)'))}, this call {_short(setup.get(key, '(none)'))}"
                    for key in sorted(set(recorded) | set(setup)) if key != "model" and recorded.get(key) != setup.get(key)]
-    if not differences and model is not None:
-        this = model()
-        if "model" not in recorded:
+    if differences:
+        _refuse(study, storage, differences)
+
+
+def join_model(study, model, storage) -> None:
+    """Record the model in the study's set-up, or refuse another one before any trial, naming what differs.
+
+    ``model``: () -> this call's :func:`model_record`. A study with trials but no recorded model was recorded
+    before the model was part of the set-up: it adopts this call's, with a warning (its trials cannot tell).
+    """
+    recorded = study.user_attrs[SETUP_ATTR]
+    this = model()
+    if "model" not in recorded:
+        if study.get_trials(deepcopy=False):
             warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included the "
                           f"model; this call's model ({this['class']}, {this['n_parameters']:,} parameters) is recorded now, "
                           "and its earlier trials are taken to have used the same. If they did not, pass another "
                           "study_name.", UserWarning, stacklevel=4)
-            study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
-            recorded = study.user_attrs[SETUP_ATTR]
-        if recorded["model"] != this:
-            differences = [model_differences(recorded["model"], this)]
-    if differences:
-        raise ValueError(
-            f"Study {study.study_name!r} in {_where(storage)} was run with another set-up, so its trials' values are not "
-            f"comparable with this call's ({'; '.join(differences)}). Pass another study_name to start a new study, or "
-            "call with the study's set-up to add trials to it.")
+        study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
+        recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its model first
+    if recorded["model"] != this:
+        _refuse(study, storage, [model_differences(recorded["model"], this)])
+
+
+def _refuse(study, storage, differences: list) -> None:
+    raise ValueError(
+        f"Study {study.study_name!r} in {_where(storage)} was run with another set-up, so its trials' values are not "
+        f"comparable with this call's ({'; '.join(differences)}). Pass another study_name to start a new study, or "
+        "call with the study's set-up to add trials to it.")
 
 
 # Config fields that do not define the model (bookkeeping, outputs asked of the forward, the tokenizer object).
@@ -199,7 +207,8 @@ def model_record(model, config) -> dict:
               if not name.startswith("_") and name not in NOT_MODEL_FIELDS
               and (isinstance(value, kinds) or (isinstance(value, (list, tuple)) and all(isinstance(v, kinds) for v in value)))}
     parameters = [[name, list(parameter.shape)] for name, parameter in model.named_parameters()]
-    return json.loads(json.dumps({"class": f"{type(model).__module__}.{type(model).__qualname__}",
+    # The class by name: a notebook's __main__.MyLM is the same model when later imported from a file.
+    return json.loads(json.dumps({"class": type(model).__qualname__,
                                   "n_parameters": sum(p.numel() for p in model.parameters()),
                                   "parameters": parameters, "config": fields}))
 
