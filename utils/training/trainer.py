@@ -22,7 +22,8 @@ from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricsTracker
+from .gradient_stats import GradientStats
+from .metrics import MetricRows
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
@@ -72,9 +73,10 @@ def group_into_steps(plan, accumulation: int, skip: int):
 
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+                 tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id
+        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
+        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
@@ -206,8 +208,9 @@ class Trainer:
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
         self.scaler.unscale_(self.optimizer)
-        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
-            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        stats = self.gradient_stats
+        if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -374,7 +377,9 @@ class Trainer:
         if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
-        self.tracker.load_state_dict(trainer_state["tracker"])
+        # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
+        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
         if trainer_state.get("stream"):
             self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
 
@@ -387,6 +392,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         files = self.state_dict()
         if self.ctx.is_main:
             meta = self.checkpoint_meta()
