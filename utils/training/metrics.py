@@ -136,12 +136,20 @@ class MetricRows:
         if "rows" not in state:
             rows = {"steps": state["step_rows"], "evals": state.get("eval_rows", []), "epochs": state["epoch_rows"]}
         else:
-            rows = next((found for sink in self.sinks if (found := sink.read_back(state["rows"], run_dir)) is not None),
-                        None)
-            rows = broadcast_object(rows, ctx) if ctx is not None else rows
+            rows = self._read_back(state["rows"], run_dir)
+            rows = broadcast_object(rows, ctx) if ctx is not None else rows  # rank 0's, on every rank
             if rows is None:
-                warnings.warn("The metric rows before the checkpoint could not be read back (no metrics files on the "
-                              "main process); the results and files hold only the rows from here on.", UserWarning,
+                warnings.warn("The metric rows before the checkpoint could not be read back from the metrics CSVs of "
+                              "its run folder; the results and files hold only the rows from here on. Keep the CSVs "
+                              "beside the checkpoints (in output_dir) to resume with every row.", UserWarning,
                               stacklevel=3)
                 rows = {"steps": [], "evals": [], "epochs": []}
         self.step_rows, self.eval_rows, self.epoch_rows = (list(rows[k]) for k in ("steps", "evals", "epochs"))
+
+    def _read_back(self, counts: dict, run_dir) -> dict | None:
+        try:
+            return next((found for sink in self.sinks if (found := sink.read_back(counts, run_dir)) is not None), None)
+        except Exception as error:  # noqa: BLE001 - an unreadable file must not stop the resume (nor hang other ranks)
+            warnings.warn(f"The metrics files could not be read back ({type(error).__name__}: {error}).", UserWarning,
+                          stacklevel=4)
+            return None

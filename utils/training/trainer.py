@@ -181,10 +181,10 @@ class Trainer:
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
                     state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if eval_due:  # before the checkpoint, which then counts its row (a resume does not redo it)
+                        self.evaluate_mid_epoch(epoch)
                     if checkpoint_due:
                         self.save_checkpoint()
-                    if eval_due:
-                        self.evaluate_mid_epoch(epoch)
                     started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
