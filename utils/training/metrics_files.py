@@ -7,6 +7,7 @@ line torn by the kill) are cut off when a resume reads the files back.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,17 +27,15 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    try:
-        descriptor = os.open(path, flags)
-    except OSError:
-        return  # a missing file, or a folder a network mount cannot open: nothing to make durable
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+def _fsync(path: Path) -> None:
+    """A file's data, or a folder's renames, on disk; a missing file (or a folder a network mount cannot open) is
+    left alone."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def parse_value(text: str, blank):
