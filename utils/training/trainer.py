@@ -24,7 +24,8 @@ from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricsTracker
+from .gradient_stats import GradientStats
+from .metrics import MetricRows
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
@@ -74,9 +75,10 @@ def group_into_steps(plan, accumulation: int, skip: int):
 
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+                 tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id
+        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
+        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
@@ -214,10 +216,10 @@ class Trainer:
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
                     state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if eval_due:  # before the checkpoint, which then counts its row (a resume does not redo it)
+                        self.evaluate_mid_epoch(epoch)
                     if checkpoint_due:
                         self.save_checkpoint()
-                    if eval_due:
-                        self.evaluate_mid_epoch(epoch)
                     started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
@@ -245,8 +247,9 @@ class Trainer:
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
         self.scaler.unscale_(self.optimizer)
-        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
-            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        stats = self.gradient_stats
+        if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
         grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -419,7 +422,9 @@ class Trainer:
         if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
-        self.tracker.load_state_dict(trainer_state["tracker"])
+        # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
+        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
         if trainer_state.get("stream"):
             self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
 
@@ -446,6 +451,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         if self.sharded:  # every process writes its shards
             sharded_checkpoint.save_checkpoint(self, best)
             return
