@@ -149,8 +149,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
         "precision_used": trainer.precision or "fp32", "attention_mask_free": trainer.caller.mask_free,
-        # The path the training step took: a DDP or compile wrapper goes through its own forward (chunked loss).
-        "loss_path": trainer.caller.loss_path if trainer.train_model is trainer.model else "chunked",  # "linear": the full logits never existed; "chunked": the model's logits
+        # "linear": the full logits never existed; "chunked": the model's own forward and logits (utils/training/loss_path.py)
+        "loss_path": trainer.loss_path.path, "loss_path_reason": trainer.loss_path.reason,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),

@@ -14,6 +14,7 @@ from pathlib import Path
 LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
+LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss_path.py
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -44,6 +45,9 @@ class FineTuneSettings:
     # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
     precision: str = "auto"
     compile: bool = False  # torch.compile the model once
+    # "auto": hidden states x head weight (no full logits) where that is the model's own loss and saves memory
+    # (CLAUDE.md); "linear": wherever it is the model's own loss; "chunked": always the model's own forward.
+    loss_path: str = "auto"
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
@@ -115,6 +119,7 @@ class FineTuneSettings:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
+        _check_choice("loss_path", self.loss_path, LOSS_PATHS)
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")

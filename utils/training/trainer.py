@@ -23,7 +23,8 @@ from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
 from .metrics import MetricsTracker
-from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
+from .loss_path import chunked, choose_loss_path
+from .model_call import ModelCaller, mask_free_is_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
 from .reproducibility import rng_state
@@ -80,8 +81,11 @@ class Trainer:
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
         # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
         self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, self.caller, probe)
-        # Losses from hidden states and the head's weight (no full logits) where that equals the model's own forward.
-        use_linear_loss_if_exact(model, self.caller, probe, data.pad_token_id)
+        # Losses from hidden states and the head's weight (no full logits) only where that is the model's own loss
+        # by construction and saves memory; the bound on a micro-batch's positions is for the memory rule.
+        positions = max(settings.batch_size, probe["input_ids"].shape[0]) * probe["input_ids"].shape[1]
+        self.loss_path = choose_loss_path(model, self.caller, probe, data.pad_token_id, requested=settings.loss_path,
+                                          micro_batch_positions=max(positions, settings.max_tokens_per_batch or 0))
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
@@ -91,6 +95,9 @@ class Trainer:
         self.precision = settings.autocast_dtype(device)  # None: float32
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.train_model = wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        if self.train_model is not model and self.loss_path.path == "linear":
+            self.caller.output_layer = None  # one path for training and validation: the wrapper's own forward
+            self.loss_path = chunked("a DDP or torch.compile wrapper goes through its own forward")
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
