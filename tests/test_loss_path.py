@@ -90,21 +90,19 @@ def _counting_gpt2():
 
 
 def _hooked_gpt2():
+    """Hooks on the model: a forward pre-hook with kwargs and a forward hook (logging, a stop button, an auxiliary
+    term); each counts its training calls."""
     model = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=0)
-    model.training_calls = 0
+    model.training_calls = model.training_calls_after = 0
 
-    def count(module, args, kwargs):  # a pre-hook with kwargs: logging, a stop button, an auxiliary term
+    def before(module, args, kwargs):
         module.training_calls += module.training
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    return model
+    def after(module, args, output):
+        module.training_calls_after += module.training
 
-
-def _forward_hooked_gpt2():
-    model = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=0)
-    model.training_calls = 0
-    model.register_forward_hook(lambda module, args, output: setattr(module, "training_calls",
-                                                                     module.training_calls + module.training))
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after)
     return model
 
 
@@ -117,8 +115,7 @@ CASES = {
     "learnable_scale": (lambda: HiddenHead("scale"), LR),
     "learnable_offset": (lambda: HiddenHead("offset"), LR),
     "subclass_forward": (_counting_gpt2, LR),
-    "forward_pre_hook": (_hooked_gpt2, LR),
-    "forward_hook": (_forward_hooked_gpt2, LR),
+    "forward_hooks": (_hooked_gpt2, LR),
 }
 
 
@@ -164,7 +161,7 @@ def test_models_whose_loss_is_not_the_heads_train_with_their_own_forward(case, t
     build, lr = CASES[case]
     model = build()
     reference_model, initial = copy.deepcopy(model), copy.deepcopy(model)
-    reference_model.training_calls = 0
+    reference_model.training_calls = reference_model.training_calls_after = 0
     result = _train(model, train, val, tmp_path, lr=lr, **LINEAR_ASKED)
     step_losses, val_loss = _reference(reference_model, train, val, lr)
 
@@ -181,6 +178,8 @@ def test_models_whose_loss_is_not_the_heads_train_with_their_own_forward(case, t
     assert _relative(result["final_val_loss"], evaluate_perplexity(model, val, config=_config_of(model))["loss"]) < 1e-6
     if hasattr(model, "training_calls"):  # the user's forward or hook ran in every training step
         assert model.training_calls == result["global_step"] == reference_model.training_calls
+    if hasattr(model, "training_calls_after"):
+        assert model.training_calls_after == result["global_step"]
     assert result["loss_path"] == "chunked", result.get("loss_path_reason")
 
 
