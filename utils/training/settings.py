@@ -48,6 +48,8 @@ class FineTuneSettings:
     # "auto": hidden states x head weight (no full logits) where that is the model's own loss and saves memory
     # (CLAUDE.md); "linear": wherever it is the model's own loss; "chunked": always the model's own forward.
     loss_path: str = "auto"
+    # Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) instead of DDP.
+    fsdp: bool = False
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
@@ -120,6 +122,9 @@ class FineTuneSettings:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
         _check_choice("loss_path", self.loss_path, LOSS_PATHS)
+        _check_bool("fsdp", self.fsdp)
+        if self.fsdp and self.compile:
+            raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
