@@ -15,10 +15,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, name: str | None, device_type: str, **scaler_options):
+    def __init__(self, name: str | None, device_type: str, *, use_autocast: bool = True, **scaler_options):
         if name not in (None, *DTYPES):
             raise ValueError(f"Unknown precision {name!r}; choose one of None (float32), 'bf16', 'fp16'.")
         self.name, self.device_type = name, device_type
+        self.use_autocast = use_autocast  # False where the model casts itself (FSDP's MixedPrecisionPolicy)
         # fp16 only: its 5 exponent bits underflow small gradients unless the loss is scaled up. bf16 has float32's
         # range and needs no scaler. A disabled scaler's methods are no-ops, so the update below has one form.
         self.scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16", **scaler_options)
@@ -29,7 +30,7 @@ class Precision:
         return self.name or "fp32"
 
     def autocast(self):
-        if self.name is None:
+        if self.name is None or not self.use_autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=DTYPES[self.name])
 
