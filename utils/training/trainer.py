@@ -17,13 +17,15 @@ import torch
 
 from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
+from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
 from .sources import run_length, stream_positions
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricsTracker
+from .gradient_stats import GradientStats
+from .metrics import MetricRows
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
@@ -74,9 +76,10 @@ def group_into_steps(plan, accumulation: int, skip: int):
 
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+                 tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id
+        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
+        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
@@ -115,18 +118,21 @@ class Trainer:
         """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
+        if state.global_step and self.nothing_left():
+            return self.already_complete()
         try:
             for epoch in range(state.epoch, self.n_epochs):
-                epoch_started, steps_before = time.perf_counter(), state.global_step
+                epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
-                if self.streamed and state.global_step == steps_before:
+                if self.streamed and state.step_in_epoch == 0:  # (a resumed epoch may have had its steps already)
                     raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
                                      "must start again from its beginning when iterated again (and, under torchrun, give "
                                      "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
-                state.start_epoch(epoch + 1)
+                if not self.cut_short_by_max_steps(epoch):  # else the position stays: a raised max_steps continues here
+                    state.start_epoch(epoch + 1)
                 state.run_seconds = time.perf_counter() - started
                 if settings.writes_checkpoints:
                     self.save_checkpoint(best=improved)
@@ -165,6 +171,29 @@ class Trainer:
         state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
         return batches
 
+    def nothing_left(self) -> bool:
+        """Whether a resumed run has already trained every step and epoch it is asked for."""
+        return self.state.epoch >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
+
+    def already_complete(self) -> Outcome:
+        limit = (f"max_steps={self.settings.max_steps}" if self.settings.max_steps is not None
+                 else f"n_epochs={self.settings.n_epochs}")
+        outcome = Outcome(OutcomeKind.COMPLETED, (
+            f"Nothing to train: the checkpoint already completed this run ({limit}, optimizer step "
+            f"{self.state.global_step}); the results are the checkpoint's. Raise max_steps or n_epochs to train further."),
+            already_complete=True)
+        self.tracker.message(outcome.reason)
+        return outcome
+
+    def cut_short_by_max_steps(self, epoch: int) -> bool:
+        """Whether ``max_steps`` ended the run before the end of this epoch's plan (a stream: before its end)."""
+        if self.settings.max_steps is None or self.state.global_step < self.settings.max_steps:
+            return False
+        if self.streamed:
+            return True
+        planned_steps = -(-len(self.epoch_plan(epoch)) // self.settings.gradient_accumulation_steps)
+        return self.state.step_in_epoch < planned_steps
+
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
 
@@ -191,10 +220,10 @@ class Trainer:
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
                     state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if eval_due:  # before the checkpoint, which then counts its row (a resume does not redo it)
+                        self.evaluate_mid_epoch(epoch)
                     if checkpoint_due:
                         self.save_checkpoint()
-                    if eval_due:
-                        self.evaluate_mid_epoch(epoch)
                     started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
@@ -222,8 +251,9 @@ class Trainer:
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
         self.amp.unscale_(self.optimizer)
-        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
-            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        stats = self.gradient_stats
+        if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
         grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -378,13 +408,15 @@ class Trainer:
         rate_from_schedule(self.optimizer, self.scheduler)
         self.amp.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
-        self.tracker.load_state_dict(trainer_state["tracker"])
+        # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
+        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
         if trainer_state.get("stream"):
             self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
-        return {"settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
+        return {FORMAT_KEY: FORMAT_VERSION, "settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
                 "val_fingerprint": self.fingerprints["val"], "run_id": self.run_id, "world_size": self.ctx.world_size,
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
                 "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
@@ -405,6 +437,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         if self.sharded:  # every process writes its shards
             sharded_checkpoint.save_checkpoint(self, best)
             return
