@@ -137,17 +137,25 @@ class FineTuneSettings:
             raise ValueError(f"output_dir={self.output_dir!r} is a file, not a folder. Pass a folder path "
                              "(it is created if missing).")
 
+    # Not a keyword: set by previous_interface when use_amp/mixed_precision asked for the precision. Those keep
+    # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's
+    # CPU run does not turn into a slower half-precision one. precision= itself applies on CPU too.
+    precision_from_previous_keyword = False
+
     @property
     def requested_precision(self) -> str | None:
-        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``)."""
+        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``, or a previous keyword)."""
         return self.precision if self.precision in ("bf16", "fp16") else None
 
     def autocast_dtype(self, device) -> str | None:
-        """The autocast dtype this run uses on ``device``; None is float32."""
-        if device.type != "cuda" or self.precision == "fp32":
+        """The autocast dtype this run uses on ``device``; None is float32 (decisions table in CLAUDE.md)."""
+        if self.precision == "fp32":
             return None
         if self.requested_precision:
-            return self.requested_precision
+            runs_here = device.type == "cuda" or (device.type == "cpu" and not self.precision_from_previous_keyword)
+            return self.requested_precision if runs_here else None
+        if device.type != "cuda":
+            return None  # "auto": float32 off CUDA (CPU half-precision kernels are slower than float32 on most CPUs)
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
