@@ -291,7 +291,8 @@ print(sample(model, "The history of"))"""),
     ("md", """## 7. A small hyperparameter search
 Optuna searches the learning rate and warmup; each trial's objective is its validation loss excluding padding.
 The study lives in SQLite next to the outputs: re-running the cell adds trials with new parameters (also after a
-disconnect). Changing the search space, `N_EPOCHS` or the data needs a new `study_name` (the call says so).
+disconnect). Changing the search space, `N_EPOCHS`, the data or the model needs a new `study_name`
+(the call says so; `USE_OWN_MODEL` picks its own study).
 SQLite suits this one notebook; several Colab sessions searching one study at once need a `postgresql://` URL
 (see the README's storage table). Trials write to `OUTPUT_DIR/search/notebook-search/trial-N`."""),
     ("code", """from utils.tier3_training_utilities import test_hyperparameter_search
@@ -299,7 +300,7 @@ SQLite suits this one notebook; several Colab sessions searching one study at on
 search = test_hyperparameter_search(
     new_model, config, train_data, val_data, n_trials=3 if QUICK else 10, n_epochs=1,
     search_space={"learning_rate": (1e-4, 3e-3), "warmup_ratio": (0.0, 0.2)}, batch_size=BATCH,
-    storage=f"sqlite:///{OUTPUT_DIR}/search.db", study_name="notebook-search", tokenizer=tokenizer,
+    storage=f"sqlite:///{OUTPUT_DIR}/search.db", study_name="notebook-search-own-model" if USE_OWN_MODEL else "notebook-search", tokenizer=tokenizer,
     device=DEVICE, output_dir=os.path.join(OUTPUT_DIR, "search"))
 print("best:", search["best_params"], f"val perplexity {search['best_val_perplexity']:.1f}")
 search["trials"][["number", "state", "value", "params_learning_rate", "params_warmup_ratio", "duration_s"]]"""),
