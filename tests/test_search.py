@@ -261,3 +261,37 @@ def test_trial_that_turns_non_finite_in_a_later_epoch_is_failed_not_completed():
     trials = result["trials"]
     assert list(trials["state"]) == ["FAIL"] and "not finite" in trials["reason"].iloc[0]
     assert result["best_value"] is None
+
+
+class TakenAway(TinyCausalLM):
+    """At its 3rd training forward, marks the running trial failed through the storage, as another process's
+    heartbeat check does when this process stalled past the grace period."""
+
+    def __init__(self, storage_url, **kwargs):
+        super().__init__(**kwargs)
+        self.storage_url, self.calls = storage_url, 0
+
+    def forward(self, idx):
+        self.calls += self.training
+        if self.training and self.calls == 3:
+            storage = optuna.storages.RDBStorage(self.storage_url)
+            study_id = storage.get_study_id_from_name("taken")
+            running = [t for t in storage.get_all_trials(study_id) if t.state == optuna.trial.TrialState.RUNNING]
+            storage.set_trial_state_values(running[0]._trial_id, optuna.trial.TrialState.FAIL)
+        return super().forward(idx)
+
+
+def test_a_trial_taken_by_another_process_does_not_end_the_search(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    made = []
+
+    def factory():
+        torch.manual_seed(0)
+        made.append(TakenAway(storage, vocab_size=50) if not made else TinyCausalLM(vocab_size=50))
+        return made[-1]
+
+    with pytest.warns(UserWarning, match="marked failed by another process"):
+        result = test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=3, storage=storage, study_name="taken",
+                                            heartbeat_interval=60, output_dir=str(tmp_path), **QUIET)
+    assert list(result["trials"]["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert result["n_trials"] == 3
