@@ -14,6 +14,7 @@ from pathlib import Path
 LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
+BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -62,6 +63,10 @@ class FineTuneSettings:
     # Stop after this many optimizer steps (HF's name); the schedule spans them. Needed for streamed data.
     max_steps: int | None = None
     stream_buffer_size: int = 4096  # streamed data: examples shuffled and grouped by length together
+    # Streamed data, checked as it is read: a too-long row or one with ids outside the vocabulary stops the run
+    # ("error", naming the row), is gone past ("skip") or cut to the model's positions ("truncate"); counted in
+    # results["bad_examples"].
+    bad_examples: str = "error"
 
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
@@ -116,6 +121,7 @@ class FineTuneSettings:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
+        _check_choice("bad_examples", self.bad_examples, BAD_EXAMPLES)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
         if self.pad_to_multiple_of not in (None, "auto"):

@@ -17,10 +17,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
-from .sources import run_length, stream_positions
+from .collate import to_device
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from .evaluation import evaluate
-from .examples import to_device
+from .source_contract import BatchSource
+from .sources import run_length
 from .loss import TokenSums, count_real_targets
 from .metrics import MetricsTracker
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
@@ -34,8 +35,8 @@ from .train_state import TrainState
 class RunData:
     """The prepared, checked data of a run and the pad id it was prepared with."""
 
-    train: object  # ExampleBatches or LoaderBatches
-    val: object
+    train: BatchSource
+    val: BatchSource
     pad_token_id: int
     pad_source: str
     vocab_size: int
@@ -57,19 +58,6 @@ def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, a
     return sums
 
 
-def group_into_steps(plan, accumulation: int, skip: int):
-    """``(step index, micro-batches)`` of one epoch, read lazily; a resume skips the first ``skip`` steps."""
-    step, group = 0, []
-    for planned in plan:
-        group.append(planned)
-        if len(group) == accumulation:
-            if step >= skip:
-                yield step, group
-            step, group = step + 1, []
-    if group and step >= skip:
-        yield step, group
-
-
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
                  tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
@@ -85,7 +73,7 @@ class Trainer:
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
-        self.steps_per_epoch, self.n_epochs, self.total_steps, self.streamed = run_length(data.train, self.plan_spec, settings)
+        self.steps_per_epoch, self.n_epochs, self.total_steps = run_length(data.train, self.plan_spec, settings)
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
         self.precision = settings.autocast_dtype(device)  # None: float32
@@ -105,12 +93,8 @@ class Trainer:
         started = time.perf_counter() - state.run_seconds
         try:
             for epoch in range(state.epoch, self.n_epochs):
-                epoch_started, steps_before = time.perf_counter(), state.global_step
+                epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
-                if self.streamed and state.global_step == steps_before:
-                    raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
-                                     "must start again from its beginning when iterated again (and, under torchrun, give "
-                                     "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
@@ -140,36 +124,22 @@ class Trainer:
         finally:
             state.run_seconds = time.perf_counter() - started
 
-    def epoch_plan(self, epoch: int):
-        """This process's micro-batches of one epoch (a user's DataLoader: the loader itself)."""
-        return self.data.train.plan(self.plan_spec, epoch)
-
-    def epoch_batches(self, epoch: int):
-        """The epoch's micro-batches; a user's DataLoader is replayed from the RNG state of the epoch's start."""
-        source, state = self.data.train, self.state
-        if source.plannable:
-            return self.epoch_plan(epoch)
-        resumed_order = state.loader_order_state if state.step_in_epoch else None
-        state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
-        return batches
-
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
 
     def train_epoch(self, epoch: int) -> None:
         settings, state = self.settings, self.state
-        plan = self.epoch_batches(epoch)
-        steps_in_epoch, first = None if self.streamed else self.steps_per_epoch[epoch], getattr(plan, "first_step", 0)  # a stream resumes mid-epoch
+        steps = self.data.train.steps(self.plan_spec, epoch, state.step_in_epoch)
+        steps_in_epoch = self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else None  # None: a stream's
         self.train_model.train()
         pending = []
         started = time.perf_counter()
         try:
             left = max(0, settings.max_steps - state.global_step) if settings.max_steps else None  # max_steps ends the run
-            for step_in_epoch, planned in islice(group_into_steps(plan, settings.gradient_accumulation_steps,
-                                                                  state.step_in_epoch - first), left):
-                pending.append(self.optimizer_step([to_device(self.data.train.collate(p), self.device) for p in planned]))
+            for step_in_epoch, micro_batches in islice(steps, left):
+                pending.append(self.optimizer_step([to_device(batch, self.device) for batch in micro_batches]))
                 state.global_step += 1
-                state.step_in_epoch = first + step_in_epoch + 1
+                state.step_in_epoch = step_in_epoch + 1
                 last_of_run = state.global_step >= (settings.max_steps or math.inf)
                 last_of_epoch = state.step_in_epoch == steps_in_epoch or last_of_run
                 checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
@@ -322,7 +292,7 @@ class Trainer:
             "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
             "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
         })
-        self.tracker.message(f"epoch {epoch + 1}{'' if self.streamed else f'/{self.n_epochs}'}: train loss (excl. padding) {sums.loss:.4f} | "
+        self.tracker.message(f"epoch {epoch + 1}{'' if None in self.steps_per_epoch else f'/{self.n_epochs}'}: train loss (excl. padding) {sums.loss:.4f} | "
                              f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "
                              f"padded positions {row['train/pad_fraction']:.1%}")
 
@@ -352,14 +322,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """What a checkpoint carries, one entry per file. Called on every process: it gathers each one's RNG state."""
-        rng_states = [rng_state()]
-        if self.ctx.enabled:
-            rng_states = [None] * self.ctx.world_size
-            torch.distributed.all_gather_object(rng_states, rng_state())
+        rng_states = self.gathered(rng_state())
         return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
                 "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
                                      "scaler": self.scaler.state_dict(), "rng": rng_states,
-                                     "tracker": self.tracker.state_dict(), "stream": stream_positions(self.data.train, self.ctx)}}
+                                     "tracker": self.tracker.state_dict(),
+                                     "data": {"train": self.gathered(self.data.train.state_dict()),
+                                              "val": self.gathered(self.data.val.state_dict())}}}
 
     def load_state_dict(self, files: dict) -> None:
         try:
@@ -375,8 +344,19 @@ class Trainer:
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
         self.tracker.load_state_dict(trainer_state["tracker"])
-        if trainer_state.get("stream"):
-            self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
+        # Each source takes back its own state and refuses, naming the example, when its data changed.
+        sources = trainer_state.get("data") or {"train": trainer_state.get("stream")}  # "stream": before the contract
+        for name, source in (("train", self.data.train), ("val", self.data.val)):
+            if sources.get(name):
+                source.load_state_dict(sources[name][self.ctx.rank])
+
+    def gathered(self, value) -> list:
+        """``value`` of every process, in rank order (all processes take part)."""
+        if not self.ctx.enabled:
+            return [value]
+        values = [None] * self.ctx.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
