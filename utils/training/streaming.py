@@ -79,15 +79,26 @@ class StreamBatches(BatchSource):
         self.resume_at = None
 
     # -- reading -----------------------------------------------------------------------------------
-    def _shard(self, world_size: int, rank: int, epoch: int):
+    def _shard(self, world_size: int, rank: int, epoch: int, order_state=None, replay: bool = False):
+        """This process's rows of one pass. Iterating may draw from torch's RNG (a DataLoader draws its workers'
+        seed): the pass starts from ``order_state`` (recorded at the epoch's start), and a replay sets torch's RNG
+        back afterwards, so a resumed epoch reads as the interrupted one did and draws nothing more."""
         data = self.data
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)  # a datasets stream's own shuffle, if the user asked for one
         if world_size > 1 and hasattr(data, "n_shards") and hasattr(data, "_ex_iterable"):
             from datasets.distributed import split_dataset_by_node
 
-            return iter(chain.from_iterable(map(self._rows, split_dataset_by_node(data, rank=rank, world_size=world_size))))
-        rows = chain.from_iterable(map(self._rows, data))
+            data = split_dataset_by_node(data, rank=rank, world_size=world_size)
+            world_size = 1
+        current = torch.get_rng_state()
+        if order_state is not None:
+            torch.set_rng_state(order_state)
+        items = iter(data)
+        first = next(items, None)
+        if replay:
+            torch.set_rng_state(current)
+        rows = chain.from_iterable(map(self._rows, chain([first], items) if first is not None else ()))
         return islice(rows, rank, None, world_size) if world_size > 1 else rows
 
     def _rows(self, item) -> list:
@@ -164,7 +175,9 @@ class StreamBatches(BatchSource):
         if start:
             self.checks.counts = dict(start["counts"])  # as they were before the buffer is read again
         shard = "" if spec.world_size == 1 else f" of process {spec.rank}'s shard"
-        rows = self._logged(self._shard(spec.world_size, spec.rank, epoch), self.log, f"epoch {epoch + 1}{shard}")
+        order_state = start["order"] if start and start.get("order") is not None else torch.get_rng_state()
+        rows = self._logged(self._shard(spec.world_size, spec.rank, epoch, order_state, replay=bool(start)), self.log,
+                            f"epoch {epoch + 1}{shard}")
         for _ in islice(rows, read):  # to the buffer's start: reading again is exact for any source
             pass
         while True:
@@ -180,7 +193,7 @@ class StreamBatches(BatchSource):
                     return
                 step += 1
                 self.position = {"epoch": epoch, "read": read, "buffer": buffer, "steps_done": done, "step": step,
-                                 "budget": budget, "counts": counts}
+                                 "budget": budget, "counts": counts, "order": order_state}
                 yield from self._micro_batches(step_examples, spec.accumulation)
             skip, read, buffer = 0, read + len(raw), buffer + 1
             if len(raw) < self.buffer_size:
