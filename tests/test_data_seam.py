@@ -19,7 +19,6 @@ import torch
 import seam_worker
 from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.collate import PaddingCollator
 from utils.training.source_contract import BatchSource
 from utils.training.sources import ExampleBatches, LoaderBatches, StreamBatches, batch_source
 

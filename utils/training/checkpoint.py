@@ -55,15 +55,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_folder(final: Path, payload: dict[str, object], meta: dict) -> Path:
-    """Write every file under a temporary name, fsync, then rename the folder into place."""
+def start_folder(final: Path) -> Path:
+    """The empty temporary folder that becomes ``final`` when :func:`write_folder` completes it."""
     tmp = final.with_name(".tmp-" + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_folder(final: Path, payload: dict[str, object], meta: dict, *, started: bool = False) -> Path:
+    """Write every file under a temporary name, fsync, then rename the folder into place.
+
+    ``started``: :func:`start_folder` made the temporary folder and others wrote files into it already (each
+    process its shards of a sharded checkpoint, fsynced); they are hashed and renamed with the payload.
+    """
+    tmp = final.with_name(".tmp-" + final.name) if started else start_folder(final)
     for name, obj in payload.items():
         _save_file(obj, tmp / name)
-    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in payload},
-                sha256={name: _sha256(tmp / name) for name in payload})
+    names = sorted(p.name for p in tmp.iterdir())
+    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in names},
+                sha256={name: _sha256(tmp / name) for name in names})
     _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (or 'best'): move the old one aside first
@@ -149,7 +160,9 @@ def verify_folder(folder: Path) -> dict:
 def load_checkpoint(folder: Path) -> dict:
     """Read one folder; raise if any file is missing, truncated, altered or unreadable."""
     meta = verify_folder(folder)
-    loaded = {name: torch.load(folder / name, map_location="cpu", weights_only=False) for name in meta["files"]}
+    # A sharded checkpoint's shard files are verified here and read by sharded_checkpoint into the sharded model.
+    loaded = {name: torch.load(folder / name, map_location="cpu", weights_only=False) for name in meta["files"]
+              if name.endswith(".pt")}
     return {"meta": meta, "folder": folder, **loaded}
 
 

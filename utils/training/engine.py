@@ -15,6 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .checks import check_model_against_data
 from .distributed import setup_distributed
+from .fsdp import require_launch
 from .metrics import MetricsTracker, import_wandb
 from .model_call import vocab_size_of
 from .outcome import Outcome
@@ -53,7 +54,9 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here. Pass device='cpu', or select a GPU "
                          "runtime (Colab: Runtime > Change runtime type).")
-    ctx, device = setup_distributed(torch.device(device) if device is not None else None)
+    if settings.fsdp:
+        require_launch()  # before any work: a plain process is refused with the launch command
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
     if settings.requested_precision and device.type != "cuda":
         warnings.warn(f"Mixed precision ({settings.requested_precision}) applies on CUDA only; training in float32 on "
                       f"{device.type}.", UserWarning, stacklevel=4)
@@ -77,7 +80,8 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     resumed = resume(trainer)
     _start_tracker(trainer, model)
     if resumed is not None:
-        set_rng_state(resumed["trainer_state.pt"]["rng"][ctx.rank])  # last: nothing may draw random numbers after
+        rng = resumed["trainer_state.pt"]["rng"]  # one per process that wrote it; a changed world size reuses them in turn
+        set_rng_state(rng[ctx.rank % len(rng)])  # last: nothing may draw random numbers after
         tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
     return trainer, resumed
 
@@ -137,7 +141,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     tracker, state, settings = trainer.tracker, trainer.state, trainer.settings
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if settings.load_best_model_at_end and trainer.best_weights is not None:
-        trainer.model.load_state_dict(trainer.best_weights)
+        trainer.load_weights(trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
     frame = tracker.epochs_frame()
     last = frame.iloc[-1] if len(frame) else None

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
 
 # Settings that fix the data's order or the optimisation: resuming with other values would not continue the
 # same run. n_epochs may be raised (the schedule is rebuilt for the new total); pad_to_multiple_of may change
@@ -49,13 +50,15 @@ def check_resumable(trainer, meta: dict) -> None:
                          "differs), so best-model and early-stopping decisions would compare other numbers. Pass "
                          "the same val_data, or start fresh with resume_from_checkpoint=False.")
     settings = trainer.settings.as_dict()
+    world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
     for name in RESUME_SETTINGS:
+        if world_changed and name in PER_PROCESS_SETTINGS:
+            continue  # compared per optimizer step (all processes) by check_world_size_change
         if name in meta["settings"] and meta["settings"][name] != settings[name]:
             raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
                              f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
-    if meta.get("world_size", 1) != trainer.ctx.world_size:
-        raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this "
-                         f"run has {trainer.ctx.world_size}. Launch the same number of processes, or start fresh.")
+    if world_changed:
+        check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.data.train.state_per_process)
     epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.n_epochs
     past_the_end = epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0)
     if trainer.settings.max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
@@ -79,12 +82,12 @@ def restore_best(trainer, loaded: dict) -> None:
     if matches:
         trainer.best_checkpoint = str(best)
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = ckpt.load_checkpoint(best)["model.pt"]
+            trainer.best_weights = trainer.saved_weights(ckpt.load_checkpoint(best))
     elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
         # The checkpoint ends the best epoch: its own weights are the best.
         trainer.best_checkpoint = str(loaded["folder"])
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = loaded["model.pt"]
+            trainer.best_weights = trainer.saved_weights(loaded)
     elif trainer.settings.load_best_model_at_end:
         warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
                       "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)

@@ -36,6 +36,8 @@ class BatchSource(ABC):
 
     what: str = "training data"
     shards_itself: bool = True  # under torchrun: gives each process its own shard (a user's DataLoader does not)
+    state_per_process: bool = False  # its state is each process's own (a stream's position in its shard): a resume
+    # needs the same number of processes
 
     # -- start-up: checks and probes ----------------------------------------------------------------
     @abstractmethod

@@ -64,6 +64,8 @@ class StreamBatches(BatchSource):
     ``bad_examples`` says what a too-long row or one with ids outside the vocabulary does).
     """
 
+    state_per_process = True
+
     def __init__(self, data, collator: PaddingCollator, pad_is_eos: bool = False, what: str = "training data",
                  buffer_size: int = DEFAULT_BUFFER_SIZE, bad_examples: str = "error"):
         if iter(data) is data:

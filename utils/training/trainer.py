@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
 from .collate import to_device
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
+from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .source_contract import BatchSource
 from .sources import run_length
@@ -74,11 +75,18 @@ class Trainer:
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
         self.steps_per_epoch, self.n_epochs, self.total_steps = run_length(data.train, self.plan_spec, settings)
+        self.precision = settings.autocast_dtype(device)  # None: float32
+        self.sharded = settings.fsdp  # FSDP2: sharded in place before the optimizer sees its (DTensor) parameters
+        if self.sharded:
+            self.precision = fsdp.check_precision(device, self.precision, settings.requested_precision)
+            fsdp.shard_model(model, device, self.precision)
+            # The linear path calls the body and reads the head's weight outside the root's forward, where FSDP
+            # has not gathered the root's shards: the chunked loss over the model's own logits.
+            self.caller.output_layer = None
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
-        self.precision = settings.autocast_dtype(device)  # None: float32
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.train_model = wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        self.train_model = model if self.sharded else wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
@@ -167,10 +175,14 @@ class Trainer:
         # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
         real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, self.data.pad_token_id) for b in batches])
                                       .sum().float(), ctx)
-        divisor = real_in_step.clamp(min=1) / ctx.world_size  # DDP averages gradients over processes; undo it
+        # DDP (and FSDP's reduce-scatter) average gradients over processes; undo it
+        divisor = real_in_step.clamp(min=1) / ctx.world_size
         sums = TokenSums()
         for i, batch in enumerate(batches):
-            sync = self.train_model.no_sync() if ctx.enabled and i < len(batches) - 1 else contextlib.nullcontext()
+            last = i == len(batches) - 1
+            if self.sharded:
+                fsdp.set_gradient_sync(self.model, last)
+            sync = self.train_model.no_sync() if ctx.enabled and not last and not self.sharded else contextlib.nullcontext()
             with sync:
                 sums += forward_backward(self.train_model, batch, self.data.pad_token_id, caller=self.caller,
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
@@ -179,7 +191,8 @@ class Trainer:
         if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
             self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
+        # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
+        grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # Under fp16 the GradScaler skips inf gradients itself (and lowers its scale); only the loss decides there.
         not_finite = ~torch.isfinite(sums.loss_sum) | (~torch.isfinite(grad_norm) & (not self.scaler.is_enabled()))
@@ -216,7 +229,7 @@ class Trainer:
                 self.state.batch_shapes.append(shape)
 
     def autocast(self):
-        if self.precision is None:
+        if self.precision is None or self.sharded:  # sharded: FSDP's MixedPrecisionPolicy casts instead
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
@@ -304,7 +317,8 @@ class Trainer:
             return False
         state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
         if self.settings.load_best_model_at_end:
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best_weights = (fsdp.local_weights(self.model) if self.sharded else
+                                 {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
         return True
 
     def early_stopping(self, epoch: int) -> Outcome | None:
@@ -332,11 +346,15 @@ class Trainer:
 
     def load_state_dict(self, files: dict) -> None:
         try:
-            self.model.load_state_dict(files["model.pt"])
+            if "model.pt" in files:
+                self.model.load_state_dict(files["model.pt"])
+            else:  # a sharded checkpoint (fsdp=True): model and optimizer from its shards, on any number of processes
+                sharded_checkpoint.load_model_and_optimizer(self.model, self.optimizer, files["folder"])
         except RuntimeError as error:
             raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
                              "Build the same architecture, or start fresh.") from error
-        self.optimizer.load_state_dict(files["optimizer.pt"])
+        if "optimizer.pt" in files:
+            self.optimizer.load_state_dict(files["optimizer.pt"])
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         rate_from_schedule(self.optimizer, self.scheduler)
@@ -365,8 +383,25 @@ class Trainer:
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
                 "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
 
+    def load_weights(self, weights: dict) -> None:
+        """Weights kept by ``track_best`` or read by :meth:`saved_weights` back into the model."""
+        if self.sharded:
+            fsdp.load_local_weights(self.model, weights)
+        else:
+            self.model.load_state_dict(weights)
+
+    def saved_weights(self, loaded: dict) -> dict:
+        """The model weights of a loaded checkpoint folder (``checkpoint.load_checkpoint``), as ``load_weights`` takes them."""
+        if "model.pt" in loaded:
+            return loaded["model.pt"]
+        weights = sharded_checkpoint.load_model_weights(self.model, loaded["folder"])
+        return fsdp.local_weights_of(weights) if self.sharded else weights
+
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        if self.sharded:  # every process writes its shards
+            sharded_checkpoint.save_checkpoint(self, best)
+            return
         files = self.state_dict()
         if self.ctx.is_main:
             meta = self.checkpoint_meta()
