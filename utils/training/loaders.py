@@ -59,7 +59,7 @@ class LoaderBatches(BatchSource):
         self.log.start(epoch, resumed["read"] if resumed else None)
         self.order_state = resumed["order"] if resumed else self._order_state()
         batches = self._pass(self.order_state, restore_rng=resumed is not None)
-        where = lambda k: f"batch {k} of epoch {epoch + 1} (optimizer step {k // spec.accumulation + 1} of the epoch)"  # noqa: E731
+        where = lambda k: f"batch {k + 1} of epoch {epoch + 1}, in its optimizer step {k // spec.accumulation + 1}"  # noqa: E731
         return group_into_steps(self._logged(batches, epoch), spec.accumulation, start,
                                 lambda item: self.collate(item[1], where(item[0])))
 
@@ -80,7 +80,8 @@ class LoaderBatches(BatchSource):
             check_loader_batch(batch, self.what)
             columns = {key: batch[key] for key in ROW_KEYS if batch.get(key) is not None}
             for row in range(len(batch["input_ids"])):
-                self.log.note({key: column[row] for key, column in columns.items()}, where)
+                self.log.note({key: column[row] for key, column in columns.items()}, where,
+                              f" (in batch {k + 1} of this epoch as its row {row})")
             yield k, batch
         self.log.replay_ended(where)
 
@@ -172,7 +173,7 @@ class LoaderBatches(BatchSource):
             batches = [self.first_batch()]
         else:
             with self._random_state_kept():
-                batches = [self.collate(b, f"batch {k}") for k, b in enumerate(self.loader)]
+                batches = [self.collate(b) for b in self.loader]
         for batch in batches:
             for key in ROW_KEYS:
                 tensor = batch.get(key)
@@ -186,7 +187,7 @@ class LoaderBatches(BatchSource):
         batch = dict(batch)
         input_ids = batch["input_ids"]
         check_batch_shapes(batch, self.what)
-        place = f"{where[0].upper()}{where[1:]} of the {self.what}" if where else f"A batch of the {self.what}"
+        place = f"A batch of the {self.what}" + (f" ({where})" if where else "")
         if self.vocab_size is not None:
             check_batch_ids(batch, self.vocab_size, place)
         check_length(input_ids.shape[1], self.max_length, place)

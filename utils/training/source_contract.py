@@ -148,12 +148,13 @@ class ReadLog:
             self.expected = array("Q")
             self.expected.frombytes(recorded["digests"])
 
-    def note(self, row, where: str = "") -> None:
-        """Record one example as it is read; during a replay, compare it with the recorded one."""
+    def note(self, row, where: str = "", detail: str = "") -> None:
+        """Record one example as it is read; during a replay, compare it with the recorded one (``detail``: where
+        else it stands, e.g. its batch)."""
         value, index = row_digest(row), len(self.digests)
         if self.expected is not None and index < len(self.expected) and self.expected[index] != value:
             raise ValueError(
-                f"Cannot resume: {self.unit} {index} of {where or 'this epoch'} of the {self.what} differs from the one "
+                f"Cannot resume: {self.unit} {index} of {where or 'this epoch'} of the {self.what}{detail} differs from the one "
                 "read before the interruption (the data changed since the checkpoint). Pass the same data, or start "
                 "fresh with resume_from_checkpoint=False.")
         self.digests.append(value)
