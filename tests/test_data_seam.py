@@ -48,7 +48,7 @@ def killed(tmp_path_factory):
     """Each stream form and a validation stream, SIGKILLed at training forward 7 (checkpoints every 2 steps: the
     newest is step 6), and uninterrupted runs of the iterable loader and the shuffling loader to compare with; the
     processes run together."""
-    folders = {form: tmp_path_factory.mktemp(form) for form in STREAM_FORMS + ["val-stream", "whole-iterable", "whole-loader"]}
+    folders = {form: tmp_path_factory.mktemp(form) for form in STREAM_FORMS + ["val-stream", "whole-iterable-loader", "whole-loader"]}
     processes = {form: _worker(form.replace("whole-", ""), folder, kill_at=None if "whole" in form else 7)
                  for form, folder in folders.items()}
     for form, process in processes.items():
@@ -85,7 +85,7 @@ def test_a_changed_validation_stream_row_is_named_when_a_killed_run_resumes(kill
 
 def test_an_iterable_loader_killed_mid_epoch_resumes_to_the_uninterrupted_run(killed):
     _finished(_worker("iterable-loader", killed["iterable-loader"], mode="resume", resume_from_checkpoint=True))
-    whole = json.loads((killed["whole-iterable"] / "run.json").read_text())  # in the same kind of process
+    whole = json.loads((killed["whole-iterable-loader"] / "run.json").read_text())  # in the same kind of process
     resumed = json.loads((killed["iterable-loader"] / "resume.json").read_text())
     assert resumed["resumed_from_step"] == 6 and resumed["global_step"] == whole["global_step"] == 10
     assert resumed["loss_history"] == whole["loss_history"] and resumed["final_val_loss"] == whole["final_val_loss"]
