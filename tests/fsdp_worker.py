@@ -4,12 +4,12 @@ Scenarios write ``<run>-rank<r>.json`` (results) and ``<run>-weights.pt`` (the f
 """
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,9 +74,11 @@ def run_scenario(out: str, scenario: str, source: str) -> None:
         model = tiny(killable=True)
         result = fit(out, "equal", model, fsdp=fsdp, **KILL_FAMILY)
         val = evaluate_perplexity(model, VAL, CONFIG, batch_size=3)
-        record(out, "equal", result, model, {"evaluate_perplexity": val["loss"], "tokens": val["tokens"]})
+        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+        record(out, "equal", result, model, {"evaluate_perplexity": val["loss"], "tokens": val["tokens"],
+                                             "held_parameter_fraction": held / sum(p.numel() for p in model.parameters())})
         gpt2 = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=PAD)  # HF: its decoder layers are the units
-        record(out, "gpt2", fit(out, "gpt2", gpt2, fsdp=fsdp, n_epochs=1), gpt2)
+        record(out, "gpt2", fit(out, "gpt2", gpt2, fsdp=fsdp, n_epochs=1, loss_path="linear"), gpt2)
         model = tiny()  # the non-finite guard: the first update makes every weight huge, the second step is NaN
         record(out, "nan", fit(out, "nan", model, fsdp=fsdp, n_epochs=1, learning_rate=1e30, max_grad_norm=None), model)
     elif scenario == "killed":  # every process SIGKILLs itself at the same training forward, mid-epoch 2

@@ -5,7 +5,7 @@ SIGKILL, and its sharded checkpoints resume on one process (issue 38).
 """
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +22,16 @@ KILL_AT = 13  # training forward 13 = the first micro-batch of optimizer step 7,
 AT_STEP, FROM_STEP = 4, 6  # the other-world resumes: the end of epoch 1; the middle of epoch 2
 
 
-def _run(arguments, cwd, port=None, processes=2, expect_ok=True, **env):
-    launcher = [] if port is None else ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                                        f"--master_port={port}"]
+def _free_port() -> int:
+    """A port nobody listens on now: fixed ones collided with other sessions' torchrun runs (EADDRINUSE)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run(arguments, cwd, torchrun=True, processes=2, expect_ok=True, **env):
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    launcher = launcher if torchrun else []
     done = subprocess.run([sys.executable, *launcher, str(WORKER), *map(str, arguments)], cwd=cwd, capture_output=True,
                           text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                                                            AT_STEP=str(AT_STEP), FROM_STEP=str(FROM_STEP), **env))
@@ -41,11 +48,11 @@ def _read(folder, name, processes=2):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     sharded, alone = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("alone")
-    _run([sharded, "equal"], sharded, port=29551)
-    killed = _run([sharded, "killed"], sharded, port=29552, expect_ok=False, KILL_AT=str(KILL_AT))
+    _run([sharded, "equal"], sharded)
+    killed = _run([sharded, "killed"], sharded, expect_ok=False, KILL_AT=str(KILL_AT))
     assert "the kill did not happen" not in killed.stdout + killed.stderr and "SIGKILL" in killed.stdout + killed.stderr
-    _run([sharded, "resumed"], sharded, port=29553)
-    _run([alone, "equal,other-world", sharded], alone)
+    _run([sharded, "resumed"], sharded)
+    _run([alone, "equal,other-world", sharded], alone, torchrun=False)
     return sharded, alone
 
 
@@ -82,6 +89,8 @@ def test_two_processes_fsdp_equal_one_process(runs):
     assert _independent_val_loss(weights) == pytest.approx(best_val, rel=1e-5)  # the evaluator on the gathered weights
     assert two["evaluate_perplexity"] == pytest.approx(best_val, rel=1e-5)  # on the sharded model, all processes
     assert two["tokens"] == one["tokens"]
+    # Each process holds half of the weights (and so of the AdamW moments, shaped like them), also after validation.
+    assert one["held_parameter_fraction"] == 1 and two["held_parameter_fraction"] <= 0.6
     _assert_weights_close(torch.load(alone / "equal-weights.pt"), weights, 1e-2, two["global_step"])
 
 
@@ -147,8 +156,8 @@ def test_two_process_checkpoint_resumes_on_one_process(runs):
 def test_one_process_fsdp_checkpoint_resumes_on_two(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    _run([one, "equal"], one, port=29554, processes=1)
-    _run([two, "other-world", one], two, port=29555)
+    _run([one, "equal"], one, processes=1)
+    _run([two, "other-world", one], two)
     at_resume = torch.load(two / "at-resume-weights.pt")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

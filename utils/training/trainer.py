@@ -18,16 +18,20 @@ import torch
 from . import checkpoint as ckpt
 from .batch_plans import PlanSettings
 from .collate import to_device
+from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
 from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
 from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .source_contract import BatchSource
 from .sources import run_length
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricsTracker
-from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
+from .gradient_stats import GradientStats
+from .loss_path import chunked, choose_loss_path
+from .metrics import MetricRows
+from .model_call import ModelCaller, mask_free_is_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
+from .precision import Precision
 from .reproducibility import rng_state
 from .settings import FineTuneSettings
 from .train_state import TrainState
@@ -61,16 +65,20 @@ def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, a
 
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+                 tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id
+        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
+        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
         # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
         self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, self.caller, probe)
-        # Losses from hidden states and the head's weight (no full logits) where that equals the model's own forward.
-        use_linear_loss_if_exact(model, self.caller, probe, data.pad_token_id)
+        # Losses from hidden states and the head's weight (no full logits) only where that is the model's own loss
+        # by construction and saves memory; the bound on a micro-batch's positions is for the memory rule.
+        positions = max(settings.batch_size, probe["input_ids"].shape[0]) * probe["input_ids"].shape[1]
+        self.loss_path = choose_loss_path(model, self.caller, probe, data.pad_token_id, requested=settings.loss_path,
+                                          micro_batch_positions=max(positions, settings.max_tokens_per_batch or 0))
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
@@ -83,10 +91,17 @@ class Trainer:
             # The linear path calls the body and reads the head's weight outside the root's forward, where FSDP
             # has not gathered the root's shards: the chunked loss over the model's own logits.
             self.caller.output_layer = None
+            self.loss_path = chunked("FSDP: the head's weight is sharded outside the root's forward")
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # Autocast and GradScaler on this device's type (CPU autocast too, when asked for): one code path. Sharded:
+        # FSDP's MixedPrecisionPolicy casts instead of autocast.
+        self.amp = Precision(self.precision, device.type, use_autocast=not self.sharded)
+        self.scaler, self.autocast = self.amp.scaler, self.amp.autocast
         self.train_model = model if self.sharded else wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        if self.train_model is not model and self.loss_path.path == "linear":
+            self.caller.output_layer = None  # one path for training and validation: the wrapper's own forward
+            self.loss_path = chunked("a DDP or torch.compile wrapper goes through its own forward")
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
@@ -99,6 +114,8 @@ class Trainer:
         """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
+        if state.global_step and self.nothing_left():
+            return self.already_complete()
         try:
             for epoch in range(state.epoch, self.n_epochs):
                 epoch_started = time.perf_counter()
@@ -106,7 +123,8 @@ class Trainer:
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
-                state.start_epoch(epoch + 1)
+                if not self.cut_short_by_max_steps(epoch):  # else the position stays: a raised max_steps continues here
+                    state.start_epoch(epoch + 1)
                 state.run_seconds = time.perf_counter() - started
                 if settings.writes_checkpoints:
                     self.save_checkpoint(best=improved)
@@ -131,6 +149,27 @@ class Trainer:
             raise
         finally:
             state.run_seconds = time.perf_counter() - started
+
+    def nothing_left(self) -> bool:
+        """Whether a resumed run has already trained every step and epoch it is asked for."""
+        return self.state.epoch >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
+
+    def already_complete(self) -> Outcome:
+        limit = (f"max_steps={self.settings.max_steps}" if self.settings.max_steps is not None
+                 else f"n_epochs={self.settings.n_epochs}")
+        outcome = Outcome(OutcomeKind.COMPLETED, (
+            f"Nothing to train: the checkpoint already completed this run ({limit}, optimizer step "
+            f"{self.state.global_step}); the results are the checkpoint's. Raise max_steps or n_epochs to train further."),
+            already_complete=True)
+        self.tracker.message(outcome.reason)
+        return outcome
+
+    def cut_short_by_max_steps(self, epoch: int) -> bool:
+        """Whether ``max_steps`` ended the run before the end of this epoch's plan (a stream: before its end)."""
+        if self.settings.max_steps is None or self.state.global_step < self.settings.max_steps:
+            return False
+        planned_steps = self.data.train.steps_in_epoch(self.plan_spec, epoch)  # None: a stream's
+        return planned_steps is None or self.state.step_in_epoch < planned_steps
 
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
@@ -157,10 +196,10 @@ class Trainer:
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
                     state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if eval_due:  # before the checkpoint, which then counts its row (a resume does not redo it)
+                        self.evaluate_mid_epoch(epoch)
                     if checkpoint_due:
                         self.save_checkpoint()
-                    if eval_due:
-                        self.evaluate_mid_epoch(epoch)
                     started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
@@ -187,9 +226,10 @@ class Trainer:
                 sums += forward_backward(self.train_model, batch, self.data.pad_token_id, caller=self.caller,
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
-        self.scaler.unscale_(self.optimizer)
-        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
-            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        self.amp.unscale_(self.optimizer)
+        stats = self.gradient_stats
+        if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
         grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -199,39 +239,22 @@ class Trainer:
         # All processes take the same decision, or the ones that go on would wait forever for one that stopped.
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
-        self.apply_update()
+        self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sums": sums, "grad_norm": grad_norm.detach().double(), "not_finite": not_finite,
                 "learning_rate": learning_rate}
 
-    def apply_update(self) -> None:
+    def apply_update(self, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
-        never reaches the weights."""
-        if self.scaler.is_enabled():
-            # fp16 only: one host read of the flag per step (GradScaler has no way to take a found_inf of ours).
-            if not bool(self.stop_flag):
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = self.stop_flag  # the fused kernel returns early where it is 1
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not bool(self.stop_flag):  # host read (sync) only where no fused kernel exists for these parameters
-            self.optimizer.step()
+        never reaches the weights. Under fp16 an overflowed gradient skips only its own step."""
+        self.amp.step(self.optimizer, self.amp.skip_update(self.stop_flag, grad_norm))
 
     def note_shapes(self, batches: list[dict]) -> None:
         for batch in batches:  # each new shape costs a warm-up (a recompile under compile=True) on a GPU
             shape = list(batch["input_ids"].shape)
             if shape not in self.state.batch_shapes:
                 self.state.batch_shapes.append(shape)
-
-    def autocast(self):
-        if self.precision is None or self.sharded:  # sharded: FSDP's MixedPrecisionPolicy casts instead
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
     # -- recording ---------------------------------------------------------------------------------
     def record_steps(self, pending: list[dict], epoch: int) -> None:
@@ -339,7 +362,7 @@ class Trainer:
         rng_states = self.gathered(rng_state())
         return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
                 "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
-                                     "scaler": self.scaler.state_dict(), "rng": rng_states,
+                                     "scaler": self.amp.state_dict(), "rng": rng_states,
                                      "tracker": self.tracker.state_dict(),
                                      "data": {"train": self.gathered(self.data.train.state_dict()),
                                               "val": self.gathered(self.data.val.state_dict())}}}
@@ -358,10 +381,11 @@ class Trainer:
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         rate_from_schedule(self.optimizer, self.scheduler)
-        if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
-            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.amp.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
-        self.tracker.load_state_dict(trainer_state["tracker"])
+        # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
+        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
         # Each source takes back its own state and refuses, naming the example, when its data changed.
         sources = trainer_state.get("data") or {"train": trainer_state.get("stream")}  # "stream": before the contract
         for name, source in (("train", self.data.train), ("val", self.data.val)):
@@ -378,7 +402,7 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
-        return {"settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
+        return {FORMAT_KEY: FORMAT_VERSION, "settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
                 "val_fingerprint": self.fingerprints["val"], "run_id": self.run_id, "world_size": self.ctx.world_size,
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
                 "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
@@ -399,6 +423,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         if self.sharded:  # every process writes its shards
             sharded_checkpoint.save_checkpoint(self, best)
             return
