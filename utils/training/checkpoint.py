@@ -19,10 +19,33 @@ import torch
 STEP_PREFIX = "step-"
 
 
-def _save_file(obj, path: Path) -> None:
+class _HashingWriter:
+    """A file that hashes what passes through it: the sha256 comes with the write, not from reading it back."""
+
+    def __init__(self, handle):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_file(obj, path: Path) -> str:
+    """``torch.save`` into ``path``, fsynced; returns the file's sha256."""
     with open(path, "wb") as handle:
-        torch.save(obj, handle)
+        writer = _HashingWriter(handle)
+        torch.save(obj, writer)
         handle.flush()
+        os.fsync(handle.fileno())
+    return writer.digest.hexdigest()
+
+
+def _copy_file_synced(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)  # an in-kernel copy where the filesystem has one
+    with open(target, "rb+") as handle:
         os.fsync(handle.fileno())
 
 
@@ -55,15 +78,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_folder(final: Path, payload: dict[str, object], meta: dict) -> Path:
-    """Write every file under a temporary name, fsync, then rename the folder into place."""
+def _fresh_tmp(final: Path) -> Path:
     tmp = final.with_name(".tmp-" + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, obj in payload.items():
-        _save_file(obj, tmp / name)
-    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in payload},
-                sha256={name: _sha256(tmp / name) for name in payload})
+    return tmp
+
+
+def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -> Path:
+    """``meta.json`` (sizes and sha256 of the files in ``tmp``) written last, then ``tmp`` renamed to ``final``."""
+    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in hashes}, sha256=hashes)
     _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (or 'best'): move the old one aside first
@@ -79,10 +103,34 @@ def write_folder(final: Path, payload: dict[str, object], meta: dict) -> Path:
     return final
 
 
-def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict) -> Path:
+def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
+              best: bool = False) -> tuple[Path, Path | None]:
+    """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
-    write_folder(final, payload, dict(meta, step=step))
-    return final
+    tmp = _fresh_tmp(final)
+    hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
+    best_folder = None
+    if best:  # the step's serialised weights, copied: one serialisation serves both folders
+        best_tmp = _fresh_tmp(checkpoints_dir / "best")
+        _copy_file_synced(tmp / "model.pt", best_tmp / "model.pt")
+        best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})
+    return _finish_folder(tmp, final, dict(meta, step=step), hashes), best_folder
+
+
+def publish_folder(source: Path, target_dir: Path) -> Path:
+    """Copy a complete checkpoint folder into ``target_dir`` (a staging folder's into ``output_dir``): files into
+    ``.tmp-<name>``, each checked against the source's sha256 after the copy, ``meta.json`` last, then renamed.
+    A copy cut short stays a ``.tmp-`` folder, which is never taken for a checkpoint."""
+    meta = json.loads((source / "meta.json").read_text())
+    final = target_dir / source.name
+    tmp = _fresh_tmp(final)
+    for name in meta["files"]:
+        _copy_file_synced(source / name, tmp / name)
+        if _sha256(tmp / name) != meta["sha256"][name]:
+            raise OSError(f"{tmp / name} differs from {source / name} after copying (sha256); the storage under "
+                          f"{target_dir} corrupted it")
+    return _finish_folder(tmp, final, {k: v for k, v in meta.items() if k not in ("files", "sha256")}, meta["sha256"])
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:

@@ -45,6 +45,7 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         outcome = trainer.fit()
+        trainer.finish_checkpoints(outcome)  # the last background write is complete (or its failure reported)
         return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
 
 
@@ -156,6 +157,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
         "best_checkpoint": trainer.best_checkpoint, "last_checkpoint": trainer.last_checkpoint,
+        "checkpoint_error": trainer.checkpoint_error,  # a failed last write when the run ended for another reason
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(tracker.epochs_csv), "steps_csv": str(tracker.steps_csv),
