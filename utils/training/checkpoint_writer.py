@@ -16,6 +16,7 @@ would end the run. A failed write warns when it fails and is raised at the next 
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import shutil
 import threading
@@ -50,22 +51,40 @@ class HostSnapshot:
         return sum(t.numel() * t.element_size() for path, t in _tensors(state, ())
                    if not _fits(self.buffers.get(path), t))
 
-    def take(self, state):
-        """A copy of ``state`` that training can no longer change. On CUDA the copies may still be running:
-        call :meth:`ready` before reading it from another thread."""
+    def take(self, state, deferrable=frozenset()):
+        """A copy of ``state`` that training can no longer change, once :meth:`ready` returned.
+
+        Host tensors whose storage is in ``deferrable`` (the weights and the optimizer's moments: only the
+        optimizer update changes them) are copied later by :meth:`copy_deferred`, in the writer thread while the
+        next step's forward and backward run; the update first calls :meth:`wait_copied`. On CUDA the copies are
+        queued on the stream (pinned buffers): later kernels, the update's too, run after them."""
         shared: dict[tuple, torch.Tensor] = {}  # tied weights (one storage, two names) stay one tensor
-        self.event = None
-        copied = self._copy(state, (), shared)
+        self.event, self.deferred, self.copied = None, [], threading.Event()
+        copied = self._copy(state, (), shared, deferrable)
         if any(t.is_cuda for _, t in _tensors(state, ())):
             self.event = torch.cuda.Event()
-            self.event.record()  # after every copy on the current stream: later in-place updates wait for them
+            self.event.record()  # after every copy on the current stream
+        if not self.deferred:
+            self.copied.set()
         return copied
 
+    def copy_deferred(self) -> None:
+        try:
+            for buffer, value in self.deferred:
+                _memcpy(buffer, value)
+        finally:
+            self.deferred = []
+            self.copied.set()
+
+    def wait_copied(self) -> None:
+        self.copied.wait()
+
     def ready(self) -> None:
-        if getattr(self, "event", None) is not None:
+        self.copy_deferred()
+        if self.event is not None:
             self.event.synchronize()
 
-    def _copy(self, value, path, shared):
+    def _copy(self, value, path, shared, deferrable):
         if isinstance(value, torch.Tensor):
             key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                    tuple(value.stride()), value.dtype, value.device)
@@ -75,21 +94,33 @@ class HostSnapshot:
             if not _fits(buffer, value):
                 buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin and value.is_cuda)
                 self.buffers[path] = buffer
-            buffer.copy_(value.detach(), non_blocking=value.is_cuda and buffer.is_pinned())
+            if value.device.type == "cpu" and value.is_contiguous():
+                if value.untyped_storage().data_ptr() in deferrable:
+                    self.deferred.append((buffer, value))
+                else:
+                    _memcpy(buffer, value)
+            else:
+                buffer.copy_(value.detach(), non_blocking=value.is_cuda and buffer.is_pinned())
             shared[key] = buffer
             return buffer
         if isinstance(value, dict):
             copied = OrderedDict() if isinstance(value, OrderedDict) else {}
             for key, item in value.items():
-                copied[key] = self._copy(item, path + (key,), shared)
+                copied[key] = self._copy(item, path + (key,), shared, deferrable)
             if hasattr(value, "_metadata"):  # a module state_dict's versions, read by load_state_dict
                 copied._metadata = copy.deepcopy(value._metadata)
             return copied
         if isinstance(value, list):
-            return [self._copy(item, path + (i,), shared) for i, item in enumerate(value)]
+            return [self._copy(item, path + (i,), shared, deferrable) for i, item in enumerate(value)]
         if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(self._copy(item, path + (i,), shared) for i, item in enumerate(value))
+            return tuple(self._copy(item, path + (i,), shared, deferrable) for i, item in enumerate(value))
         return value if isinstance(value, _ATOMS) else copy.deepcopy(value)
+
+
+def _memcpy(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """One plain memcpy (without the GIL): ``copy_`` splits even small tensors over the intra-op threads, and on
+    busy cores each split waited for a preempted thread (a 256x256 copy took 50 ms; a whole state 1 GB/s)."""
+    ctypes.memmove(buffer.data_ptr(), value.data_ptr(), value.numel() * value.element_size())
 
 
 def _fits(buffer, tensor) -> bool:
@@ -138,20 +169,26 @@ class CheckpointWriter:
         if staging_dir is not None:
             shutil.rmtree(staging_dir, ignore_errors=True)  # a killed run's half-written folders: never published
 
-    def submit(self, step: int, files: dict, meta: dict, best: bool, on_written) -> None:
+    def submit(self, step: int, files: dict, meta: dict, best: bool, on_written, deferrable=frozenset()) -> None:
         """Write ``files`` as ``step-<step>`` (and ``best/``); ``on_written(step folder, best folder or None)``
-        runs once they are complete in ``checkpoints_dir``. Call :meth:`wait` first (one write in flight)."""
+        runs once they are complete in ``checkpoints_dir``. Call :meth:`wait` first (one write in flight), and
+        :meth:`before_update` before the next optimizer update (``deferrable``: see ``HostSnapshot.take``)."""
         assert self.thread is None, "wait() for the previous checkpoint first"
         if self.asynchronous and not self._snapshot_fits(files):
             self.asynchronous = False
         if not self.asynchronous:
             self._write(step, files, meta, best, on_written)  # errors raise here, as a synchronous write does
             return
-        files, meta = self.snapshot.take(files), copy.deepcopy(meta)
+        files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
         self.writing_step = step
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
         self.thread.start()
+
+    def before_update(self) -> None:
+        """The snapshot's deferred copies of the weights and moments are complete (they are about to change)."""
+        if self.thread is not None:
+            self.snapshot.wait_copied()
 
     def wait(self) -> str | None:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
@@ -173,11 +210,11 @@ class CheckpointWriter:
 
     def _write_in_background(self, step, files, meta, best, on_written) -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except (AttributeError, OSError):
-            pass  # not Linux: the same priority as training
-        try:
-            self.snapshot.ready()
+            self.snapshot.ready()  # at training's priority: the next update waits for these copies
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+            except (AttributeError, OSError):
+                pass  # not Linux: the same priority as training
             self._write(step, files, meta, best, on_written)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"

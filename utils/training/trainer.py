@@ -225,6 +225,8 @@ class Trainer:
         # All processes take the same decision, or the ones that go on would wait forever for one that stopped.
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
+        if self.checkpoint_writer:  # a checkpoint's copy of the weights and moments is complete before they change
+            self.checkpoint_writer.before_update()
         self.apply_update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -406,7 +408,11 @@ class Trainer:
             raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
                                        f"free space and access under {self.settings.output_dir}, then resume.")
         if self.checkpoint_writer:
-            self.checkpoint_writer.submit(self.state.global_step, files, self.checkpoint_meta(), best, self.checkpoint_written)
+            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            updated = [p for p in self.model.parameters()] + [t for s in self.optimizer.state.values()
+                                                              for t in s.values() if torch.is_tensor(t)]
+            self.checkpoint_writer.submit(self.state.global_step, files, self.checkpoint_meta(), best,
+                                          self.checkpoint_written, {t.untyped_storage().data_ptr() for t in updated})
 
     def checkpoint_written(self, step_folder: Path, best_folder: Path | None) -> None:
         """Called by the writer once a checkpoint is complete: only then do results name it."""
