@@ -3,16 +3,17 @@
     python benchmarks/checkpoints.py [--sizes 17M 124M] [--repeats 3] [--steps 40] [--every 5] [--dir DIR] [--root DIR]
 
 Models: GPT-2 built from a ``GPT2Config`` (no download), 17M parameters (5 layers of 256) and GPT-2 small (124M).
-Data: random token lines of 32 tokens (no padding), batch 4, ``--steps`` optimizer steps (``max_steps``), one
-epoch; AdamW's moments make a checkpoint 12 bytes a parameter. Each measurement is a fresh process, the kinds
+Data: random token lines of ``--seq`` tokens (32; no padding), batch ``--batch`` (4), ``--steps`` optimizer steps
+(``max_steps``), one epoch; AdamW's moments make a checkpoint 12 bytes a parameter. Each measurement is a fresh process, the kinds
 alternate within a repeat:
   none    no checkpoint
   async   checkpoint_every=--every (plus the epoch-end one): the background writer (the default)
   sync    the same with async_checkpoints=False: training waits for every write (the previous behaviour)
   save    one torch.save of the model's and AdamW's state_dicts into one file on the same disk, then fsync
 Stall per checkpoint = (run time with checkpoints - run time without) / checkpoints written, run time being the
-whole ``test_fine_tuning`` call (its end waits for the last write). Also shown: the part spent inside
-``Trainer.save_checkpoint`` and the run's final wait (the rest is the writer slowing the steps down, e.g.
+whole ``test_fine_tuning`` call (its end waits for the last write). Also shown: what the training thread itself
+spent per checkpoint inside ``Trainer.save_checkpoint`` and waiting, before the next update, for the writer's copy
+of the weights, and the run's final wait (the rest of the stall is the writer slowing the steps down, e.g.
 sharing the CPU cores). ``--root DIR`` imports the package from DIR (a checkout before a change; ``sync`` there
 runs its default). Medians over repeats. State the machine's load with the figures: on shared cores they vary.
 """
@@ -42,7 +43,7 @@ def _model(size: str):
     return GPT2LMHeadModel(config)
 
 
-def worker(kind: str, size: str, steps: int, every: int, folder: Path) -> dict:
+def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: int = 4, seq: int = 32) -> dict:
     import torch
 
     model = _model(size)
@@ -67,7 +68,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path) -> dict:
     from utils.training import trainer as trainer_module
     from utils.training.settings import FineTuneSettings
 
-    spent = {"in_save_checkpoint": 0.0, "final_wait": 0.0}
+    spent = {"in_save_checkpoint": 0.0, "final_wait": 0.0, "update_waits": 0.0}
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -80,16 +81,19 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path) -> dict:
 
     trainer_module.Trainer.save_checkpoint = timed("in_save_checkpoint", trainer_module.Trainer.save_checkpoint)
     if hasattr(trainer_module.Trainer, "finish_checkpoints"):
+        from utils.training.checkpoint_writer import CheckpointWriter
+
         trainer_module.Trainer.finish_checkpoints = timed("final_wait", trainer_module.Trainer.finish_checkpoints)
+        CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)
     g = torch.Generator().manual_seed(1)
-    lines = lambda n: [torch.randint(0, 50000, (32,), generator=g) for _ in range(n)]  # noqa: E731
-    options = dict(n_epochs=1, max_steps=steps, batch_size=4, progress=False, save_plots=False,
+    lines = lambda n: [torch.randint(0, 50000, (seq,), generator=g) for _ in range(n)]  # noqa: E731
+    options = dict(n_epochs=1, max_steps=steps, batch_size=batch, progress=False, save_plots=False,
                    output_dir=str(folder / "run"), learning_rate=1e-4)
     if kind != "none":
         options.update(checkpoint_every=every, keep_checkpoints=2)
     if kind == "sync" and "async_checkpoints" in FineTuneSettings.keyword_names():
         options["async_checkpoints"] = False
-    train, val = lines(4 * steps), lines(8)
+    train, val = lines(batch * steps), lines(8)
     started = time.perf_counter()
     result = test_fine_tuning(model, model.config, train, val, **options)
     seconds = time.perf_counter() - started
@@ -105,13 +109,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=32, help="tokens a line")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the workers")
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
     parser.add_argument("--root", default=str(ROOT), help="import the package from this checkout")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         sys.path.insert(0, args.root)
-        print(json.dumps(worker(*args.worker, args.steps, args.every, Path(args.dir))))
+        print(json.dumps(worker(*args.worker, args.steps, args.every, Path(args.dir), args.batch, args.seq)))
         return
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     for size in args.sizes:
@@ -119,15 +126,20 @@ def main() -> None:
         for repeat in range(args.repeats):
             for kind in args.kinds:
                 with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+                    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
                     done = subprocess.run([sys.executable, __file__, "--worker", kind, size, "--steps", str(args.steps),
-                                           "--every", str(args.every), "--dir", folder, "--root", args.root],
-                                          capture_output=True, text=True, check=True)
+                                           "--every", str(args.every), "--dir", folder, "--root", args.root,
+                                           "--batch", str(args.batch), "--seq", str(args.seq)],
+                                          capture_output=True, text=True, env=env)
+                if done.returncode:
+                    raise RuntimeError(f"{kind} {size} failed:\n{done.stderr[-3000:]}")
                 runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(size, kind, repeat, runs[kind][-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
         median = lambda kind, key: statistics.median(r[key] for r in runs[kind])  # noqa: E731
         save = median("save", "save_s") if "save" in runs else None
-        print(f"\n{size} ({runs[args.kinds[0]][0]['parameters'] / 1e6:.1f}M parameters), {args.steps} steps, "
-              f"a checkpoint every {args.every}; medians of {args.repeats}")
+        print(f"\n{size} ({runs[args.kinds[0]][0]['parameters'] / 1e6:.1f}M parameters), {args.steps} steps of "
+              f"{args.batch}x{args.seq} tokens, a checkpoint every {args.every}, OMP_NUM_THREADS={args.threads}; "
+              f"medians of {args.repeats}")
         if save is not None:
             print(f"  one synchronous torch.save + fsync: {save:.3f} s")
         for kind in ("async", "sync"):
@@ -137,7 +149,8 @@ def main() -> None:
                 ratio = f" = {stall / save:.2f}x one torch.save" if save else ""
                 print(f"  {kind}: stall per checkpoint {stall:.3f} s{ratio} (runs {median(kind, 'run_s'):.2f} s vs "
                       f"{median('none', 'run_s'):.2f} s without, {count} checkpoints; inside save_checkpoint "
-                      f"{median(kind, 'in_save_checkpoint') / count:.3f} s each, final wait {median(kind, 'final_wait'):.3f} s)")
+                      f"{median(kind, 'in_save_checkpoint') / count:.3f} s each, the updates waited for the copy "
+                      f"{median(kind, 'update_waits') / count:.3f} s each, final wait {median(kind, 'final_wait'):.3f} s)")
 
 
 if __name__ == "__main__":

@@ -144,8 +144,11 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     for folder in step_folders(checkpoints_dir):
         if kept < keep and _verified(folder):
             kept += 1
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        else:  # renamed first: a kill while deleting leaves a .old- leftover, never a half-deleted step folder
+            doomed = folder.with_name(".old-" + folder.name)
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     for leftover in list(checkpoints_dir.glob(".tmp-*")) + list(checkpoints_dir.glob(".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
 
