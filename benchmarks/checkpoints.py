@@ -69,6 +69,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
     from utils.training.settings import FineTuneSettings
 
     spent = {"in_save_checkpoint": 0.0, "final_wait": 0.0, "update_waits": 0.0}
+    calls = {"in_save_checkpoint": 0, "final_wait": 0, "update_waits": 0}
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -77,6 +78,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
                 return function(*args, **kwargs)
             finally:
                 spent[name] += time.perf_counter() - started
+                calls[name] += 1
         return wrapper
 
     trainer_module.Trainer.save_checkpoint = timed("in_save_checkpoint", trainer_module.Trainer.save_checkpoint)
@@ -97,7 +99,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
     started = time.perf_counter()
     result = test_fine_tuning(model, model.config, train, val, **options)
     seconds = time.perf_counter() - started
-    written = 0 if kind == "none" else steps // every + 1  # every --every steps, and the epoch's end
+    written = calls["in_save_checkpoint"]  # every --every steps but the epoch's last, and the epoch's end
     return {"parameters": parameters, "run_s": seconds, "checkpoints": written, "global_step": result["global_step"],
             **spent}
 

@@ -138,6 +138,13 @@ def _tensors(value, path):
             yield from _tensors(item, path + (i,))
 
 
+def _set_niceness(thread_id: int, niceness: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread_id, niceness)  # Linux: per thread
+    except (AttributeError, OSError, TypeError):
+        pass  # not Linux, or not allowed to raise a priority again: the write just goes on as it is
+
+
 def available_memory_bytes() -> int | None:
     """Linux's estimate of memory available without swapping; None where it cannot be read."""
     try:
@@ -194,6 +201,8 @@ class CheckpointWriter:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
         ``KeyboardInterrupt``; the write then goes on in the background."""
         if self.thread is not None:
+            if self.thread.is_alive():  # training waits for it now: back to training's priority (where allowed)
+                _set_niceness(self.thread.native_id, os.getpriority(os.PRIO_PROCESS, 0))
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
             self.thread, self.writing_step = None, None
@@ -211,10 +220,7 @@ class CheckpointWriter:
     def _write_in_background(self, step, files, meta, best, on_written) -> None:
         try:
             self.snapshot.ready()  # at training's priority: the next update waits for these copies
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-            except (AttributeError, OSError):
-                pass  # not Linux: the same priority as training
+            _set_niceness(threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
             self._write(step, files, meta, best, on_written)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"

@@ -180,8 +180,11 @@ class Trainer:
                 state.step_in_epoch = first + step_in_epoch + 1
                 last_of_run = state.global_step >= (settings.max_steps or math.inf)
                 last_of_epoch = state.step_in_epoch == steps_in_epoch or last_of_run
-                checkpoint_due = (bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
-                                  or not last_of_epoch and self.checkpoint_clock_due(len(pending) >= settings.log_every))
+                # Not at an epoch's last step: the epoch-end checkpoint follows its validation (a second write of the
+                # same step, which would wait for the first).
+                checkpoint_due = not last_of_epoch and (
+                    bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                    or self.checkpoint_clock_due(len(pending) >= settings.log_every))
                 eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
                 if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
                     flushing, pending = pending, []
