@@ -46,7 +46,7 @@ class KillingLM(TinyCausalLM):
 
 def new_model(kill_at=None):
     torch.manual_seed(0)  # every trial starts from the same weights, as test_fine_tuning(_model()) does in the tests
-    return KillingLM(kill_at, vocab_size=VOCAB) if kill_at else TinyCausalLM(vocab_size=VOCAB)
+    return KillingLM(kill_at, vocab_size=VOCAB)  # one class in every mode: a study refuses another model
 
 
 def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir="outputs/search", pruning=True, **keywords):

@@ -8,8 +8,8 @@ import pytest
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from utils.training.metrics import EPOCH_COLUMNS, MetricsTracker
-from utils.training.plots import OBJECTIVE_LABEL, search_figures, training_figures
+from utils.training.metrics import EPOCH_COLUMNS, MetricRows
+from utils.training.plots import OBJECTIVE_LABEL, plot_rows, run_title, search_figures, training_figures
 
 N_STEPS = 30
 
@@ -59,10 +59,10 @@ def test_without_mid_epoch_validation_there_is_no_empty_series():
 
 def test_tracker_plot_writes_pngs_titled_with_the_run(tmp_path):
     epochs, steps, evals = _frames()
-    tracker = MetricsTracker(str(tmp_path / "demo-run"), progress=False)
-    tracker.step_rows, tracker.epoch_rows, tracker.eval_rows = (f.to_dict("records") for f in (steps, epochs, evals))
-    paths = tracker.plot()
-    assert set(paths) == {"loss", "steps"} and tracker.run_name == "demo-run"
+    rows = MetricRows()
+    rows.step_rows, rows.epoch_rows, rows.eval_rows = (f.to_dict("records") for f in (steps, epochs, evals))
+    paths = plot_rows(rows, tmp_path / "demo-run")
+    assert set(paths) == {"loss", "steps"} and run_title(tmp_path / "demo-run") == "demo-run"
     for path in paths.values():
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] >= 1000

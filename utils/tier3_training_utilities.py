@@ -111,7 +111,9 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
 
     Returns ``loss`` (mean cross-entropy per real target token, nats), ``perplexity`` (exp of it),
     ``accuracy`` (next-token accuracy over real targets; a tie for the top logit counts as correct),
-    ``tokens`` (real targets counted) and ``padded_tokens``. Every submodule's train/eval mode is restored.
+    ``tokens`` (real targets counted), ``padded_tokens`` (padding positions in the batches this call built: they
+    depend on ``batch_size``, which ``padded_tokens_at_batch_size`` repeats; the loss and ``tokens`` do not) and
+    ``pad_token_id``. Every submodule's train/eval mode is restored.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -121,10 +123,11 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
-    check_model_against_data(model, config, [source], pad_token_id, device)
+    check_model_against_data(model, config, [source], pad_token_id, device, tokenizer)
     result = evaluate(model, source, pad_token_id, batch_size=batch_size, device=device)
     return {"loss": result["loss"], "perplexity": result["perplexity"], "accuracy": result["accuracy"],
-            "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"], "pad_token_id": pad_token_id}
+            "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"],
+            "padded_tokens_at_batch_size": batch_size, "pad_token_id": pad_token_id}
 
 
 def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None, n_trials=N_TRIALS_DEFAULT,

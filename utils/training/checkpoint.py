@@ -78,11 +78,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fresh_tmp(final: Path) -> Path:
+def start_folder(final: Path) -> Path:
+    """The empty temporary folder that becomes ``final`` when :func:`write_folder` completes it."""
     tmp = final.with_name(".tmp-" + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def write_folder(final: Path, payload: dict[str, object], meta: dict, *, started: bool = False) -> Path:
+    """Write every file under a temporary name, fsync, then rename the folder into place.
+
+    ``started``: :func:`start_folder` made the temporary folder and others wrote files into it already (each
+    process its shards of a sharded checkpoint, fsynced); they are hashed and renamed with the payload.
+    """
+    tmp = final.with_name(".tmp-" + final.name) if started else start_folder(final)
+    hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
+    hashes.update({p.name: _sha256(p) for p in tmp.iterdir() if p.name not in hashes})  # the shards of others
+    return _finish_folder(tmp, final, meta, dict(sorted(hashes.items())))
 
 
 def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -> Path:
@@ -108,11 +121,11 @@ def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
     kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
-    tmp = _fresh_tmp(final)
+    tmp = start_folder(final)
     hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
     best_folder = None
     if best:  # the step's serialised weights, copied: one serialisation serves both folders
-        best_tmp = _fresh_tmp(checkpoints_dir / "best")
+        best_tmp = start_folder(checkpoints_dir / "best")
         _copy_file_synced(tmp / "model.pt", best_tmp / "model.pt")
         best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})
     return _finish_folder(tmp, final, dict(meta, step=step), hashes), best_folder
@@ -124,7 +137,7 @@ def publish_folder(source: Path, target_dir: Path) -> Path:
     A copy cut short stays a ``.tmp-`` folder, which is never taken for a checkpoint."""
     meta = json.loads((source / "meta.json").read_text())
     final = target_dir / source.name
-    tmp = _fresh_tmp(final)
+    tmp = start_folder(final)
     for name in meta["files"]:
         _copy_file_synced(source / name, tmp / name)
         if _sha256(tmp / name) != meta["sha256"][name]:
@@ -200,7 +213,9 @@ def verify_folder(folder: Path) -> dict:
 def load_checkpoint(folder: Path) -> dict:
     """Read one folder; raise if any file is missing, truncated, altered or unreadable."""
     meta = verify_folder(folder)
-    loaded = {name: torch.load(folder / name, map_location="cpu", weights_only=False) for name in meta["files"]}
+    # A sharded checkpoint's shard files are verified here and read by sharded_checkpoint into the sharded model.
+    loaded = {name: torch.load(folder / name, map_location="cpu", weights_only=False) for name in meta["files"]
+              if name.endswith(".pt")}
     return {"meta": meta, "folder": folder, **loaded}
 
 

@@ -6,30 +6,51 @@ source before the first optimizer step, together with one forward pass's logits.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .examples import check_pad_token_id, to_device
-from .model_call import ModelCaller, eval_mode, vocab_size_of
+from .model_call import ModelCaller, eval_mode, unwrap, vocab_size_of
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
-    """The pad id and every token id of each source fit the vocabulary.
+    """Every token id of each source and the pad id fit the vocabulary (the data first: ids beyond it mean a
+    model built for another tokenizer, which is the cause to name, more often than a wrong pad id).
 
     Examples in memory are scanned now, naming the example; a user's DataLoader is not read ahead:
     each of its batches is checked as it is collated (before it reaches the model).
     """
-    check_pad_token_id(pad_token_id, vocab_size)
     for source in sources:
         source.check_ids(vocab_size)
+    check_pad_token_id(pad_token_id, vocab_size)
 
 
 def max_positions(model, config) -> int | None:
-    """The longest sequence the model declares it can take (GPT-2's n_positions, most HF configs' max_position_embeddings)."""
+    """The longest sequence the model can take: GPT-2's n_positions or most HF configs' max_position_embeddings,
+    else the rows of a learned position embedding it holds (a plain module's ``pos``, ``wpe``, ...)."""
     for source in (config, getattr(model, "config", None)):
         for name in ("n_positions", "max_position_embeddings"):
             value = getattr(source, name, None) if source is not None else None
             if isinstance(value, int) and value > 0:
                 return value
+    return position_embedding_rows(model)
+
+
+def position_embedding_rows(model) -> int | None:
+    """Rows of the first ``nn.Embedding`` whose name says it embeds positions (``pos``, ``wpe``, ``position_...``)."""
+    for name, module in unwrap(model).named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, nn.Embedding) and (leaf == "wpe" or "pos" in leaf):
+            return module.num_embeddings
     return None
+
+
+def tokenizer_size(tokenizer, config) -> int | None:
+    """``len(tokenizer)`` (added tokens included) of the tokenizer argument, else ``config.tokenizer``."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(config, "tokenizer", None)
+    try:
+        return int(len(tokenizer)) if tokenizer is not None else None
+    except TypeError:  # an object without a length
+        return None
 
 
 def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
@@ -47,21 +68,79 @@ def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
         )
 
 
-def check_model_against_data(model, config, sources: list, pad_token_id, device) -> int:
+def _forward(model, batch: dict) -> torch.Tensor:
+    """One eval-mode forward (eval mode draws no random numbers). An embedding's IndexError is named: an id or
+    a position beyond its rows (a line longer than the model's positions when the config does not declare them)."""
+    try:
+        with eval_mode(model):
+            return ModelCaller(model)(model, batch)
+    except IndexError as error:
+        ids = batch["input_ids"]
+        raise ValueError(
+            f"The model's first forward pass failed inside an embedding ({error}) on a batch of {ids.shape[1]} "
+            f"positions with token ids up to {int(ids.max())}: a line is longer than the model's positions, or an id "
+            "is beyond its vocabulary. Set config.max_position_embeddings (and config.vocab_size) to the model's sizes "
+            "so that lines and ids are checked by name before training, or tokenize with a max_length.") from error
+
+
+def model_vocabulary_rows(model) -> tuple[int, str] | None:
+    """The model's own vocabulary size from its layers, and which layer said it: the output embedding's rows, else
+    the input embedding's, else the first ``nn.Embedding`` that does not embed positions. No forward pass."""
+    inner = unwrap(model)
+    for getter, what in (("get_output_embeddings", "output layer"), ("get_input_embeddings", "token embedding")):
+        layer = getattr(inner, getter, None)
+        layer = layer() if callable(layer) else None
+        if getattr(layer, "weight", None) is not None:
+            return int(layer.weight.shape[0]), what
+    for name, module in inner.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, nn.Embedding) and not (leaf == "wpe" or "pos" in leaf):
+            return module.num_embeddings, f"token embedding ({name})"
+    return None
+
+
+def _vocabulary_cause(error: ValueError, model, config, vocab_size: int, tokenizer, data_ids: bool) -> str:
+    """The sentence that names why an id is outside the vocabulary, before the check's own message."""
+    declared = getattr(config, "vocab_size", None) if config is not None else None
+    rows = model_vocabulary_rows(model) if declared is not None else None
+    if rows is not None and rows[0] != declared:
+        return (f"config.vocab_size={declared}, but the model's {rows[1]} has {rows[0]} rows (so {rows[0]} logits per "
+                f"position): config.vocab_size looks wrong. Set config.vocab_size={rows[0]} (or build the model for the "
+                f"tokenizer). The check said: {error}")
+    tokens = tokenizer_size(tokenizer, config)
+    if tokens is not None and tokens > vocab_size:
+        return (f"The model's vocabulary ({vocab_size} ids) is smaller than the tokenizer's ({tokens} tokens): the model "
+                f"was built for a smaller tokenizer. Build it with vocab_size={tokens} (e.g. GPT2Config(vocab_size="
+                "len(tokenizer))), or call model.resize_token_embeddings(len(tokenizer)) for a pretrained one. "
+                f"The check said: {error}")
+    if data_ids:
+        return (f"The data's token ids go beyond the model's vocabulary ({vocab_size} ids): the data was tokenized with a "
+                f"larger tokenizer than the model was built for. Build the model with vocab_size >= len(tokenizer) (or "
+                f"resize its embeddings), or tokenize with the model's own tokenizer. The check said: {error}")
+    return str(error)
+
+
+def check_model_against_data(model, config, sources: list, pad_token_id, device, tokenizer=None) -> int:
     """Lengths, token ids, pad id and one eval-mode forward's logits against the model; returns the vocabulary size.
 
     With the size known (config or output embedding) the ids are checked before any forward, so a bad
-    id is named instead of failing inside the embedding; otherwise the logits' width is the size.
+    id is named instead of failing inside the embedding; otherwise the logits' width is the size. The forward
+    takes the longest line (``padded_batch``), so a line too long for a model whose positions are not declared
+    fails here, named, rather than in a training step.
     """
     limit = max_positions(model, config)
     for source in sources:
         source.check_lengths(limit)
     vocab_size = vocab_size_of(model, config)
+    batch = to_device(sources[0].padded_batch(), device)
     if vocab_size is not None:
-        check_vocabulary(vocab_size, pad_token_id, sources)
-    batch = to_device(sources[0].first_batch(), device)
-    with eval_mode(model):  # eval mode draws no random numbers
-        logits = ModelCaller(model)(model, batch)
+        for data_ids, check in ((True, lambda: [source.check_ids(vocab_size) for source in sources]),
+                                (False, lambda: check_pad_token_id(pad_token_id, vocab_size))):
+            try:
+                check()
+            except ValueError as error:
+                raise ValueError(_vocabulary_cause(error, model, config, vocab_size, tokenizer, data_ids)) from error
+    logits = _forward(model, batch)
     check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
     if vocab_size is None:
         vocab_size = logits.shape[-1]

@@ -24,13 +24,22 @@ class DistContext:
         return self.rank == 0
 
 
+def under_torchrun() -> bool:
+    """torchrun's variables are set (any number of processes, one included)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
 def launched_by_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and int(os.environ["WORLD_SIZE"]) > 1
+    return under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def setup_distributed(device: torch.device | None) -> tuple[DistContext, torch.device]:
-    """Join (or start) the process group torchrun prepared; pick this rank's device."""
-    if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
+def setup_distributed(device: torch.device | None, *, join_single: bool = False) -> tuple[DistContext, torch.device]:
+    """Join (or start) the process group torchrun prepared; pick this rank's device.
+
+    ``join_single``: join also when torchrun started one process (FSDP shards over a group, even of one).
+    """
+    joins = launched_by_torchrun() or (join_single and under_torchrun())
+    if not joins and not (dist.is_available() and dist.is_initialized()):
         return DistContext(), device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
@@ -69,3 +78,12 @@ def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_object(obj, ctx: DistContext):
+    """Rank 0's ``obj`` on every rank (pickled; for what is read once, like the metric rows on resume)."""
+    if not ctx.enabled:
+        return obj
+    holder = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

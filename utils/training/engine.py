@@ -15,10 +15,14 @@ import torch
 from . import checkpoint as ckpt
 from .checks import check_model_against_data
 from .distributed import setup_distributed
-from .metrics import MetricsTracker, import_wandb
+from .fsdp import require_launch
+from .metrics import MetricRows
+from .metrics_files import MetricsFiles
 from .model_call import vocab_size_of
 from .outcome import Outcome
 from .ownership import OutputDirLock, claim_run_id
+from .plots import plot_rows, run_title
+from .progress import Progress
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .previous_interface import previous_result_keys
 from .reproducibility import deterministic_algorithms, seed_everything, set_rng_state
@@ -27,6 +31,7 @@ from .examples import synthetic_sequences
 from .settings import FineTuneSettings
 from .sources import train_and_val_sources
 from .trainer import RunData, Trainer
+from .wandb_sink import WandbSink, import_wandb
 
 
 @dataclass
@@ -54,7 +59,9 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here. Pass device='cpu', or select a GPU "
                          "runtime (Colab: Runtime > Change runtime type).")
-    ctx, device = setup_distributed(torch.device(device) if device is not None else None)
+    if settings.fsdp:
+        require_launch()  # before any work: a plain process is refused with the launch command
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
     if settings.requested_precision and device.type != "cuda":
         warnings.warn(f"Mixed precision ({settings.requested_precision}) applies on CUDA only; training in float32 on "
                       f"{device.type}.", UserWarning, stacklevel=4)
@@ -71,16 +78,28 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
                           writes_checkpoints=settings.writes_checkpoints,
                           has_checkpoints=bool(ckpt.step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
-    tracker = MetricsTracker(settings.output_dir, is_main=ctx.is_main, use_wandb=settings.use_wandb,
-                             progress=bool(settings.progress), wandb_module_getter=hooks.wandb_module)
+    tracker, wandb = build_metrics(settings, ctx, hooks)
     trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
-                      on_evaluation=hooks.on_evaluation)
+                      on_evaluation=hooks.on_evaluation, gradient_stats=wandb.gradients if wandb else None)
     resumed = resume(trainer)
     _start_tracker(trainer, model)
     if resumed is not None:
-        set_rng_state(resumed["trainer_state.pt"]["rng"][ctx.rank])  # last: nothing may draw random numbers after
+        rng = resumed["trainer_state.pt"]["rng"]  # one per process that wrote it; a changed world size reuses them in turn
+        set_rng_state(rng[ctx.rank % len(rng)])  # last: nothing may draw random numbers after
         tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
     return trainer, resumed
+
+
+def build_metrics(settings, ctx, hooks: RunHooks) -> tuple[MetricRows, WandbSink | None]:
+    """The run's metric rows; on rank 0 with their sinks: progress, the metrics files, W&B when asked."""
+    if not ctx.is_main:
+        return MetricRows(), None
+    # W&B's local run folder goes under output_dir, not the working directory (unless WANDB_DIR says).
+    wandb = WandbSink(project=settings.wandb_project, name=settings.wandb_run_name, mode=settings.wandb_mode,
+                      group=settings.wandb_group, directory=os.environ.get("WANDB_DIR") or str(settings.output_dir),
+                      module_getter=hooks.wandb_module) if settings.use_wandb else None
+    sinks = [Progress(show_bar=bool(settings.progress)), MetricsFiles(settings.output_dir)] + ([wandb] if wandb else [])
+    return MetricRows(sinks), wandb
 
 
 def _check_parameters(model, settings) -> None:
@@ -109,7 +128,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
     train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed, settings.stream_buffer_size)
-    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device)
+    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
@@ -124,9 +143,7 @@ def _start_tracker(trainer: Trainer, model) -> None:
                       precision_used=trainer.precision or "fp32", attention_mask_free=trainer.caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0], model_class=type(model).__name__)
-    trainer.tracker.start(run_config, total_steps=trainer.total_steps, wandb_project=settings.wandb_project,
-                          wandb_run_name=settings.wandb_run_name, wandb_mode=settings.wandb_mode,
-                          wandb_group=settings.wandb_group)
+    trainer.tracker.start(run_config, total_steps=trainer.total_steps)
     effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
     trainer.tracker.message(f"Effective batch size: {effective_batch_size}")
     trainer.tracker.message(f"Gradient accumulation steps: {settings.gradient_accumulation_steps}")
@@ -136,9 +153,10 @@ def _start_tracker(trainer: Trainer, model) -> None:
 
 def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, previous_keywords: dict) -> dict:
     tracker, state, settings = trainer.tracker, trainer.state, trainer.settings
+    files = MetricsFiles(settings.output_dir)  # where rank 0 writes them
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if settings.load_best_model_at_end and trainer.best_weights is not None:
-        trainer.model.load_state_dict(trainer.best_weights)
+        trainer.load_weights(trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
     frame = tracker.epochs_frame()
     last = frame.iloc[-1] if len(frame) else None
@@ -160,7 +178,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "checkpoint_error": trainer.checkpoint_error,  # a failed last write when the run ended for another reason
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
-        "output_dir": settings.output_dir, "metrics_csv": str(tracker.epochs_csv), "steps_csv": str(tracker.steps_csv),
+        "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
         "wandb_run_id": tracker.wandb_run_id, "settings": dict(settings.as_dict(), **previous_keywords),
         **outcome.as_result_keys(),
         **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
@@ -178,8 +196,10 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
     steps = [("the CSV files and W&B", lambda: tracker.finish(
         {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity", "global_step",
                                                      "stopped_early", "interrupted")}))]
-    if trainer.settings.save_plots:
-        steps.append(("the plots", lambda: results.update(plot_paths=tracker.plot())))
+    settings = trainer.settings
+    if settings.save_plots and trainer.ctx.is_main:
+        title = run_title(settings.output_dir, settings.wandb_run_name)
+        steps.append(("the plots", lambda: results.update(plot_paths=plot_rows(tracker, settings.output_dir, title))))
     for what, write in steps:
         try:
             write()

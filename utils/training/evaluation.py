@@ -5,6 +5,7 @@ import contextlib
 
 from .distributed import DistContext, all_reduce_sum
 from .examples import to_device
+from .fsdp import is_sharded
 from .loss import TokenSums
 from .metrics import safe_exp
 from .model_call import ModelCaller, eval_mode, unwrap
@@ -26,5 +27,7 @@ def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, calle
             with autocast():
                 totals += caller.loss_sums(model, batch, pad_token_id)
     totals = TokenSums.from_tensor(all_reduce_sum(totals.as_tensor(device), ctx))  # the pass's one host read
+    if is_sharded(model):  # no backward follows to reshard the root: free its gathered weights now
+        model.reshard()
     return {"loss": totals.loss, "perplexity": safe_exp(totals.loss), "accuracy": totals.accuracy,
             "real_tokens": int(totals.real_targets), "padded_tokens": int(totals.padded_positions)}

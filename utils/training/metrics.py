@@ -1,22 +1,22 @@
-"""MetricsTracker: per-step and per-epoch metrics, CSV that survives a crash, W&B, plots, progress.
+"""The run's metric rows: one record per optimizer step, per mid-epoch evaluation and per epoch, in memory.
 
-Every loss and accuracy here is over real target tokens only, and every name says so
-("excl_padding"): numbers from loops that counted padding are not comparable.
+The trainer appends rows here; sinks consume each one as it arrives (``metrics_files``: the CSV and JSON files,
+``wandb_sink``: W&B, ``progress``: the bar and messages). Only rank 0 has sinks; every rank holds the rows (the
+results are built from them). A checkpoint carries only how many rows there are (``state_dict``); a resume reads
+the rows back from the CSV files on rank 0 and shares them with the other ranks.
+
+Every loss and accuracy here is over real target tokens only, and every name says so ("excl_padding"): numbers
+from loops that counted padding are not comparable.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import time
 import warnings
-from pathlib import Path
 
 import pandas as pd
-import torch
 
-from .warn import warnings_through
+from .distributed import DistContext, broadcast_object
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",
@@ -25,9 +25,6 @@ EPOCH_COLUMNS = [
     "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
     "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s", "train/distinct_batch_shapes",
 ]
-# W&B's x-axis for every row: the package's optimizer step. W&B's own ``step=`` must only increase, so rows sent
-# out of order (or again, after a resume) were dropped; a custom step metric takes any order.
-STEP_KEY = "train/global_step"
 STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
                 "train/step_real_tokens", "train/step_real_tokens_per_sec"]
 
@@ -36,292 +33,123 @@ def safe_exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class RowSink:
+    """What consumes rows. Every hook is optional: this base does nothing. ``rows`` is the :class:`MetricRows`."""
+
+    def start(self, rows: MetricRows, config: dict, total_steps: int) -> None: ...
+    def steps(self, rows: MetricRows, new_rows: list[dict]) -> None: ...
+    def evaluation(self, rows: MetricRows, row: dict) -> None: ...
+    def epoch(self, rows: MetricRows, row: dict) -> None: ...
+    def checkpoint(self, rows: MetricRows) -> None:
+        """Called before a checkpoint is written: what the checkpoint counts must be durable when this returns."""
+    def finish(self, rows: MetricRows, summary: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def config_lines(self, values: dict) -> None:
+        """Values outside any row (the effective batch size and accumulation)."""
+
+    def read_back(self, counts: dict, run_dir) -> dict | None:
+        """The first ``counts`` rows as written by the run in ``run_dir`` ({"steps", "evals", "epochs": lists}),
+        or None when this sink keeps no rows."""
+        return None
 
 
-def import_wandb():
-    import wandb
+class MetricRows:
+    """The rows of a run, in order, each given to every sink as it is added."""
 
-    return wandb
-
-
-class _WandbLogger:
-    """Thin wrapper: any failure of wandb (missing, no key, no network) turns it off with one warning.
-
-    ``module_getter`` returns the ``wandb`` module to use; the entry point passes one that honours a
-    caller who replaced ``wandb`` with a mock.
-    """
-
-    def __init__(self, module_getter=import_wandb):
-        self.module_getter = module_getter
-        self.module = None
-        self.run = None
-        self.failed_reason = None
-
-    def start(self, *, project, name, mode, config, run_id=None, directory=None, group=None) -> None:
-        try:
-            self.module = self.module_getter()
-            kwargs = dict(project=project or "tier3-fine-tuning", name=name, config=config, dir=directory)
-            if group:
-                kwargs["group"] = group
-            if mode:
-                kwargs["mode"] = mode
-            if run_id:
-                kwargs.update(id=run_id, resume="allow")
-            self.run = self.module.init(**kwargs)
-        except Exception as error:  # noqa: BLE001 - W&B must never stop training
-            self._fail(error)
-            return
-        define = getattr(self.run, "define_metric", None)
-        if callable(define):  # absent in old wandb versions; then rows still arrive, plotted against W&B's own step
-            try:
-                define(STEP_KEY)
-                define("*", step_metric=STEP_KEY)
-            except Exception:  # noqa: BLE001 - the axis is a nicety, the rows matter
-                pass
-
-    def log_to_active_run(self, values: dict) -> None:
-        """Through the module-level ``wandb.log`` (the active run), as the previous module logged its config lines."""
-        if self.run is None:
-            return
-        try:
-            self.module.log(values)
-        except Exception as error:  # noqa: BLE001
-            self._fail(error)
-
-    def log(self, values: dict, step: int) -> None:
-        """One row keyed by the package's ``step`` (no ``step=``: W&B would drop a row below its current step)."""
-        if self.run is None:
-            return
-        try:
-            self.run.log({**values, STEP_KEY: step})
-        except Exception as error:  # noqa: BLE001
-            self._fail(error)
-
-    def finish(self, summary: dict) -> None:
-        if self.run is None:
-            return
-        try:
-            for key, value in summary.items():
-                self.run.summary[key] = value
-            self.run.finish()
-        except KeyboardInterrupt:  # a Ctrl-C while W&B uploads must not lose the results being returned
-            warnings.warn("W&B was interrupted while closing its run; run `wandb sync` on its folder to upload the rest.",
-                          UserWarning, stacklevel=3)
-        except Exception as error:  # noqa: BLE001
-            self._fail(error)
-        self.run = None
-
-    def _fail(self, error: Exception) -> None:
-        self.failed_reason = f"{type(error).__name__}: {error}"
-        warnings.warn(
-            f"W&B logging is off for the rest of this run ({self.failed_reason}). Training continues; every metric "
-            "is still in the returned results and in the CSV files of output_dir. Install wandb, run `wandb login`, "
-            "or pass wandb_mode='offline' to log without a network.",
-            UserWarning,
-            stacklevel=3,
-        )
-        self.run = None
-
-    @property
-    def run_id(self):
-        return getattr(self.run, "id", None)
-
-
-class MetricsTracker:
-    """Collects metrics; on the main process it also writes files, logs to W&B and shows progress."""
-
-    def __init__(self, output_dir: str, *, is_main: bool = True, use_wandb: bool = False, progress: bool = True,
-                 wandb_module_getter=import_wandb):
-        self.output_dir = Path(output_dir)
-        self.is_main = is_main
+    def __init__(self, sinks: list[RowSink] | tuple = ()):
+        self.sinks = list(sinks)
         self.step_rows: list[dict] = []
-        self.epoch_rows: list[dict] = []
         self.eval_rows: list[dict] = []  # mid-epoch validations (eval_every)
-        self._step_rows_on_disk = None  # rows of steps_csv written by this process; None: rewrite it whole first
-        self.wandb = _WandbLogger(wandb_module_getter) if (use_wandb and is_main) else None
-        self.wandb_run_id = None
-        self.run_name = self.output_dir.name  # the plots' title; the W&B run name when there is one
-        self.show_progress = progress and is_main
-        self.bar = None
+        self.epoch_rows: list[dict] = []
+        self.wandb_run_id = None  # carried by checkpoints so that a resume continues the same W&B run
         self._last_flush_time = None
-        self._gradients: dict[int, dict] = {}  # optimizer step -> its gradient statistics, on the device until flushed
-        self._bar_warnings = contextlib.ExitStack()
 
-    # -- run lifecycle -------------------------------------------------------------------------
-    def start(self, config: dict, *, total_steps: int, wandb_project=None, wandb_run_name=None, wandb_mode=None,
-              wandb_group=None) -> None:
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.wandb is not None:
-            # W&B's local run folder goes under output_dir, not the working directory (unless WANDB_DIR says).
-            self.wandb.start(project=wandb_project, name=wandb_run_name, mode=wandb_mode, config=config,
-                             run_id=self.wandb_run_id, directory=os.environ.get("WANDB_DIR") or str(self.output_dir),
-                             group=wandb_group)
-            self.wandb_run_id = self.wandb.run_id or self.wandb_run_id
-        self.run_name = wandb_run_name or self.run_name
-        if self.show_progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=len(self.step_rows), desc="fine-tuning", unit="step", dynamic_ncols=True)
-            self._bar_warnings.enter_context(warnings_through(self.bar))
+    # -- the run ----------------------------------------------------------------------------------
+    def start(self, config: dict, *, total_steps: int) -> None:
+        for sink in self.sinks:
+            sink.start(self, config, total_steps)
         self._last_flush_time = time.perf_counter()
 
     def finish(self, summary: dict) -> None:
-        self._bar_warnings.close()
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        self.write_files(final=True)
-        if self.wandb is not None:
-            for step in sorted(self._gradients):  # a step that never got its row (it stopped on a non-finite loss)
-                self.wandb.log(self._gradient_values(step), step=step)
-            self.wandb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+        for sink in self.sinks:
+            sink.finish(self, summary)
 
-    # -- recording -------------------------------------------------------------------------------
+    def message(self, text: str) -> None:
+        for sink in self.sinks:
+            sink.message(text)
+
+    def log_config_lines(self, values: dict) -> None:
+        for sink in self.sinks:
+            sink.config_lines(values)
+
+    def before_checkpoint(self) -> None:
+        for sink in self.sinks:
+            sink.checkpoint(self)
+
+    # -- adding rows --------------------------------------------------------------------------------
     def log_steps(self, rows: list[dict]) -> None:
-        """Rows of optimizer steps already read from the device (one host sync per flush)."""
+        """Rows of optimizer steps already read from the device (one host sync per flush, in the trainer)."""
         now = time.perf_counter()
         elapsed = max(now - (self._last_flush_time or now), 1e-9)
         self._last_flush_time = now
         tokens_per_sec = sum(r["train/step_real_tokens"] for r in rows) / elapsed
         for row in rows:
             row["train/step_real_tokens_per_sec"] = tokens_per_sec
-            self.step_rows.append(row)
-            if self.wandb is not None:
-                values = {k: v for k, v in row.items() if k != "step"}
-                self.wandb.log({**values, **self._gradient_values(row["step"])}, step=row["step"])
-        if self.bar is not None and rows:
-            self.bar.update(len(rows))
-            self.bar.set_postfix(loss_excl_pad=f"{rows[-1]['train/step_loss_excl_padding']:.4f}",
-                                 tok_s=f"{tokens_per_sec:,.0f}")
+        self.step_rows.extend(rows)
+        for sink in self.sinks:
+            sink.steps(self, rows)
 
     def log_eval(self, row: dict) -> None:
         """A validation inside an epoch (``eval_every``): its own rows and CSV, the same W&B names."""
         self.eval_rows.append(row)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
-        self.write_files()
-
-    @property
-    def logs_gradients(self) -> bool:
-        return self.wandb is not None and self.wandb.run is not None
-
-    def log_gradients(self, model, step: int, histograms: bool) -> None:
-        """Per-layer gradient norms (and histograms) of optimizer ``step``, before clipping, after AMP unscaling.
-
-        Held on the device and sent inside that step's row when the rows are flushed: logged at once they reached
-        W&B before the buffered rows of earlier steps, which W&B then dropped as out of order. No host sync here.
-        """
-        names, norms, counts, ranges = [], [], [], []
-        for name, parameter in model.named_parameters():
-            if parameter.grad is None:
-                continue
-            grad = parameter.grad.detach().float().flatten()
-            names.append(name)
-            norms.append(torch.linalg.vector_norm(grad))
-            if histograms:
-                # torch.histc's own range (min == max == 0) reads the data's min and max back to the host: scale instead.
-                low, high = torch.aminmax(grad)
-                scaled = (grad - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
-                counts.append(torch.histc(scaled, bins=64, min=0.0, max=1.0))
-                ranges.append(torch.stack([low, high]))
-        if names:
-            self._gradients[step] = {"names": names, "norms": torch.stack(norms),
-                                     "counts": torch.stack(counts) if counts else None,
-                                     "ranges": torch.stack(ranges) if ranges else None}
-
-    def _gradient_values(self, step: int) -> dict:
-        """W&B values of ``step``'s held gradient statistics (one host read per step that has them), else {}."""
-        held = self._gradients.pop(step, None)
-        if held is None:
-            return {}
-        values = {f"gradients/{name}.norm": norm for name, norm in zip(held["names"], held["norms"].cpu().tolist())}
-        if held["counts"] is not None:
-            counts, ranges = held["counts"].cpu().numpy(), held["ranges"].cpu().double().numpy()
-            for name, count, (low, high) in zip(held["names"], counts, ranges):
-                edges = low + (high - low) * torch.linspace(0, 1, len(count) + 1, dtype=torch.float64).numpy()
-                values[f"gradients/{name}"] = self.wandb.module.Histogram(np_histogram=(count, edges))
-        return values
-
-    def log_config_lines(self, values: dict) -> None:
-        if self.wandb is not None:
-            self.wandb.log_to_active_run(values)
+        for sink in self.sinks:
+            sink.evaluation(self, row)
 
     def log_epoch(self, row: dict) -> dict:
         row = {column: row.get(column) for column in EPOCH_COLUMNS}
         self.epoch_rows.append(row)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None and k != "global_step"}, step=row["global_step"])
-        self.write_files()
+        for sink in self.sinks:
+            sink.epoch(self, row)
         return row
 
-    def message(self, text: str) -> None:
-        if not self.is_main:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    # -- outputs -----------------------------------------------------------------------------------
+    # -- reading them -------------------------------------------------------------------------------
     def epochs_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.epoch_rows, columns=EPOCH_COLUMNS)
 
     def steps_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.step_rows, columns=STEP_COLUMNS)
 
-    @property
-    def epochs_csv(self) -> Path:
-        return self.output_dir / "metrics_epochs.csv"
+    def evals_frame(self) -> pd.DataFrame | None:
+        return pd.DataFrame(self.eval_rows) if self.eval_rows else None
 
-    @property
-    def steps_csv(self) -> Path:
-        return self.output_dir / "metrics_steps.csv"
-
-    def write_files(self, final: bool = False) -> None:
-        """The CSVs, after every epoch: the small epoch and eval files rewritten atomically (a crash mid-write
-        leaves the previous version); the step file appended, after being rewritten whole once per process (so a
-        resume, or a line torn by a kill, starts clean). ``metrics_history.json`` (all rows in one file) is written
-        at the end only: rewritten whole every epoch it took 1.6 s at 300k steps."""
-        if not self.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.epochs_csv, self.epochs_frame().to_csv(index=False))
-        self._write_step_rows()
-        if self.eval_rows:
-            _write_atomically(self.output_dir / "metrics_evals.csv", pd.DataFrame(self.eval_rows).to_csv(index=False))
-        if final:
-            history = {"epochs": self.epoch_rows, "steps": self.step_rows, "evals": self.eval_rows}
-            _write_atomically(self.output_dir / "metrics_history.json", json.dumps(history, default=float))
-
-    def _write_step_rows(self) -> None:
-        written = self._step_rows_on_disk
-        if written is None or written > len(self.step_rows) or not self.steps_csv.exists():
-            _write_atomically(self.steps_csv, self.steps_frame().to_csv(index=False))
-        elif written < len(self.step_rows):
-            new_rows = pd.DataFrame(self.step_rows[written:], columns=STEP_COLUMNS)
-            with open(self.steps_csv, "a") as handle:
-                handle.write(new_rows.to_csv(index=False, header=False))
-        self._step_rows_on_disk = len(self.step_rows)
-
+    # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step_rows": list(self.step_rows), "epoch_rows": list(self.epoch_rows), "eval_rows": list(self.eval_rows),
-                "wandb_run_id": self.wandb_run_id}
+        """How far the rows go, not the rows: their number is what a resume reads back from the CSV files."""
+        counts = {"steps": len(self.step_rows), "evals": len(self.eval_rows), "epochs": len(self.epoch_rows)}
+        return {"rows": counts, "wandb_run_id": self.wandb_run_id}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step_rows = list(state["step_rows"])
-        self.epoch_rows = list(state["epoch_rows"])
-        self.eval_rows = list(state.get("eval_rows", []))
+    def load_state_dict(self, state: dict, *, ctx: DistContext | None = None, run_dir=None) -> None:
+        """The rows a checkpoint counts, read back by rank 0's sinks from ``run_dir`` and shared with every rank.
+
+        A checkpoint written before the rows moved out of them carries the rows themselves."""
         self.wandb_run_id = state.get("wandb_run_id")
+        if "rows" not in state:
+            rows = {"steps": state["step_rows"], "evals": state.get("eval_rows", []), "epochs": state["epoch_rows"]}
+        else:
+            rows = self._read_back(state["rows"], run_dir)
+            rows = broadcast_object(rows, ctx) if ctx is not None else rows  # rank 0's, on every rank
+            if rows is None:
+                warnings.warn("The metric rows before the checkpoint could not be read back from the metrics CSVs of "
+                              "its run folder; the results and files hold only the rows from here on. Keep the CSVs "
+                              "beside the checkpoints (in output_dir) to resume with every row.", UserWarning,
+                              stacklevel=3)
+                rows = {"steps": [], "evals": [], "epochs": []}
+        self.step_rows, self.eval_rows, self.epoch_rows = (list(rows[k]) for k in ("steps", "evals", "epochs"))
 
-    def plot(self) -> dict[str, str]:
-        from .plots import save_training_plots
-
-        if not self.is_main or not self.epoch_rows:
-            return {}
-        evals = pd.DataFrame(self.eval_rows) if self.eval_rows else None
-        return save_training_plots(self.epochs_frame(), self.steps_frame(), self.output_dir, evals=evals, title=self.run_name)
+    def _read_back(self, counts: dict, run_dir) -> dict | None:
+        try:
+            return next((found for sink in self.sinks if (found := sink.read_back(counts, run_dir)) is not None), None)
+        except Exception as error:  # noqa: BLE001 - an unreadable file must not stop the resume (nor hang other ranks)
+            warnings.warn(f"The metrics files could not be read back ({type(error).__name__}: {error}).", UserWarning,
+                          stacklevel=4)
+            return None

@@ -20,15 +20,34 @@ class OutcomeKind(str, enum.Enum):
 @dataclass(frozen=True)
 class Outcome:
     kind: OutcomeKind
-    reason: str | None = None  # the sentence shown to the user; None when the run completed
+    reason: str | None = None  # the sentence shown to the user; None when the run completed as it went
+    already_complete: bool = False  # a resume found nothing left to train (the checkpoint had completed the run)
+
+    @property
+    def completed(self) -> bool:
+        """Every planned epoch (or ``max_steps``) ran."""
+        return self.kind is OutcomeKind.COMPLETED
+
+    @property
+    def ended_early(self) -> bool:
+        """The run ended before its planned end, for any reason (early stopping, Ctrl-C, non-finite, pruned)."""
+        return not self.completed
+
+    @property
+    def stopped_by_early_stopping(self) -> bool:
+        """Early stopping ended it (``early_stopping_patience`` epochs without improvement)."""
+        return self.kind is OutcomeKind.STOPPED_EARLY
 
     @property
     def stopped_early(self) -> bool:
-        return self.kind is not OutcomeKind.COMPLETED
+        """The previous name of ``ended_early`` (any end before the planned one, Ctrl-C included), kept for
+        callers of ``results["stopped_early"]``; read ``stopped_by_early_stopping`` for early stopping itself."""
+        return self.ended_early
 
     def as_result_keys(self) -> dict:
-        """The flat keys results have always carried, derived from the one outcome."""
-        return {"outcome": self, "stopped_early": self.stopped_early, "stop_reason": self.reason,
+        """The flat keys results have always carried, derived from the one outcome, and ``completed``."""
+        return {"outcome": self, "completed": self.completed, "stopped_early": self.ended_early,
+                "stop_reason": None if self.completed else self.reason, "already_complete": self.already_complete,
                 "interrupted": self.kind is OutcomeKind.INTERRUPTED, "non_finite": self.kind is OutcomeKind.NON_FINITE}
 
 

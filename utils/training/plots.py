@@ -146,6 +146,19 @@ def save_training_plots(epochs, steps, output_dir: Path, evals=None, title: str 
     return paths
 
 
+def plot_rows(rows, output_dir, title: str | None = None) -> dict[str, str]:
+    """The training figures of a run's :class:`~utils.training.metrics.MetricRows` (none before its first epoch)."""
+    if not rows.epoch_rows:
+        return {}
+    return save_training_plots(rows.epochs_frame(), rows.steps_frame(), Path(output_dir), evals=rows.evals_frame(),
+                               title=run_title(output_dir, title))
+
+
+def run_title(output_dir, name: str | None = None) -> str:
+    """A run's title: its W&B run name when it has one, else the name of its output folder."""
+    return name or Path(output_dir).name
+
+
 # ---- the search ---------------------------------------------------------------------------------
 def _trial_points(study):
     """(completed [(number, value, params)], pruned [(number, last reported value)])."""

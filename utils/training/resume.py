@@ -8,10 +8,13 @@ import warnings
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .checkpoint_format import check_format
+from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
 
 # Settings that fix the data's order or the optimisation: resuming with other values would not continue the
-# same run. n_epochs may be raised (the schedule is rebuilt for the new total); pad_to_multiple_of may change
-# (plans are made on real lengths).
+# same run. n_epochs and max_steps may be raised (the schedule is rebuilt for the new total; max_steps continues
+# the epoch it had ended), not lowered below what was trained; pad_to_multiple_of may change (plans are made on
+# real lengths).
 RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length",
                    "max_tokens_per_batch", "learning_rate", "weight_decay", "lr_schedule", "warmup_ratio",
                    "warmup_steps", "max_grad_norm", "precision")
@@ -33,8 +36,10 @@ def resume(trainer) -> dict | None:
         except Exception as error:  # noqa: BLE001
             raise ValueError(f"Cannot resume from {target}: {type(error).__name__}: {error}. Pass a checkpoint folder "
                              f"(…/checkpoints/step-N) or resume_from_checkpoint=True for the newest.") from error
+    check_format(loaded["meta"], loaded["folder"])  # first: the facts below compare only within one format
     check_resumable(trainer, loaded["meta"])
     trainer.load_state_dict(loaded)
+    continue_cut_epoch(trainer)
     trainer.last_checkpoint = str(loaded["folder"])
     restore_best(trainer, loaded)
     return loaded
@@ -49,19 +54,34 @@ def check_resumable(trainer, meta: dict) -> None:
                          "differs), so best-model and early-stopping decisions would compare other numbers. Pass "
                          "the same val_data, or start fresh with resume_from_checkpoint=False.")
     settings = trainer.settings.as_dict()
+    world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
     for name in RESUME_SETTINGS:
+        if world_changed and name in PER_PROCESS_SETTINGS:
+            continue  # compared per optimizer step (all processes) by check_world_size_change
         if name in meta["settings"] and meta["settings"][name] != settings[name]:
             raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
                              f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
-    if meta.get("world_size", 1) != trainer.ctx.world_size:
-        raise ValueError(f"Cannot resume: the checkpoint was made with {meta.get('world_size', 1)} processes, this "
-                         f"run has {trainer.ctx.world_size}. Launch the same number of processes, or start fresh.")
+    if world_changed:
+        check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.streamed)
+    step, max_steps = meta.get("step", 0), trainer.settings.max_steps
+    if max_steps is not None and step > max_steps:
+        raise ValueError(f"Cannot resume: the checkpoint is at optimizer step {step}, past max_steps={max_steps} (it "
+                         f"was made with max_steps={meta['settings'].get('max_steps')}). Pass max_steps >= {step}, or "
+                         "resume from an earlier checkpoint folder, or start fresh.")
     epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.n_epochs
     past_the_end = epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0)
     if trainer.settings.max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
         raise ValueError(f"Cannot resume: the checkpoint is {step_in_epoch} step(s) into epoch {epoch + 1}, past "
                          f"n_epochs={n_epochs}. Pass n_epochs >= {epoch + (1 if step_in_epoch else 0)}, or resume from "
                          "an earlier checkpoint folder, or start fresh.")
+
+def continue_cut_epoch(trainer) -> None:
+    """A run that ``max_steps`` ended inside an epoch validated and recorded that epoch there; when a raised
+    ``max_steps`` continues the epoch, its row is recorded again at the epoch's real end, so the early one goes."""
+    state, rows = trainer.state, trainer.tracker.epoch_rows
+    if state.step_in_epoch and rows and rows[-1]["epoch"] == state.epoch + 1 and not trainer.nothing_left():
+        rows.pop()
+
 
 def restore_best(trainer, loaded: dict) -> None:
     """``best/`` counts only if intact and the best the checkpoint recorded; else the checkpoint's own weights
@@ -79,12 +99,12 @@ def restore_best(trainer, loaded: dict) -> None:
     if matches:
         trainer.best_checkpoint = str(best)
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = ckpt.load_checkpoint(best)["model.pt"]
+            trainer.best_weights = trainer.saved_weights(ckpt.load_checkpoint(best))
     elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
         # The checkpoint ends the best epoch: its own weights are the best.
         trainer.best_checkpoint = str(loaded["folder"])
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = loaded["model.pt"]
+            trainer.best_weights = trainer.saved_weights(loaded)
     elif trainer.settings.load_best_model_at_end:
         warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
                       "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)

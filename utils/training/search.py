@@ -23,7 +23,7 @@ from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
 from .previous_interface import DefaultInt, settings_from_call
 from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
-from .search_study import first_try_of, open_study, setup_record
+from .search_study import first_try_of, join_model, model_record, open_study, setup_record
 from .settings import FineTuneSettings
 from .sources import train_and_val_sources
 
@@ -142,6 +142,7 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
         study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
                            request.fixed["random_seed"], setup)
         _check_study_folder(request.output_dir / study.study_name, study)
+        join_model(study, _first_model_record(request), request.storage)
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
             study.optimize(lambda trial: _objective(fine_tune, request, study, trial), n_trials=request.n_trials,
@@ -153,6 +154,21 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     finally:
         optuna.logging.set_verbosity(verbosity)
     return _results(study, bar.finished, request.output_dir)
+
+
+def _first_model_record(request: SearchRequest):
+    """() -> the record of the model the first trial trains (built once; that trial then takes this instance)."""
+    made = {}
+
+    def record() -> dict:
+        if "record" not in made:
+            first, factory = request.new_model(), request.new_model
+            made["record"] = model_record(first, request.config)
+            waiting = [first]
+            request.new_model = lambda: waiting.pop() if waiting else factory()
+        return made["record"]
+
+    return record
 
 
 def _check_study_folder(folder: Path, study) -> None:

@@ -17,6 +17,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+from .model_call import unwrap
 from .search_space import NOT_SEARCHABLE
 
 SETUP_ATTR = "tier3_setup"
@@ -152,18 +153,83 @@ def setup_record(fixed_settings, space: dict, train, val) -> dict:
 
 
 def join_setup(study, setup: dict, storage) -> None:
-    """Record the set-up in a new study; refuse to add trials to a study made under another one."""
+    """Record the set-up in a new study; refuse to add trials to a study made under another one. The model is
+    compared afterwards (:func:`join_model`): reading it builds a model."""
     recorded = study.user_attrs.get(SETUP_ATTR)
     if recorded is None:  # a new study, or one made by Optuna directly: this call's set-up becomes its own
         study.set_user_attr(SETUP_ATTR, setup)
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its own first
     differences = [f"{key}: study {_short(recorded.get(key, '(not recorded)'))}, this call {_short(setup.get(key, '(none)'))}"
-                   for key in sorted(set(recorded) | set(setup)) if recorded.get(key) != setup.get(key)]
+                   for key in sorted(set(recorded) | set(setup)) if key != "model" and recorded.get(key) != setup.get(key)]
     if differences:
-        raise ValueError(
-            f"Study {study.study_name!r} in {_where(storage)} was run with another set-up, so its trials' values are not "
-            f"comparable with this call's ({'; '.join(differences)}). Pass another study_name to start a new study, or "
-            "call with the study's set-up to add trials to it.")
+        _refuse(study, storage, differences)
+
+
+def join_model(study, model, storage) -> None:
+    """Record the model in the study's set-up, or refuse another one before any trial, naming what differs.
+
+    ``model``: () -> this call's :func:`model_record`. A study with trials but no recorded model was recorded
+    before the model was part of the set-up: it adopts this call's, with a warning (its trials cannot tell).
+    """
+    recorded = study.user_attrs[SETUP_ATTR]
+    this = model()
+    if "model" not in recorded:
+        if study.get_trials(deepcopy=False):
+            warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included the "
+                          f"model; this call's model ({this['class']}, {this['n_parameters']:,} parameters) is recorded now, "
+                          "and its earlier trials are taken to have used the same. If they did not, pass another "
+                          "study_name.", UserWarning, stacklevel=4)
+        study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
+        recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its model first
+    if recorded["model"] != this:
+        _refuse(study, storage, [model_differences(recorded["model"], this)])
+
+
+def _refuse(study, storage, differences: list) -> None:
+    raise ValueError(
+        f"Study {study.study_name!r} in {_where(storage)} was run with another set-up, so its trials' values are not "
+        f"comparable with this call's ({'; '.join(differences)}). Pass another study_name to start a new study, or "
+        "call with the study's set-up to add trials to it.")
+
+
+# Config fields that do not define the model (bookkeeping, outputs asked of the forward, the tokenizer object).
+NOT_MODEL_FIELDS = {"transformers_version", "torch_dtype", "dtype", "architectures", "use_cache", "output_hidden_states",
+                    "output_attentions", "return_dict", "tokenizer", "name_or_path", "torchscript"}
+
+
+def model_record(model, config) -> dict:
+    """What the study's values depend on in the model: its class, every parameter's name and shape, and the
+    config's fields (JSON values only: an object's repr would differ from run to run)."""
+    model = unwrap(model)
+    config = config if config is not None else getattr(model, "config", None)
+    fields = config.to_dict() if callable(getattr(config, "to_dict", None)) else dict(getattr(config, "__dict__", {}))
+    kinds = (int, float, str, bool, type(None))
+    fields = {name: value for name, value in sorted(fields.items())
+              if not name.startswith("_") and name not in NOT_MODEL_FIELDS
+              and (isinstance(value, kinds) or (isinstance(value, (list, tuple)) and all(isinstance(v, kinds) for v in value)))}
+    parameters = [[name, list(parameter.shape)] for name, parameter in model.named_parameters()]
+    # The class by name: a notebook's __main__.MyLM is the same model when later imported from a file.
+    return json.loads(json.dumps({"class": type(model).__qualname__,
+                                  "n_parameters": sum(p.numel() for p in model.parameters()),
+                                  "parameters": parameters, "config": fields}))
+
+
+def model_differences(recorded: dict, this: dict) -> str:
+    """What differs between two model records, in a few words each."""
+    parts = []
+    if recorded["class"] != this["class"]:
+        parts.append(f"class {recorded['class']} vs {this['class']}")
+    config_a, config_b = recorded["config"], this["config"]
+    changed = [f"config.{name} {config_a.get(name, '(none)')!r} vs {config_b.get(name, '(none)')!r}"
+               for name in sorted(set(config_a) | set(config_b)) if config_a.get(name) != config_b.get(name)]
+    parts += changed[:4] + ([f"{len(changed) - 4} more config fields"] if len(changed) > 4 else [])
+    if recorded["parameters"] != this["parameters"]:
+        first = next(((a, b) for a, b in zip(recorded["parameters"], this["parameters"]) if a != b), None)
+        where = "" if first is None else (f"; the first that differs: {first[0][0]} {first[0][1]} vs {first[1][1]}"
+                                          if first[0][0] == first[1][0] else f"; the first that differs: {first[0]} vs {first[1]}")
+        parts.append(f"parameters {len(recorded['parameters'])} tensors, {recorded['n_parameters']:,} values vs "
+                     f"{len(this['parameters'])}, {this['n_parameters']:,}{where}")
+    return "model differs (study vs this call): " + "; ".join(parts or ["another model"])
 
 
 def _where(storage) -> str:

@@ -47,6 +47,8 @@ class FineTuneSettings:
     # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
     precision: str = "auto"
     compile: bool = False  # torch.compile the model once
+    # Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) instead of DDP.
+    fsdp: bool = False
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
@@ -129,6 +131,9 @@ class FineTuneSettings:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
+        _check_bool("fsdp", self.fsdp)
+        if self.fsdp and self.compile:
+            raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")

@@ -18,12 +18,15 @@ import torch
 
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from .batch_plans import PlanSettings
+from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
 from .sources import run_length, stream_positions
 from .distributed import DistContext, all_reduce_sum, any_rank, barrier, wrap_model
+from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricsTracker
+from .gradient_stats import GradientStats
+from .metrics import MetricRows
 from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
@@ -73,9 +76,10 @@ def group_into_steps(plan, accumulation: int, skip: int):
 
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricsTracker, run_id: str = "", on_evaluation=None):
+                 tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id
+        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
+        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         self.caller = ModelCaller(model)
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
@@ -87,11 +91,18 @@ class Trainer:
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
         self.steps_per_epoch, self.n_epochs, self.total_steps, self.streamed = run_length(data.train, self.plan_spec, settings)
+        self.precision = settings.autocast_dtype(device)  # None: float32
+        self.sharded = settings.fsdp  # FSDP2: sharded in place before the optimizer sees its (DTensor) parameters
+        if self.sharded:
+            self.precision = fsdp.check_precision(device, self.precision, settings.requested_precision)
+            fsdp.shard_model(model, device, self.precision)
+            # The linear path calls the body and reads the head's weight outside the root's forward, where FSDP
+            # has not gathered the root's shards: the chunked loss over the model's own logits.
+            self.caller.output_layer = None
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
-        self.precision = settings.autocast_dtype(device)  # None: float32
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.train_model = wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        self.train_model = model if self.sharded else wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
@@ -102,7 +113,7 @@ class Trainer:
         self.checkpoint_writer = CheckpointWriter(
             self.checkpoints_dir, settings.keep_checkpoints, staging_dir=settings.checkpoint_staging_folder(),
             asynchronous=settings.async_checkpoints, pin=device.type == "cuda",
-            note=tracker.message) if ctx.is_main and settings.writes_checkpoints else None
+            note=tracker.message) if ctx.is_main and settings.writes_checkpoints and not self.sharded else None
         self.last_checkpoint_clock, self.checkpoint_error = time.monotonic(), None
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -110,18 +121,21 @@ class Trainer:
         """The epoch loop; returns why it ended. Ctrl-C and a non-finite loss end it with results kept."""
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
+        if state.global_step and self.nothing_left():
+            return self.already_complete()
         try:
             for epoch in range(state.epoch, self.n_epochs):
-                epoch_started, steps_before = time.perf_counter(), state.global_step
+                epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
-                if self.streamed and state.global_step == steps_before:
+                if self.streamed and state.step_in_epoch == 0:  # (a resumed epoch may have had its steps already)
                     raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
                                      "must start again from its beginning when iterated again (and, under torchrun, give "
                                      "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
-                state.start_epoch(epoch + 1)
+                if not self.cut_short_by_max_steps(epoch):  # else the position stays: a raised max_steps continues here
+                    state.start_epoch(epoch + 1)
                 state.run_seconds = time.perf_counter() - started
                 if settings.writes_checkpoints:
                     self.save_checkpoint(best=improved)
@@ -161,6 +175,29 @@ class Trainer:
         state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
         return batches
 
+    def nothing_left(self) -> bool:
+        """Whether a resumed run has already trained every step and epoch it is asked for."""
+        return self.state.epoch >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
+
+    def already_complete(self) -> Outcome:
+        limit = (f"max_steps={self.settings.max_steps}" if self.settings.max_steps is not None
+                 else f"n_epochs={self.settings.n_epochs}")
+        outcome = Outcome(OutcomeKind.COMPLETED, (
+            f"Nothing to train: the checkpoint already completed this run ({limit}, optimizer step "
+            f"{self.state.global_step}); the results are the checkpoint's. Raise max_steps or n_epochs to train further."),
+            already_complete=True)
+        self.tracker.message(outcome.reason)
+        return outcome
+
+    def cut_short_by_max_steps(self, epoch: int) -> bool:
+        """Whether ``max_steps`` ended the run before the end of this epoch's plan (a stream: before its end)."""
+        if self.settings.max_steps is None or self.state.global_step < self.settings.max_steps:
+            return False
+        if self.streamed:
+            return True
+        planned_steps = -(-len(self.epoch_plan(epoch)) // self.settings.gradient_accumulation_steps)
+        return self.state.step_in_epoch < planned_steps
+
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
 
@@ -191,10 +228,10 @@ class Trainer:
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
                     state.train_seconds += time.perf_counter() - started  # validation are not training time
+                    if eval_due:  # before the checkpoint, which then counts its row (a resume does not redo it)
+                        self.evaluate_mid_epoch(epoch)
                     if checkpoint_due:
                         self.save_checkpoint()
-                    if eval_due:
-                        self.evaluate_mid_epoch(epoch)
                     started = time.perf_counter()
             self.record_steps(pending, epoch)  # a stream's epoch ends when it does: its last steps are still pending
         except BaseException:
@@ -209,19 +246,25 @@ class Trainer:
         # Counted before any backward, over all micro-batches and processes: token-weighted, not mean of means.
         real_in_step = all_reduce_sum(torch.stack([count_real_targets(b, self.data.pad_token_id) for b in batches])
                                       .sum().float(), ctx)
-        divisor = real_in_step.clamp(min=1) / ctx.world_size  # DDP averages gradients over processes; undo it
+        # DDP (and FSDP's reduce-scatter) average gradients over processes; undo it
+        divisor = real_in_step.clamp(min=1) / ctx.world_size
         sums = TokenSums()
         for i, batch in enumerate(batches):
-            sync = self.train_model.no_sync() if ctx.enabled and i < len(batches) - 1 else contextlib.nullcontext()
+            last = i == len(batches) - 1
+            if self.sharded:
+                fsdp.set_gradient_sync(self.model, last)
+            sync = self.train_model.no_sync() if ctx.enabled and not last and not self.sharded else contextlib.nullcontext()
             with sync:
                 sums += forward_backward(self.train_model, batch, self.data.pad_token_id, caller=self.caller,
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
         self.scaler.unscale_(self.optimizer)
-        if self.tracker.logs_gradients and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
-            self.tracker.log_gradients(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
+        stats = self.gradient_stats
+        if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
+            stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # the norm before clipping
+        # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
+        grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # Under fp16 the GradScaler skips inf gradients itself (and lowers its scale); only the loss decides there.
         not_finite = ~torch.isfinite(sums.loss_sum) | (~torch.isfinite(grad_norm) & (not self.scaler.is_enabled()))
@@ -260,7 +303,7 @@ class Trainer:
                 self.state.batch_shapes.append(shape)
 
     def autocast(self):
-        if self.precision is None:
+        if self.precision is None or self.sharded:  # sharded: FSDP's MixedPrecisionPolicy casts instead
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
@@ -348,7 +391,8 @@ class Trainer:
             return False
         state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
         if self.settings.load_best_model_at_end:
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best_weights = (fsdp.local_weights(self.model) if self.sharded else
+                                 {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
         return True
 
     def early_stopping(self, epoch: int) -> Outcome | None:
@@ -377,33 +421,57 @@ class Trainer:
 
     def load_state_dict(self, files: dict) -> None:
         try:
-            self.model.load_state_dict(files["model.pt"])
+            if "model.pt" in files:
+                self.model.load_state_dict(files["model.pt"])
+            else:  # a sharded checkpoint (fsdp=True): model and optimizer from its shards, on any number of processes
+                sharded_checkpoint.load_model_and_optimizer(self.model, self.optimizer, files["folder"])
         except RuntimeError as error:
             raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
                              "Build the same architecture, or start fresh.") from error
-        self.optimizer.load_state_dict(files["optimizer.pt"])
+        if "optimizer.pt" in files:
+            self.optimizer.load_state_dict(files["optimizer.pt"])
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         rate_from_schedule(self.optimizer, self.scheduler)
         if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
-        self.tracker.load_state_dict(trainer_state["tracker"])
+        # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
+        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
         if trainer_state.get("stream"):
             self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
-        return {"settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
+        return {FORMAT_KEY: FORMAT_VERSION, "settings": self.settings.as_dict(), "data_fingerprint": self.fingerprints["train"],
                 "val_fingerprint": self.fingerprints["val"], "run_id": self.run_id, "world_size": self.ctx.world_size,
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
                 "best_epoch": self.state.best_epoch, "best_val_loss": self.state.best_val_loss}
 
+    def load_weights(self, weights: dict) -> None:
+        """Weights kept by ``track_best`` or read by :meth:`saved_weights` back into the model."""
+        if self.sharded:
+            fsdp.load_local_weights(self.model, weights)
+        else:
+            self.model.load_state_dict(weights)
+
+    def saved_weights(self, loaded: dict) -> dict:
+        """The model weights of a loaded checkpoint folder (``checkpoint.load_checkpoint``), as ``load_weights`` takes them."""
+        if "model.pt" in loaded:
+            return loaded["model.pt"]
+        weights = sharded_checkpoint.load_model_weights(self.model, loaded["folder"])
+        return fsdp.local_weights_of(weights) if self.sharded else weights
+
     def save_checkpoint(self, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's RNG
         state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
-        files = self.state_dict()
+        self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         self.last_checkpoint_clock = time.monotonic()
+        if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
+            sharded_checkpoint.save_checkpoint(self, best)
+            return
+        files = self.state_dict()
         failed = self.checkpoint_writer.wait() if self.checkpoint_writer else None  # at most one write in flight
         # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
         # point anyway), instead of the others waiting forever in the next collective.
