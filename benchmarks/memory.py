@@ -4,8 +4,8 @@
 
 Model: GPT-2 with 2 layers of 128 (dropout 0), built from a config. Data: random token ids (uniform below the
 EOS/pad id, every row full length, no padding): memory depends on shapes, not on the text. Methods:
-  ours, HF GPT-2            test_fine_tuning with the HF model: the linear path (results["loss_path"])
-  ours, HF GPT-2, chunked   the same with the linear path switched off: the model's logits, loss in chunks
+  ours, HF GPT-2            test_fine_tuning with the HF model, default loss path (results["loss_path"], its reason)
+  ours, HF GPT-2, chunked   the same with loss_path="chunked": the model's logits, loss in chunks
   ours, logits-only model   test_fine_tuning with a user's nn.Module that returns only logits (chunked)
   bare loop                 AdamW, model(...).logits, F.cross_entropy over the full logits
   HF Trainer defaults       transformers.Trainer, the model's own labels= loss
@@ -85,14 +85,23 @@ def _rows(n: int, seq: int, seed: int):
 
 
 def _ours(args, model, config, train, val, meter):
+    import utils.training.trainer as trainer_module
     from utils.tier3_training_utilities import test_fine_tuning
 
+    options = {}
+    if args.method == "ours_hf_chunked":  # the switch under test, off
+        if hasattr(trainer_module, "use_linear_loss_if_exact"):  # a checkout before the loss_path keyword (--root)
+            trainer_module.use_linear_loss_if_exact = lambda *_: False
+        else:
+            options["loss_path"] = "chunked"
     result = test_fine_tuning(model, config, [row.tolist() for row in train], [row.tolist() for row in val],
                               n_epochs=1, batch_size=args.batch_size, learning_rate=3e-4, shuffle=False,
-                              device=args.device, progress=False, save_plots=False, output_dir=tempfile.mkdtemp())
+                              device=args.device, progress=False, save_plots=False, output_dir=tempfile.mkdtemp(),
+                              **options)
     epochs = result["metrics_summary"]
     return dict(peak_mb=meter.growth_mb(), tokens_per_s=float(epochs["train/real_tokens_per_sec"].iloc[0]),
-                first_loss=result["loss_history"][0], steps=result["global_step"], loss_path=result.get("loss_path"))
+                first_loss=result["loss_history"][0], steps=result["global_step"], loss_path=result.get("loss_path"),
+                reason=result.get("loss_path_reason"))
 
 
 class LogitsOnly:
@@ -158,10 +167,6 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     train, val = _rows(args.steps * args.batch_size, args.seq, seed=1), _rows(args.batch_size, args.seq, seed=2)
     model = _model(args.seq, args.device)
-    if args.method == "ours_hf_chunked":
-        import utils.training.trainer as trainer_module
-
-        trainer_module.use_linear_loss_if_exact = lambda *_: False  # the switch under test, off
     meter = PeakMeter(args.device)
     if args.method.startswith("ours"):
         user_model = LogitsOnly.wrap(model) if args.method == "ours_logits_only" else model

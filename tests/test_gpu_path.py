@@ -64,6 +64,8 @@ def test_models_that_need_the_mask_keep_it():
 def test_precision_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert FineTuneSettings().autocast_dtype(cpu) is None  # auto: fp32 on CPU
+    assert FineTuneSettings(precision="bf16").autocast_dtype(cpu) == "bf16"  # explicit: CPU autocast (issue 35)
+    assert settings_from_call({"use_amp": True})[0].autocast_dtype(cpu) is None  # the previous keyword: CUDA only
     assert FineTuneSettings(precision="fp32").autocast_dtype(cuda) is None
     assert FineTuneSettings(precision="fp16").autocast_dtype(cuda) == "fp16"
     assert settings_from_call({"mixed_precision": "bf16"})[0].autocast_dtype(cuda) == "bf16"  # the older keyword
@@ -72,7 +74,7 @@ def test_precision_resolution():
         settings_from_call({"precision": "bf16", "mixed_precision": "fp16"})
 
 
-def test_auto_precision_is_silent_on_cpu_and_an_explicit_one_is_warned():
+def test_auto_precision_is_silent_on_cpu_and_a_previous_keyword_is_warned():
     data = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
     config = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
     with warnings.catch_warnings():
@@ -81,9 +83,9 @@ def test_auto_precision_is_silent_on_cpu_and_an_explicit_one_is_warned():
         result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, progress=False, save_plots=False)
     assert result["amp_enabled"] is False and result["precision_used"] == "fp32"
     assert result["attention_mask_free"] is False  # mask-free calls are a CUDA-only path
-    with pytest.warns(UserWarning, match="CUDA only"):
-        test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, precision="bf16", progress=False,
-                         save_plots=False)
+    with pytest.warns(UserWarning, match="CUDA only"):  # precision="bf16" itself runs on CPU: tests/test_precision.py
+        test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, mixed_precision="bf16",
+                         progress=False, save_plots=False)
 
 
 def test_distinct_batch_shapes_are_reported():

@@ -11,6 +11,8 @@ import contextlib
 import importlib
 import types
 
+import torch
+
 from .training.engine import RunHooks, fine_tune
 from .training.evaluation import evaluate
 from .training.checks import check_model_against_data
@@ -19,7 +21,8 @@ from .training.pad_id import detect_pad_token_id, pad_is_eos
 from .training.previous_interface import CLIP_NORM_DEFAULT, PREVIOUS_DEFAULTS, settings_from_call
 from .training.search import N_TRIALS_DEFAULT, SearchRequest, run_search
 from .training.settings import FineTuneSettings
-from .training.sources import batch_source
+from .training.examples import to_device
+from .training.sources import LoaderBatches, batch_source
 from .training.trainer import forward_backward
 
 __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
@@ -51,16 +54,28 @@ def _detect_pad_token_id(config, tokenizer=None) -> int:
 
 
 def _compute_loss_and_backward(model, batch, pad_token_id, *, caller=None, loss_divisor=None,
-                               autocast=contextlib.nullcontext, scaler=None):
-    """Forward one micro-batch, backward ``loss_sum / loss_divisor``; returns the batch's detached ``TokenSums``."""
+                               autocast=contextlib.nullcontext, scaler=None, tokenizer=None):
+    """Forward one micro-batch, backward ``loss_sum / loss_divisor``; returns the batch's detached ``TokenSums``.
+
+    The batch is taken as training takes a user's DataLoader batch: without an attention mask the pad rule decides
+    what is real (a line's final pad id is its EOS when the pad id is the EOS id of ``model.config`` or
+    ``tokenizer``), and left padding is moved to the right.
+    """
+    config = getattr(model, "config", None)
+    rule = LoaderBatches([batch], pad_token_id, pad_is_eos(pad_token_id, config, tokenizer), what="batch")
+    # The rule's masks and index moves are built on the CPU (as a loader's batches are): one copy per call.
+    batch = rule.collate({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    batch = to_device(batch, next(model.parameters()).device)
     return forward_backward(model, batch, pad_token_id, caller=caller or ModelCaller(model), loss_divisor=loss_divisor,
                             autocast=autocast, scaler=scaler)
 
 
 def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=None, caller=None, ctx=None,
-                          autocast=contextlib.nullcontext) -> dict:
-    """Token-weighted loss, perplexity and accuracy over all real targets of ``data``."""
-    source = batch_source(data, pad_token_id, what="validation data")
+                          autocast=contextlib.nullcontext, tokenizer=None) -> dict:
+    """Token-weighted loss, perplexity and accuracy over all real targets of ``data``: ``evaluate_perplexity``'s
+    numbers (the same source, pad rule and batches) for a given pad id."""
+    source = batch_source(data, pad_token_id, what="validation data",
+                          pad_is_eos=pad_is_eos(pad_token_id, getattr(model, "config", None), tokenizer))
     return evaluate(model, source, pad_token_id, batch_size=batch_size, device=device or next(model.parameters()).device,
                     caller=caller, ctx=ctx, autocast=autocast)
 

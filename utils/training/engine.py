@@ -62,9 +62,14 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if settings.fsdp:
         require_launch()  # before any work: a plain process is refused with the launch command
     ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
-    if settings.requested_precision and device.type != "cuda":
-        warnings.warn(f"Mixed precision ({settings.requested_precision}) applies on CUDA only; training in float32 on "
-                      f"{device.type}.", UserWarning, stacklevel=4)
+    if settings.requested_precision and settings.autocast_dtype(device) is None:
+        if settings.precision_from_previous_keyword:
+            warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the previous "
+                          f"module; training in float32 on {device.type}. For CPU autocast pass "
+                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=4)
+        else:
+            warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in float32 "
+                          f"on {device.type}.", UserWarning, stacklevel=4)
     seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
     _check_parameters(model, settings)
@@ -140,7 +145,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
 def _start_tracker(trainer: Trainer, model) -> None:
     settings, ctx, data = trainer.settings, trainer.ctx, trainer.data
     run_config = dict(settings.as_dict(), pad_token_id=data.pad_token_id, pad_token_id_source=data.pad_source,
-                      precision_used=trainer.precision or "fp32", attention_mask_free=trainer.caller.mask_free,
+                      precision_used=trainer.amp.used, attention_mask_free=trainer.caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
                       world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0], model_class=type(model).__name__)
     trainer.tracker.start(run_config, total_steps=trainer.total_steps)
@@ -167,9 +172,9 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
-        "precision_used": trainer.precision or "fp32", "attention_mask_free": trainer.caller.mask_free,
-        # The path the training step took: a DDP or compile wrapper goes through its own forward (chunked loss).
-        "loss_path": trainer.caller.loss_path if trainer.train_model is trainer.model else "chunked",  # "linear": the full logits never existed; "chunked": the model's logits
+        "precision_used": trainer.amp.used, "attention_mask_free": trainer.caller.mask_free,
+        # "linear": the full logits never existed; "chunked": the model's own forward and logits (utils/training/loss_path.py)
+        "loss_path": trainer.loss_path.path, "loss_path_reason": trainer.loss_path.reason,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
@@ -183,7 +188,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         **outcome.as_result_keys(),
         **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
                                amp_enabled=trainer.precision is not None,
-                               loss_scale=trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None),
+                               loss_scale=trainer.amp.loss_scale()),
     }
     _write_final_outputs(trainer, results)
     return results

@@ -51,6 +51,8 @@ def mixed_precision_policy(device: torch.device, precision: str | None) -> Mixed
 def check_precision(device: torch.device, precision: str | None, asked: str | None) -> str | None:
     """The precision an FSDP run uses. fp16 needs a GradScaler over sharded gradients, which this package does not
     have: asked for, it is refused; chosen by "auto" (a GPU without bf16), the run trains in float32 and says so."""
+    if device.type != "cuda":
+        return None  # mixed_precision_policy casts only on CUDA: float32 elsewhere, and results say so
     if precision != "fp16":
         return precision
     if asked == "fp16":

@@ -1,12 +1,10 @@
 """Calling a user's model: plain nn.Module or Hugging Face, whatever it returns, and getting a batch's loss sums.
 
 ``ModelCaller.loss_sums`` is where training and validation get a batch's :class:`TokenSums`. Two paths, chosen
-once at start-up (:func:`use_linear_loss_if_exact`):
+once at start-up by the rule in :mod:`loss_path`:
 
 * ``"linear"``: hidden states from the model's body, then :func:`linear_loss.linear_masked_lm_loss` with the
-  output layer's weight: the full logits never exist. For Hugging Face causal LMs (``get_output_embeddings()``
-  and the base model) and a user's module with ``forward_hidden(input_ids)`` and ``output_head`` (see
-  :mod:`linear_loss`), when on the first padded batch it gives the same sums as the model's own forward.
+  output layer's weight (:func:`output_layer_of` says where they are): the full logits never exist.
 * ``"chunked"``: the model's own forward, then :func:`loss.masked_lm_loss` over its logits in chunks.
 """
 from __future__ import annotations
@@ -52,7 +50,7 @@ class ModelCaller:
         # Set once at start-up (see mask_free_is_exact): right-padded batches then go without a mask, which
         # lets a causal model's attention take its fastest (is_causal / flash) path.
         self.mask_free = False
-        # Set once at start-up (see use_linear_loss_if_exact): losses from hidden states and the head's weight.
+        # Set once at start-up (loss_path.choose_loss_path): losses from hidden states and the head's weight.
         self.output_layer = None
 
     def __call__(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -119,34 +117,6 @@ def output_layer_of(model: nn.Module) -> OutputLayer | None:
     if type(head) is not nn.Linear or not isinstance(body, nn.Module) or body is model:  # a subclass may quantize or adapt
         return None
     return OutputLayer(model, head, body)
-
-
-def use_linear_loss_if_exact(model: nn.Module, caller: ModelCaller, batch: Mapping, pad_token_id: int) -> bool:
-    """Switch ``caller`` to the linear path when, on (two rows of) ``batch``, it gives the model's own sums.
-
-    The comparison catches what the body-and-head reading misses: logits that are scaled or soft-capped
-    after the head (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``), heads that are not
-    what ``get_output_embeddings()`` returns, bodies that need other arguments. Anything raising means no.
-    """
-    layer = output_layer_of(model)
-    if layer is None:
-        return False
-    rows = batch["input_ids"].shape[0]
-    # Two rows bound the probe's own logits (a 50k vocabulary: 2 x seq x 200 KB).
-    small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v) for k, v in batch.items()}
-    try:
-        with eval_mode(model):
-            full = masked_lm_loss(caller(model, small), small["input_ids"], small.get("labels"),
-                                  small.get("attention_mask"), pad_token_id)
-            lean = caller.linear_sums(small, pad_token_id, layer)
-    except Exception:  # noqa: BLE001 - any failure of the probe means: keep the model's own forward
-        return False
-    if int(full.real_targets) == 0 or int(lean.real_targets) != int(full.real_targets):
-        return False
-    if not torch.isclose(lean.loss_sum.double(), full.loss_sum.double(), rtol=5e-5, atol=0.0):
-        return False
-    caller.output_layer = layer
-    return True
 
 
 def _first_tensor(output) -> torch.Tensor:

@@ -37,13 +37,16 @@ def settings_from_call(keywords: dict, *, gradient_clip_norm=CLIP_NORM_DEFAULT) 
             raise ValueError(f"gradient_clip_norm={gradient_clip_norm} and max_grad_norm={keywords['max_grad_norm']} name "
                              "the same setting with different values; pass only one of them.")
         keywords["max_grad_norm"] = gradient_clip_norm
-    _resolve_precision(keywords, given)
+    from_previous_keyword = _resolve_precision(keywords, given)
     _resolve_schedule(keywords, given)
-    return FineTuneSettings.from_keywords(keywords, known_extra=set(PREVIOUS_DEFAULTS) | {"gradient_clip_norm",
-                                                                                           "tokenizer", "device"}), given
+    settings = FineTuneSettings.from_keywords(keywords, known_extra=set(PREVIOUS_DEFAULTS) | {"gradient_clip_norm",
+                                                                                               "tokenizer", "device"})
+    settings.precision_from_previous_keyword = from_previous_keyword
+    return settings, given
 
 
-def _resolve_precision(keywords: dict, given: dict) -> None:
+def _resolve_precision(keywords: dict, given: dict) -> bool:
+    """``use_amp``/``mixed_precision`` into ``precision``; True when they, not ``precision=``, asked for it."""
     use_amp, mixed = given["use_amp"], given["mixed_precision"]
     if not isinstance(use_amp, bool):
         raise TypeError(f"use_amp must be True or False, got {type(use_amp).__name__} ({use_amp!r}).")
@@ -53,12 +56,13 @@ def _resolve_precision(keywords: dict, given: dict) -> None:
         raise ValueError(f"use_amp=True means fp16 autocast but mixed_precision={mixed!r}; pass only one of them.")
     asked = mixed or ("fp16" if use_amp else None)
     if asked is None:
-        return
+        return False
     precision = keywords.get("precision", "auto")
     if precision not in ("auto", asked):
         raise ValueError(f"precision={precision!r} but mixed_precision={mixed!r}/use_amp={use_amp} ask for {asked!r}; "
                          "pass only one of them.")
     keywords["precision"] = asked
+    return precision == "auto"  # precision= given as well: the explicit request, which applies on CPU too
 
 
 def _resolve_schedule(keywords: dict, given: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
+LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss_path.py
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 GOOGLE_DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
@@ -47,6 +48,9 @@ class FineTuneSettings:
     # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
     precision: str = "auto"
     compile: bool = False  # torch.compile the model once
+    # "auto": hidden states x head weight (no full logits) where that is the model's own loss and saves memory
+    # (CLAUDE.md); "linear": wherever it is the model's own loss; "chunked": always the model's own forward.
+    loss_path: str = "auto"
     # Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) instead of DDP.
     fsdp: bool = False
     val_fraction: float = 0.2
@@ -131,6 +135,7 @@ class FineTuneSettings:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_bool("compile", self.compile)
+        _check_choice("loss_path", self.loss_path, LOSS_PATHS)
         _check_bool("fsdp", self.fsdp)
         if self.fsdp and self.compile:
             raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
@@ -145,6 +150,11 @@ class FineTuneSettings:
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"output_dir={self.output_dir!r} is a file, not a folder. Pass a folder path "
                              "(it is created if missing).")
+
+    # Not a keyword: set by previous_interface when use_amp/mixed_precision asked for the precision. Those keep
+    # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's
+    # CPU run does not turn into a slower half-precision one. precision= itself applies on CPU too.
+    precision_from_previous_keyword = False
 
     def _check_staging_dir(self) -> None:
         value = self.checkpoint_staging_dir
@@ -172,15 +182,18 @@ class FineTuneSettings:
 
     @property
     def requested_precision(self) -> str | None:
-        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``)."""
+        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``, or a previous keyword)."""
         return self.precision if self.precision in ("bf16", "fp16") else None
 
     def autocast_dtype(self, device) -> str | None:
-        """The autocast dtype this run uses on ``device``; None is float32."""
-        if device.type != "cuda" or self.precision == "fp32":
+        """The autocast dtype this run uses on ``device``; None is float32 (decisions table in CLAUDE.md)."""
+        if self.precision == "fp32":
             return None
         if self.requested_precision:
-            return self.requested_precision
+            runs_here = device.type == "cuda" or (device.type == "cpu" and not self.precision_from_previous_keyword)
+            return self.requested_precision if runs_here else None
+        if device.type != "cuda":
+            return None  # "auto": float32 off CUDA (CPU half-precision kernels are slower than float32 on most CPUs)
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -26,10 +26,12 @@ from .evaluation import evaluate
 from .examples import to_device
 from .loss import TokenSums, count_real_targets
 from .gradient_stats import GradientStats
+from .loss_path import chunked, choose_loss_path
 from .metrics import MetricRows
-from .model_call import ModelCaller, mask_free_is_exact, use_linear_loss_if_exact
+from .model_call import ModelCaller, mask_free_is_exact
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import COMPLETED, Outcome, OutcomeKind, StopTraining
+from .precision import Precision
 from .reproducibility import rng_state
 from .settings import FineTuneSettings
 from .train_state import TrainState
@@ -85,8 +87,11 @@ class Trainer:
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for both start-up probes
         # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
         self.caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, self.caller, probe)
-        # Losses from hidden states and the head's weight (no full logits) where that equals the model's own forward.
-        use_linear_loss_if_exact(model, self.caller, probe, data.pad_token_id)
+        # Losses from hidden states and the head's weight (no full logits) only where that is the model's own loss
+        # by construction and saves memory; the bound on a micro-batch's positions is for the memory rule.
+        positions = max(settings.batch_size, probe["input_ids"].shape[0]) * probe["input_ids"].shape[1]
+        self.loss_path = choose_loss_path(model, self.caller, probe, data.pad_token_id, requested=settings.loss_path,
+                                          micro_batch_positions=max(positions, settings.max_tokens_per_batch or 0))
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
@@ -99,10 +104,17 @@ class Trainer:
             # The linear path calls the body and reads the head's weight outside the root's forward, where FSDP
             # has not gathered the root's shards: the chunked loss over the model's own logits.
             self.caller.output_layer = None
+            self.loss_path = chunked("FSDP: the head's weight is sharded outside the root's forward")
         self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.total_steps, settings.warmup_steps_for(self.total_steps))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # Autocast and GradScaler on this device's type (CPU autocast too, when asked for): one code path. Sharded:
+        # FSDP's MixedPrecisionPolicy casts instead of autocast.
+        self.amp = Precision(self.precision, device.type, use_autocast=not self.sharded)
+        self.scaler, self.autocast = self.amp.scaler, self.amp.autocast
         self.train_model = model if self.sharded else wrap_model(torch.compile(model) if settings.compile else model, ctx, device)
+        if self.train_model is not model and self.loss_path.path == "linear":
+            self.caller.output_layer = None  # one path for training and validation: the wrapper's own forward
+            self.loss_path = chunked("a DDP or torch.compile wrapper goes through its own forward")
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
@@ -258,7 +270,7 @@ class Trainer:
                 sums += forward_backward(self.train_model, batch, self.data.pad_token_id, caller=self.caller,
                                          loss_divisor=divisor, autocast=self.autocast, scaler=self.scaler)
         self.note_shapes(batches)
-        self.scaler.unscale_(self.optimizer)
+        self.amp.unscale_(self.optimizer)
         stats = self.gradient_stats
         if stats is not None and stats.enabled and (self.state.global_step + 1) % settings.log_grad_dist_every == 0:
             stats.record(self.model, self.state.global_step + 1, histograms=settings.log_grad_histogram)
@@ -273,39 +285,22 @@ class Trainer:
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
         if self.checkpoint_writer:  # a checkpoint's copy of the weights and moments is complete before they change
             self.checkpoint_writer.before_update()
-        self.apply_update()
+        self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sums": sums, "grad_norm": grad_norm.detach().double(), "not_finite": not_finite,
                 "learning_rate": learning_rate}
 
-    def apply_update(self) -> None:
+    def apply_update(self, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
-        never reaches the weights."""
-        if self.scaler.is_enabled():
-            # fp16 only: one host read of the flag per step (GradScaler has no way to take a found_inf of ours).
-            if not bool(self.stop_flag):
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = self.stop_flag  # the fused kernel returns early where it is 1
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not bool(self.stop_flag):  # host read (sync) only where no fused kernel exists for these parameters
-            self.optimizer.step()
+        never reaches the weights. Under fp16 an overflowed gradient skips only its own step."""
+        self.amp.step(self.optimizer, self.amp.skip_update(self.stop_flag, grad_norm))
 
     def note_shapes(self, batches: list[dict]) -> None:
         for batch in batches:  # each new shape costs a warm-up (a recompile under compile=True) on a GPU
             shape = list(batch["input_ids"].shape)
             if shape not in self.state.batch_shapes:
                 self.state.batch_shapes.append(shape)
-
-    def autocast(self):
-        if self.precision is None or self.sharded:  # sharded: FSDP's MixedPrecisionPolicy casts instead
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
     # -- recording ---------------------------------------------------------------------------------
     def record_steps(self, pending: list[dict], epoch: int) -> None:
@@ -416,7 +411,7 @@ class Trainer:
             torch.distributed.all_gather_object(rng_states, rng_state())
         return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
                 "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
-                                     "scaler": self.scaler.state_dict(), "rng": rng_states,
+                                     "scaler": self.amp.state_dict(), "rng": rng_states,
                                      "tracker": self.tracker.state_dict(), "stream": stream_positions(self.data.train, self.ctx)}}
 
     def load_state_dict(self, files: dict) -> None:
@@ -433,8 +428,7 @@ class Trainer:
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         rate_from_schedule(self.optimizer, self.scheduler)
-        if trainer_state["scaler"] and self.scaler.is_enabled():  # empty from a bf16/fp32 run ("auto" on another GPU)
-            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.amp.load_state_dict(trainer_state["scaler"])
         self.state = TrainState.from_dict(trainer_state["state"])
         # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
         run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
