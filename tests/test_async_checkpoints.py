@@ -126,9 +126,10 @@ def test_checkpoint_every_minutes_writes_by_the_clock(tmp_path):
 
 
 def test_checkpoint_every_minutes_with_checkpoint_every(tmp_path):
-    result = _run(tmp_path, model=SlowLM(vocab_size=50), checkpoint_every=3, checkpoint_every_minutes=0.0025,
+    # Steps take >= 0.03 s: 5 steps pass the 0.15 s of the clock before step 6 (the count's first) comes.
+    result = _run(tmp_path, model=SlowLM(vocab_size=50), checkpoint_every=6, checkpoint_every_minutes=0.0025,
                   keep_checkpoints=1000)
     steps = set(_steps(tmp_path / "checkpoints"))
-    assert set(range(3, result["global_step"] + 1, 3)) <= steps
-    assert steps - set(range(3, result["global_step"] + 1, 3)) - {result["global_step"]}  # and some by the clock
+    assert set(range(6, result["global_step"], 6)) <= steps
+    assert steps - set(range(6, result["global_step"] + 1, 6)) - {result["global_step"]}  # and some by the clock
     assert math.isfinite(result["final_val_loss"])
