@@ -36,8 +36,8 @@ QUICK = os.environ.get("TIER3_NOTEBOOK_QUICK") == "1" or DEVICE == "cpu"
 gpu = f" ({torch.cuda.get_device_name()})" if DEVICE == "cuda" else ""
 print(f"torch {torch.__version__} | device {DEVICE}{gpu} | {'quick sizes' if QUICK else 'full sizes'}")"""),
     ("md", """## 2. Data
-WikiText-2 through `datasets` when the hub is reachable, otherwise the offline Wikipedia excerpt that ships with
-the package's dependencies (the next line says which). A GPT-2-style byte-level BPE tokenizer is trained on the
+Real Wikipedia text that ships inside a dependency (gensim), read without the network; pass `source="hub"` to
+`load_wikitext` for WikiText-2 through `datasets` (the next line says which was used). A GPT-2-style byte-level BPE tokenizer is trained on the
 training text (pad id = EOS id, as GPT-2), and `prepare_lm_dataset` tokenizes each line with an attention mask."""),
     ("code", """from utils.data import load_wikitext, prepare_lm_dataset, train_bpe_tokenizer
 
@@ -67,7 +67,8 @@ model = new_model()
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")"""),
     ("md", """### ▶ Plug in your own model here
 Any `nn.Module` whose forward takes token ids `(batch, seq)` and returns logits `(batch, seq, vocab)` works
-(a tuple, dict or `ModelOutput` holding them too). Its config only needs `vocab_size` and `pad_token_id`.
+(a tuple, dict or `ModelOutput` holding them too). Its config needs `vocab_size` and `pad_token_id`;
+`max_position_embeddings` lets the package check line lengths against the model before training.
 Set `USE_OWN_MODEL = True` to train the small example below instead of GPT-2."""),
     ("code", """from types import SimpleNamespace
 
@@ -90,7 +91,7 @@ class MyCausalLM(torch.nn.Module):
 
 
 if USE_OWN_MODEL:
-    config = SimpleNamespace(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = SimpleNamespace(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=MAX_LEN)
     new_model = lambda: MyCausalLM(len(tokenizer))  # noqa: E731
     model = new_model()"""),
     ("md", """## 4. Why padding matters, measured on this data
@@ -198,13 +199,24 @@ print(f"{'P(EOS) where a line ends':34}{naive['p_eos_line_end']:12.4f}{exact['p_
 print(f"{'P(EOS) where the line goes on':34}{naive['p_eos_mid_line']:12.4f}{exact['p_eos_mid_line']:14.4f}")
 print(f"The naive loop reports perplexity {naive['naive_ppl']:.1f} for its model; on real tokens that model's "
       f"perplexity is {naive['real_ppl']:.1f}, {naive['real_ppl'] / naive['naive_ppl']:.2f}x the reported number.")
-print(f"Mid-line, the naive-trained model says EOS with probability {naive['p_eos_mid_line']:.4f}, "
-      f"{naive['p_eos_mid_line'] / exact['p_eos_mid_line']:.1f}x the other model's {exact['p_eos_mid_line']:.4f}.")"""),
-    ("md", """Read the table by rows. The first row is the number a naive loop would log; the second is the same models
-measured on real tokens only, as this package measures. The last two printed lines put the gap between them into
-one number each: how far the naive loop's own report is from its model's real perplexity, and how much more often
-the naive-trained model ends a line where the line goes on (it was taught that EOS follows EOS, over and over, in
-the padding). Compare the two columns of the second row to see what counting padding did to the model itself."""),
+gap = naive["real_ppl"] / exact["real_ppl"] - 1
+print(f"On real tokens the naive-trained model is {abs(gap):.1%} {'worse' if gap > 0 else 'better'} than the other "
+      f"({naive['real_ppl']:.1f} vs {exact['real_ppl']:.1f}): {'a small' if abs(gap) < 0.05 else 'a real'} difference "
+      "in the model itself.")
+for where, key in (("where a line ends", "p_eos_line_end"), ("where the line goes on", "p_eos_mid_line")):
+    ratio = naive[key] / max(exact[key], 1e-12)
+    print(f"P(EOS) {where}: naive-trained {naive[key]:.4f}, the other {exact[key]:.4f} ({ratio:.1f}x).")"""),
+    ("md", """What the numbers show (the printed lines say which way each comparison went on this run):
+- **The reported number.** The first row is what a naive loop logs: padding after a line's end is nearly free to
+  predict, so averaging over it flatters the model. Its real perplexity (second row) is well above what it reported.
+  This is the effect that always matters: a naive loop's numbers cannot be compared with anyone else's.
+- **The model itself.** Compare the two columns of the second row: on ordinary tokens the two models usually end
+  close (the padding targets are easy, so they add little gradient), and either may come out slightly ahead.
+- **Where it matters for the model: pad == EOS.** With GPT-2's convention the padding *is* the EOS token, so the
+  naive loss also trains "EOS follows EOS", over and over. The P(EOS) lines show how that shifts the model's
+  line endings: a model that says EOS where a line goes on stops its generations early; one that never learned
+  EOS (padding masked by id, a different mistake) never stops. This package counts each line's real EOS once and
+  never the padding after it."""),
     ("code", """figure, axis = plt.subplots(figsize=(7, 4))
 positions = [0, 1]
 reported = axis.bar([x - 0.2 for x in positions], [naive["naive_ppl"], exact["naive_ppl"]], width=0.4,
@@ -255,19 +267,23 @@ results["metrics_summary"][columns]"""),
     ("code", """exact_after = evaluate_perplexity(model, val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)
 exact_before = evaluate_perplexity(new_model(), val_data, config, batch_size=BATCH, tokenizer=tokenizer, device=DEVICE)
 print(f"validation perplexity excl. padding: {exact_before['perplexity']:.1f} before -> {exact_after['perplexity']:.1f} after")"""),
-    ("code", """def sample(model, prompt, new_tokens=30, temperature=0.8):
-    \"\"\"Sampling with plain logits, so it works for any model this notebook trains.\"\"\"
+    ("code", """def sample(model, prompt, new_tokens=30, temperature=0.8, top_k=20):
+    \"\"\"Top-k sampling with plain logits, so it works for any model this notebook trains.\"\"\"
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=DEVICE)
     model.eval()
     with torch.no_grad():
         for _ in range(new_tokens):
             out = model(ids[:, -MAX_LEN:])
-            logits = (out if torch.is_tensor(out) else out.logits)[0, -1] / temperature
-            next_id = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+            logits = (out if torch.is_tensor(out) else out.logits)[0, -1].float() / temperature
+            top = torch.topk(logits, top_k)  # a byte-level model's rare byte tokens would break the text apart
+            next_id = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1)]
             if next_id.item() == tokenizer.eos_token_id:
                 break
             ids = torch.cat([ids, next_id[None]], dim=1)
-    return tokenizer.decode(ids[0])
+    text = tokenizer.decode(ids[0])
+    if "\\ufffd" in text:  # sampled bytes that do not form UTF-8 characters: show the tokens instead
+        return f"(not valid text; token ids) {ids[0].tolist()}"
+    return text
 
 
 torch.manual_seed(0)
@@ -275,7 +291,8 @@ print(sample(model, "The history of"))"""),
     ("md", """## 7. A small hyperparameter search
 Optuna searches the learning rate and warmup; each trial's objective is its validation loss excluding padding.
 The study lives in SQLite next to the outputs: re-running the cell adds trials with new parameters (also after a
-disconnect). Changing the search space, `N_EPOCHS` or the data needs a new `study_name` (the call says so).
+disconnect). Changing the search space, `N_EPOCHS`, the data or the model needs a new `study_name`
+(the call says so; `USE_OWN_MODEL` picks its own study).
 SQLite suits this one notebook; several Colab sessions searching one study at once need a `postgresql://` URL
 (see the README's storage table). Trials write to `OUTPUT_DIR/search/notebook-search/trial-N`."""),
     ("code", """from utils.tier3_training_utilities import test_hyperparameter_search
@@ -283,7 +300,7 @@ SQLite suits this one notebook; several Colab sessions searching one study at on
 search = test_hyperparameter_search(
     new_model, config, train_data, val_data, n_trials=3 if QUICK else 10, n_epochs=1,
     search_space={"learning_rate": (1e-4, 3e-3), "warmup_ratio": (0.0, 0.2)}, batch_size=BATCH,
-    storage=f"sqlite:///{OUTPUT_DIR}/search.db", study_name="notebook-search", tokenizer=tokenizer,
+    storage=f"sqlite:///{OUTPUT_DIR}/search.db", study_name="notebook-search-own-model" if USE_OWN_MODEL else "notebook-search", tokenizer=tokenizer,
     device=DEVICE, output_dir=os.path.join(OUTPUT_DIR, "search"))
 print("best:", search["best_params"], f"val perplexity {search['best_val_perplexity']:.1f}")
 search["trials"][["number", "state", "value", "params_learning_rate", "params_warmup_ratio", "duration_s"]]"""),

@@ -2,6 +2,7 @@
 and new studies created by two processes at the same moment.
 
     python search_worker.py STORAGE N_TRIALS ok|kill [JSON keywords]   # writes worker-<pid>.json (its counts)
+    python search_worker.py OUTPUT_DIR 0 reference [JSON keywords]     # test_fine_tuning alone: reference.json
     python search_worker.py FOLDER ROUNDS race ME OTHER               # writes race-<ME>.json (one line per round)
 """
 import json
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import TinyCausalLM  # noqa: E402
+from models import wait_for_checkpoint_writes, TinyCausalLM  # noqa: E402
 from utils.tier3_training_utilities import test_hyperparameter_search  # noqa: E402
 
 VOCAB = 50
@@ -40,6 +41,7 @@ class KillingLM(TinyCausalLM):
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == self.kill_at:
+                wait_for_checkpoint_writes()  # the checkpoints taken before the kill are complete (as in models.py)
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(idx)
 
@@ -83,6 +85,14 @@ if __name__ == "__main__":
         keywords.setdefault("kill_at", KILL_AT_FORWARD)
     keywords.setdefault("heartbeat_interval", 1)
     torch.set_num_threads(1)  # several workers share the test machine's cores; their heartbeats must keep beating
+    if mode == "reference":  # the same training without a search, as a reference run in a process like the trials'
+        from utils.tier3_training_utilities import test_fine_tuning
+
+        keywords.pop("search_space", None), keywords.pop("heartbeat_interval")
+        result = test_fine_tuning(new_model(), CONFIG, data(), data(8, seed=1), save_plots=False, progress=False,
+                                  output_dir=storage, **keywords)
+        Path("reference.json").write_text(json.dumps({k: result[k] for k in ("final_val_loss", "global_step")}))
+        sys.exit(0)
     # Pruning off: every trial of the shared study runs to its end, whatever the other processes report.
     result = search(storage, n_trials, pruning=False, **keywords)
     Path(f"worker-{os.getpid()}.json").write_text(json.dumps({k: result[k] for k in ("n_trials", "n_trials_in_study")}))

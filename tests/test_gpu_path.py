@@ -1,5 +1,6 @@
 """The parts of the GPU path that a CPU can check (issue 20): mask-free calls only where exact, precision
 resolution, the distinct batch shapes a run reports, torch.compile as a keyword."""
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -106,6 +107,10 @@ def test_distinct_batch_shapes_are_reported():
     assert shapes(16) == [len(bounded), len(bounded)] and len(bounded) < len(exact)
 
 
+@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")),
+                    reason="inductor picks its instruction set from the CPU, not from ATEN_CPU_CAPABILITY: forced apart "
+                           "on torch 2.13 they give C++ errors ('default': 'at::vec' has not been declared) or NaN losses "
+                           "('avx2' on an avx512 CPU); eager kernels are what that setting tests")
 def test_compile_trains_like_eager():
     g = torch.Generator().manual_seed(0)
     lines = [torch.randint(1, VOCAB, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g) for _ in range(24)]

@@ -34,6 +34,14 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     # The padding section: the naive loop's report flatters its model (padding after a line's end is nearly free).
     reported, real, ratio = map(float, re.search(r"reports perplexity ([\d.]+) .* perplexity is ([\d.]+), ([\d.]+)x", outputs).groups())
     assert real > reported and ratio == pytest.approx(real / reported, abs=0.01)
+    # What counting padding did to the model itself is said with its direction, as measured.
+    gap, direction, naive_real, package_real = re.search(
+        r"naive-trained model is ([\d.]+)% (worse|better) than the other \(([\d.]+) vs ([\d.]+)\)", outputs).groups()
+    assert (direction == "worse") == (float(naive_real) > float(package_real)) and float(naive_real) == real
+    assert len(re.findall(r"P\(EOS\) where .*: naive-trained [\d.]+, the other [\d.]+ \([\d.]+x\)", outputs)) == 2
+    # The generated sample is readable text, or says it is not and shows the token ids.
+    sample = [line for line in outputs.split("validation perplexity excl. padding")[1].splitlines() if line.strip()][1]
+    assert "\ufffd" not in sample and sample.strip(), sample
     assert (tmp_path / "outputs" / "notebook" / "metrics_epochs.csv").exists()
     assert (tmp_path / "outputs" / "notebook" / "search.db").exists()
     assert os.path.getsize(tmp_path / "outputs" / "notebook" / "loss_and_perplexity.png") > 0

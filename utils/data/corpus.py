@@ -1,4 +1,4 @@
-"""WikiText-2 when the datasets hub is reachable; otherwise real Wikipedia articles shipped in gensim.
+"""Real Wikipedia text shipped in gensim (offline, the default), or WikiText-2 from the datasets hub when asked.
 
 The offline source is the English Wikipedia dump excerpt in gensim's test data (about 100 articles,
 480k words). Wiki markup is stripped with gensim's ``filter_wiki``; the text is split into
@@ -11,6 +11,8 @@ import bz2
 import functools
 import os
 import re
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 
@@ -39,29 +41,53 @@ class TextSplit:
         return self.lines[index]
 
 
-def load_wikitext(split: str = "train", source: str = "auto", min_words: int = 5) -> TextSplit:
+def load_wikitext(split: str = "train", source: str = "offline", min_words: int = 5) -> TextSplit:
     """Lines of ``split`` ('train', 'validation', 'test').
 
-    ``source``: 'auto' tries WikiText-2 through ``datasets`` and falls back to the offline excerpt;
-    'hub' requires WikiText-2; 'offline' never touches the network. ``result.source`` says which was used.
+    ``source``: 'offline' (the default) reads the Wikipedia excerpt shipped in gensim and never touches the
+    network; 'hub' asks for WikiText-2 through ``datasets`` and raises one clear error when the hub cannot be
+    reached; 'auto' takes WikiText-2 when the hub answers within a few seconds, else the offline excerpt (one
+    warning per process). ``result.source`` says which was used.
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     if source not in ("auto", "hub", "offline"):
-        raise ValueError(f"Unknown source {source!r}; choose 'auto', 'hub' or 'offline'.")
-    if source != "offline" and os.environ.get("HF_HUB_OFFLINE") != "1":
+        raise ValueError(f"Unknown source {source!r}; choose 'offline' (shipped, no network), 'hub' or 'auto'.")
+    if source == "offline":
+        return TextSplit(list(_offline_splits(min_words)[split]), OFFLINE_SOURCE, split)
+    unreachable = _hub_unreachable()
+    if unreachable is None:
         try:
             return _load_from_hub(split, min_words)
-        except Exception as error:  # noqa: BLE001 - no datasets package, no network, no hub
-            if source == "hub":
-                raise
-            if not _warned_unreachable:
-                _warned_unreachable.append(True)  # once per process: every split and call would repeat it
-                warnings.warn(f"WikiText-2 is not reachable ({type(error).__name__}: {error}); using the offline Wikipedia "
-                              "excerpt shipped with gensim instead. To use WikiText-2, install the [hub] extra "
-                              "(pip install 'tier3-training-utilities[hub]', which adds `datasets`) on a machine that "
-                              "reaches the Hugging Face hub.", UserWarning, stacklevel=2)
+        except Exception as error:  # noqa: BLE001 - no datasets package, or the hub failed after answering
+            unreachable = f"{type(error).__name__}: {error}"
+    if source == "hub":
+        raise ConnectionError(f"WikiText-2 was asked for (source='hub') but cannot be had: {unreachable}. Use "
+                              "source='offline' for the Wikipedia excerpt shipped with gensim, or run where the "
+                              "Hugging Face hub is reachable (and `pip install datasets`).")
+    if not _warned_unreachable:
+        _warned_unreachable.append(True)  # once per process: every split and call would repeat it
+        warnings.warn(f"WikiText-2 is not available ({unreachable}); using the offline Wikipedia excerpt shipped with "
+                      "gensim instead (source='offline' says so without trying).", UserWarning, stacklevel=2)
     return TextSplit(list(_offline_splits(min_words)[split]), OFFLINE_SOURCE, split)
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be used, or None when it answers. One TCP connection with a short timeout: the hub
+    client itself retries an unreachable host for about 25 s per call (five retries, 8 s apart)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return "the datasets package is not installed (pip install datasets)"
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        return f"{host}:{port} is not reachable ({type(error).__name__})"
+    return None
 
 
 def _load_from_hub(split: str, min_words: int) -> TextSplit:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .checks import check_model_against_data
+from .checks import check_model_against_data, tokenizer_size
 from .distributed import setup_distributed
 from .fsdp import require_launch
 from .metrics import MetricRows
@@ -29,9 +29,11 @@ from .reproducibility import deterministic_algorithms, seed_everything, set_rng_
 from .resume import resume
 from .examples import synthetic_sequences
 from .settings import FineTuneSettings
+from .summary_table import MetricsSummary
 from .sources import train_and_val_sources
 from .trainer import RunData, Trainer
 from .wandb_sink import WandbSink, import_wandb
+from .warn import caller_stacklevel
 
 
 @dataclass
@@ -50,6 +52,7 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         outcome = trainer.fit()
+        trainer.finish_checkpoints(outcome)  # the last background write is complete (or its failure reported)
         return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
 
 
@@ -133,12 +136,32 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
     vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
                       "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
                       "new '<pad>' token.", UserWarning, stacklevel=5)
     return RunData(train, val, pad_token_id, pad_source, vocab_size)
+
+
+_VOCABULARY_ROUNDING = 128  # HF configs pad the embedding to a multiple of 64 or 128 for faster matmuls
+_warned_vocabularies: set = set()
+
+
+def _warn_if_vocabulary_oversized(vocab_size: int, tokenizer) -> None:
+    """Once per (model, tokenizer) size: a model with far more outputs than the tokenizer has tokens trains
+    logits that are never a target (e.g. GPT2Config's default 50,257 for a 4,096-token tokenizer)."""
+    tokens = tokenizer_size(tokenizer, None)
+    if not tokens or vocab_size <= -(-tokens // _VOCABULARY_ROUNDING) * _VOCABULARY_ROUNDING:
+        return
+    if (vocab_size, tokens) in _warned_vocabularies:
+        return
+    _warned_vocabularies.add((vocab_size, tokens))
+    warnings.warn(f"The model has {vocab_size:,} outputs but the tokenizer has {tokens:,} tokens: the other "
+                  f"{vocab_size - tokens:,} logits are never a target, cost memory and time, and take "
+                  "probability mass the perplexity pays for. Build the model with vocab_size=len(tokenizer) (e.g. "
+                  "GPT2Config(vocab_size=len(tokenizer), ...)).", UserWarning, stacklevel=caller_stacklevel())
 
 
 def _start_tracker(trainer: Trainer, model) -> None:
@@ -162,7 +185,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     if settings.load_best_model_at_end and trainer.best_weights is not None:
         trainer.load_weights(trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
-    frame = tracker.epochs_frame()
+    frame = MetricsSummary(tracker.epochs_frame())
     last = frame.iloc[-1] if len(frame) else None
     last_value = lambda column: None if last is None else float(last[column])  # noqa: E731
     results = {
@@ -179,6 +202,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
         "best_checkpoint": trainer.best_checkpoint, "last_checkpoint": trainer.last_checkpoint,
+        "checkpoint_error": trainer.checkpoint_error,  # a failed last write when the run ended for another reason
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),

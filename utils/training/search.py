@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,7 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
         join_model(study, _first_model_record(request), request.storage)
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
         try:
-            study.optimize(lambda trial: _objective(fine_tune, request, study, trial), n_trials=request.n_trials,
-                           timeout=request.timeout, catch=(Exception,), callbacks=[bar.update])
+            _optimize(study, lambda trial: _objective(fine_tune, request, study, trial), request, bar)
         except KeyboardInterrupt:
             warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
         finally:
@@ -154,6 +154,37 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
     finally:
         optuna.logging.set_verbosity(verbosity)
     return _results(study, bar.finished, request.output_dir)
+
+
+def _optimize(study, objective, request: SearchRequest, bar) -> None:
+    """``study.optimize`` for this call's trials, going on when a trial was taken from this process: on a shared
+    storage another process's heartbeat check marks a trial failed when this process stalled past the grace period
+    (a loaded machine, a Drive stall); Optuna then raises while recording the result, and the study retries the
+    trial's parameters itself."""
+    import optuna
+
+    started, begun = [], time.monotonic()
+
+    def counted(trial):
+        started.append(trial.number)
+        return objective(trial)
+
+    while request.n_trials is None or len(started) < request.n_trials:
+        timeout = None if request.timeout is None else request.timeout - (time.monotonic() - begun)
+        if timeout is not None and timeout <= 0:
+            return
+        try:
+            study.optimize(counted, n_trials=None if request.n_trials is None else request.n_trials - len(started),
+                           timeout=timeout, catch=(Exception,), callbacks=[bar.update])
+            return
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # the two ways Optuna refuses the result
+            taken = [t for t in study.get_trials(deepcopy=False) if t.number == started[-1]] if started else []
+            if not taken or taken[0].state != optuna.trial.TrialState.FAIL:
+                raise
+            bar.update(study, taken[0])  # it ran in this call (Optuna skipped the callbacks)
+            warnings.warn(f"Trial {started[-1]} was marked failed by another process while this one still ran it (its "
+                          "heartbeat stalled past the grace period); the study retries its parameters. Going on.",
+                          UserWarning, stacklevel=4)
 
 
 def _first_model_record(request: SearchRequest):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from itertools import islice
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from .batch_plans import PlanSettings
 from .collate import to_device
 from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
-from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
+from .distributed import DistContext, all_reduce_sum, any_rank, barrier, wrap_model
 from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
 from .source_contract import BatchSource
@@ -108,6 +109,12 @@ class Trainer:
         # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
         self.stop_flag = torch.zeros((), device=device)
         self.best_weights = self.best_checkpoint = self.last_checkpoint = None
+        # Rank 0 writes checkpoints, in a background thread while training goes on (checkpoint_writer).
+        self.checkpoint_writer = CheckpointWriter(
+            self.checkpoints_dir, settings.keep_checkpoints, staging_dir=settings.checkpoint_staging_folder(),
+            asynchronous=settings.async_checkpoints, pin=device.type == "cuda",
+            note=tracker.message) if ctx.is_main and settings.writes_checkpoints and not self.sharded else None
+        self.last_checkpoint_clock, self.checkpoint_error = time.monotonic(), None
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -139,6 +146,7 @@ class Trainer:
             self.tracker.message(stop.outcome.reason)
             return stop.outcome
         except Exception as error:
+            self.finish_checkpoints(None)  # the write in flight completes; a failure of it is warned about
             self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
             if isinstance(error, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(
@@ -189,7 +197,11 @@ class Trainer:
                 state.step_in_epoch = step_in_epoch + 1
                 last_of_run = state.global_step >= (settings.max_steps or math.inf)
                 last_of_epoch = state.step_in_epoch == steps_in_epoch or last_of_run
-                checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                # Not at an epoch's last step: the epoch-end checkpoint follows its validation (a second write of the
+                # same step, which would wait for the first).
+                checkpoint_due = not last_of_epoch and (
+                    bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                    or self.checkpoint_clock_due(len(pending) >= settings.log_every))
                 eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
                 if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
                     flushing, pending = pending, []
@@ -239,6 +251,8 @@ class Trainer:
         # All processes take the same decision, or the ones that go on would wait forever for one that stopped.
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
+        if self.checkpoint_writer:  # a checkpoint's copy of the weights and moments is complete before they change
+            self.checkpoint_writer.before_update()
         self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -422,16 +436,67 @@ class Trainer:
         return fsdp.local_weights_of(weights) if self.sharded else weights
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's RNG
+        state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
         self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
-        if self.sharded:  # every process writes its shards
+        self.last_checkpoint_clock = time.monotonic()
+        if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
             sharded_checkpoint.save_checkpoint(self, best)
             return
         files = self.state_dict()
-        if self.ctx.is_main:
-            meta = self.checkpoint_meta()
-            if best:  # before the step folder that records it: after any kill, a step folder's best/ exists
-                self.best_checkpoint = str(ckpt.write_folder(self.checkpoints_dir / "best", {"model.pt": files["model.pt"]}, meta))
-            self.last_checkpoint = str(ckpt.save_step(self.checkpoints_dir, self.state.global_step, files, meta))
-            ckpt.prune_checkpoints(self.checkpoints_dir, self.settings.keep_checkpoints)
-        barrier(self.ctx)
+        failed = self.checkpoint_writer.wait() if self.checkpoint_writer else None  # at most one write in flight
+        # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
+        # point anyway), instead of the others waiting forever in the next collective.
+        if any_rank(failed is not None, self.ctx, self.device):
+            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
+                                       f"free space and access under {self.settings.output_dir}, then resume.")
+        if self.checkpoint_writer:
+            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            updated = [p for p in self.model.parameters()] + [t for s in self.optimizer.state.values()
+                                                              for t in s.values() if torch.is_tensor(t)]
+            self.checkpoint_writer.submit(self.state.global_step, files, self.checkpoint_meta(), best,
+                                          self.checkpoint_written, {t.untyped_storage().data_ptr() for t in updated})
+
+    def checkpoint_written(self, step_folder: Path, best_folder: Path | None) -> None:
+        """Called by the writer once a checkpoint is complete: only then do results name it."""
+        self.last_checkpoint = str(step_folder)
+        if best_folder is not None:
+            self.best_checkpoint = str(best_folder)
+
+    def checkpoint_clock_due(self, at_sync_point: bool) -> bool:
+        """``checkpoint_every_minutes``: has that much wall time passed since the last checkpoint (or the start)?"""
+        minutes = self.settings.checkpoint_every_minutes
+        if not minutes:
+            return False
+        if self.ctx.enabled and not at_sync_point:  # under torchrun: only where the step rows are read anyway
+            return False
+        due = time.monotonic() - self.last_checkpoint_clock >= 60 * minutes
+        # Clocks differ between processes: rank 0's decides for all (a broadcast; no rank may checkpoint alone,
+        # state_dict() is a collective).
+        return any_rank(due and self.ctx.is_main, self.ctx, self.device)
+
+    def finish_checkpoints(self, outcome: Outcome | None) -> None:
+        """The run's end: wait for the write in flight, so that results name only complete checkpoints.
+
+        A failed write raises when the run ended as planned (completed, stopped early, pruned), as a synchronous
+        write would have; when it ended for another reason (Ctrl-C, a non-finite loss, an error: ``outcome`` None)
+        that reason is kept, and the failure is warned about and returned in ``results["checkpoint_error"]``.
+        """
+        failed = None
+        if self.checkpoint_writer:
+            try:
+                failed = self.checkpoint_writer.wait()
+            except KeyboardInterrupt:
+                failed = (f"interrupted while checkpoint step-{self.checkpoint_writer.writing_step} was being written; "
+                          "it completes in the background while this Python process lives")
+        together = outcome is not None and outcome.kind is not OutcomeKind.INTERRUPTED  # all ranks end at this point
+        if together:  # they agree on a failure, and return only once rank 0's last write is complete
+            if any_rank(failed is not None, self.ctx, self.device):
+                failed = failed or "rank 0 could not write the last checkpoint"
+            barrier(self.ctx)
+        if failed and together and outcome.kind is not OutcomeKind.NON_FINITE:
+            raise CheckpointWriteError(f"{failed}. Resume from the last checkpoint under {self.checkpoints_dir} once "
+                                       "the cause is fixed (free space, access to output_dir).")
+        if failed:
+            warnings.warn(f"The last checkpoint was not written: {failed}.", UserWarning, stacklevel=2)
+        self.checkpoint_error = failed
