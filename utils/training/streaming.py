@@ -79,6 +79,7 @@ class StreamBatches(BatchSource):
         self.position = None  # where this process's stream stands (see state_dict)
         self.eval_pass = None  # what this process's last validation pass read
         self.resume_at = None
+        self._head_rows = None  # the first HEAD_ROWS rows, read once at start-up (_head)
 
     # -- reading -----------------------------------------------------------------------------------
     def _shard(self, world_size: int, rank: int, epoch: int, order_state=None, replay: bool = False):
@@ -236,17 +237,25 @@ class StreamBatches(BatchSource):
         return self.collator(planned_batch)  # every row was checked as it was read
 
     # -- start-up ----------------------------------------------------------------------------------
+    HEAD_ROWS = 64  # the most any start-up probe looks at
+
     def _head(self, n: int, checked: bool = True) -> list:
+        """The examples among the stream's first ``n`` rows. The rows are read once and kept: the start-up probes
+        (checks, the loss-path probe, the fingerprint) would otherwise each open the stream again (for a hub
+        stream, new connections; for a reader that stops rewinding, a pass)."""
+        if self._head_rows is None:
+            self._head_rows = list(islice(self._shard(1, 0, 0), self.HEAD_ROWS))
         counts, limits = dict(self.checks.counts), (self.checks.vocab_size, self.checks.max_length)
         if not checked:
             self.checks.vocab_size = self.checks.max_length = None
         try:
-            examples = self._examples(list(islice(self._shard(1, 0, 0), n)), 0, "a stream; read at start-up")
+            examples = self._examples(self._head_rows[:n], 0, "a stream; read at start-up")
         finally:  # reading ahead counts nothing: the run reads these rows again
             self.checks.counts, (self.checks.vocab_size, self.checks.max_length) = counts, limits
         if not examples:
-            raise ValueError(f"The {self.what} yields no example with a real target among its first {n}. Pass a "
-                             "non-empty stream of tokenized sequences.")
+            found = (f"no example with a real target among its first {min(n, len(self._head_rows))} rows"
+                     if self._head_rows else "no row at all")
+            raise ValueError(f"The {self.what} yields {found}. Pass a non-empty stream of tokenized sequences.")
         return examples
 
     def first_batch(self) -> dict:
