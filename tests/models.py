@@ -1,9 +1,12 @@
 """Tiny models for tests: a plain causal transformer (forward(x) -> logits) and a tiny HF GPT-2."""
 import os
 import signal
+import threading
 
 import torch
 from torch import nn
+
+from utils.training.checkpoint_writer import WRITER_THREAD_PREFIX
 
 
 class TinyCausalLM(nn.Module):
@@ -42,6 +45,12 @@ def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
     return [torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
+def wait_for_checkpoint_writes():
+    for thread in threading.enumerate():
+        if thread.name.startswith(WRITER_THREAD_PREFIX):
+            thread.join()
+
+
 class StopAtForward(nn.Module):
     """Wraps ``lm``; at its ``at``-th training forward it raises KeyboardInterrupt (a notebook's stop button) or,
     with ``kill=True``, SIGKILLs its own process (no clean-up can run). ``at=None``: never."""
@@ -55,6 +64,9 @@ class StopAtForward(nn.Module):
             self.calls += 1
             if self.calls == self.at:
                 if self.kill:
+                    # Checkpoints are written in the background: the kill comes once the ones already taken are
+                    # complete, so "the last checkpoint before the kill" is known (kills during writes: the soak).
+                    wait_for_checkpoint_writes()
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise KeyboardInterrupt
         return self.lm(idx)

@@ -38,6 +38,30 @@ def run(mode: str, out_dir: str, **overrides) -> dict:
     return result
 
 
+def kill_inside_checkpoint_writes(n: int) -> None:
+    """SIGKILL this process at the ``n``-th file operation of a checkpoint write (a file saved, copied, a meta.json
+    written, a folder fsynced after a rename): a kill while the background writer or the staging copy is busy."""
+    import os
+    import signal
+
+    from utils.training import checkpoint
+
+    calls = [0]
+
+    def killing(operation):
+        def operation_then_maybe_kill(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return operation(*args, **kwargs)
+        return operation_then_maybe_kill
+
+    for name in ("_save_file", "_copy_file_synced", "_write_text_synced", "_fsync_dir"):
+        setattr(checkpoint, name, killing(getattr(checkpoint, name)))
+
+
 if __name__ == "__main__":
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    if extra.pop("kill_inside_checkpoint_write", None):
+        kill_inside_checkpoint_writes(extra.pop("kill_at_operation"))
     run(sys.argv[1], sys.argv[2], **extra)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import TinyCausalLM  # noqa: E402
+from models import wait_for_checkpoint_writes, TinyCausalLM  # noqa: E402
 from utils.tier3_training_utilities import test_hyperparameter_search  # noqa: E402
 
 VOCAB = 50
@@ -41,6 +41,7 @@ class KillingLM(TinyCausalLM):
         if self.training:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == self.kill_at:
+                wait_for_checkpoint_writes()  # the checkpoints taken before the kill are complete (as in models.py)
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(idx)
 

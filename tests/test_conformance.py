@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import TinyCausalLM, tiny_gpt2  # noqa: E402
+from models import TinyCausalLM, tiny_gpt2, wait_for_checkpoint_writes  # noqa: E402
 
 VOCAB = 300  # byte-level BPE: 256 bytes + merges + <|endoftext|> (the last id: EOS and PAD, as GPT-2's)
 EOS = VOCAB - 1
@@ -55,11 +55,7 @@ FULL = os.environ.get("TIER3_CONFORMANCE_FULL") == "1"
 CELLS = [(f, m, p) for f in FORMS for m in MODELS for p in PRECISIONS] if FULL else DEFAULT_CELLS
 # Guarantees other issues are still landing: (form, check) -> why the check is expected to fail until then (run,
 # reported as xfail, never gating). Remove an entry when its issue lands (the check then reports XPASS).
-PENDING = {
-    # A stream's fingerprint is its first 16 examples; a change further on is not seen (issue 34, the data seam).
-    ("stream", "changed"): "issue 34: a stream's changed data beyond its first 16 examples is not refused yet",
-    ("loader_iterable", "changed"): "issue 34: an iterable DataLoader's changed data beyond its first batch is not refused yet",
-}
+PENDING: dict = {}  # (form, check) -> the issue that still owes it; those checks are marked xfail until it lands
 
 
 # -- the data, in every form --------------------------------------------------------------------------
@@ -187,6 +183,7 @@ def _run(cell, out_dir: Path, mode: str) -> dict:
         def kill_after(optimizer, args, kwargs):
             steps.append(1)
             if len(steps) == KILL_AFTER_STEP:
+                wait_for_checkpoint_writes()  # checkpoint 6 is complete, not still being written in the background
                 os.kill(os.getpid(), signal.SIGKILL)
         # A global optimizer hook, so that the model (and the loss path chosen for it) is the user's, untouched.
         register_optimizer_step_post_hook(kill_after)

@@ -1,5 +1,9 @@
 """SIGKILL at random moments (during steps, validation and checkpoint writes), resume each time: the run ends
-bit-identical to an uninterrupted one. TIER3_KILLS sets the number of kills (default 6; the hostile review used 56)."""
+bit-identical to an uninterrupted one. TIER3_KILLS sets the number of kills (default 6; the hostile review used 56).
+
+Every other attempt kills inside a background checkpoint write (at a random file operation of the writer thread),
+and every other pair stages checkpoints in a local folder first, so kills also land in the copy to output_dir.
+After each kill every step folder left must be intact and the newest must not be older than before the attempt."""
 import json
 import os
 import random
@@ -11,14 +15,24 @@ from pathlib import Path
 
 import torch
 
+from utils.training import checkpoint
+
 WORKER = Path(__file__).with_name("resume_worker.py")
 SETTINGS = {"n_epochs": 5, "checkpoint_every": 1, "keep_checkpoints": 2}
 
 
-def _start(mode, out_dir):
+def _start(mode, out_dir, **extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(WORKER), mode, str(out_dir), json.dumps(SETTINGS)], cwd=out_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(WORKER), mode, str(out_dir), json.dumps(dict(SETTINGS, **extra))],
+                            cwd=out_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _newest_intact_step(checkpoints_dir):
+    """The newest step folder; every step folder there must verify (sizes and sha256): a kill damages none."""
+    folders = checkpoint.step_folders(checkpoints_dir)
+    for folder in folders:
+        checkpoint.verify_folder(folder)
+    return int(folders[0].name[len(checkpoint.STEP_PREFIX):]) if folders else 0
 
 
 def test_random_sigkills_resume_to_the_uninterrupted_run(tmp_path):
@@ -29,17 +43,28 @@ def test_random_sigkills_resume_to_the_uninterrupted_run(tmp_path):
     assert _start("full", reference_dir).wait(timeout=300) == 0
     full_run_seconds = time.perf_counter() - started
     rng = random.Random(int(os.environ.get("TIER3_KILL_SEED", "0")))
-    kills = 0
-    for _ in range(int(os.environ.get("TIER3_KILLS", "6"))):
-        process = _start("resume", killed_dir)
-        try:
-            process.wait(timeout=rng.uniform(0.5, 1.0) * full_run_seconds)  # python start-up is part of the window
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+    kills, newest = 0, 0
+    for attempt in range(int(os.environ.get("TIER3_KILLS", "6"))):
+        staging = {"checkpoint_staging_dir": str(tmp_path / "staging")} if attempt % 4 >= 2 else {}
+        if attempt % 2:  # inside the writer: ~10-20 file operations per checkpoint, so within the first few
+            process = _start("resume", killed_dir, kill_inside_checkpoint_write=True,
+                             kill_at_operation=rng.randint(1, 60), **staging)
+            process.wait(timeout=300)
+            assert process.returncode in (0, -signal.SIGKILL), process.stderr.read()[-2000:]
+            kills += process.returncode == -signal.SIGKILL
         else:
-            assert process.returncode == 0, process.stderr.read()[-2000:]
+            process = _start("resume", killed_dir, **staging)
+            try:
+                process.wait(timeout=rng.uniform(0.5, 1.0) * full_run_seconds)  # python start-up is part of the window
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+            else:
+                assert process.returncode == 0, process.stderr.read()[-2000:]
+        now = _newest_intact_step(killed_dir / "run" / "checkpoints")
+        assert now >= newest, f"attempt {attempt}: the newest checkpoint went back from step {newest} to {now}"
+        newest = now
     final = _start("resume", killed_dir)
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     assert kills >= 1

@@ -96,3 +96,21 @@ def test_gradient_clip_norm_is_the_same_setting_in_the_search_and_echoed_in_the_
                                         search_space={"learning_rate": ("log", 1e-4, 1e-3)}, gradient_clip_norm=0.5,
                                         progress=False, output_dir=str(tmp_path / "search"))
     assert search["trials"]["state"].tolist() == ["COMPLETE"]
+
+
+def test_an_empty_stream_is_named_empty_and_start_up_opens_a_stream_once(tmp_path):
+    with pytest.raises(ValueError, match="yields no row at all"):
+        test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, RunsDry([], passes=5), random_lines(6), max_steps=3,
+                         batch_size=4, progress=False, save_plots=False, output_dir=str(tmp_path / "empty"))
+    lines = random_lines(24, seed=3)
+    opened = []
+
+    class Counted(RunsDry):
+        def __iter__(self):
+            opened.append(1)
+            return super().__iter__()
+
+    test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, Counted(lines, passes=9), lines[:6], max_steps=3,
+                     batch_size=4, progress=False, save_plots=False, output_dir=str(tmp_path / "counted"))
+    # The start-up probes share one read of the stream's head; then epoch 1 (3 steps fit in it).
+    assert len(opened) <= 3, len(opened)

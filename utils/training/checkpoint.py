@@ -19,10 +19,33 @@ import torch
 STEP_PREFIX = "step-"
 
 
-def _save_file(obj, path: Path) -> None:
+class _HashingWriter:
+    """A file that hashes what passes through it: the sha256 comes with the write, not from reading it back."""
+
+    def __init__(self, handle):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_file(obj, path: Path) -> str:
+    """``torch.save`` into ``path``, fsynced; returns the file's sha256."""
     with open(path, "wb") as handle:
-        torch.save(obj, handle)
+        writer = _HashingWriter(handle)
+        torch.save(obj, writer)
         handle.flush()
+        os.fsync(handle.fileno())
+    return writer.digest.hexdigest()
+
+
+def _copy_file_synced(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)  # an in-kernel copy where the filesystem has one
+    with open(target, "rb+") as handle:
         os.fsync(handle.fileno())
 
 
@@ -70,11 +93,14 @@ def write_folder(final: Path, payload: dict[str, object], meta: dict, *, started
     process its shards of a sharded checkpoint, fsynced); they are hashed and renamed with the payload.
     """
     tmp = final.with_name(".tmp-" + final.name) if started else start_folder(final)
-    for name, obj in payload.items():
-        _save_file(obj, tmp / name)
-    names = sorted(p.name for p in tmp.iterdir())
-    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in names},
-                sha256={name: _sha256(tmp / name) for name in names})
+    hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
+    hashes.update({p.name: _sha256(p) for p in tmp.iterdir() if p.name not in hashes})  # the shards of others
+    return _finish_folder(tmp, final, meta, dict(sorted(hashes.items())))
+
+
+def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -> Path:
+    """``meta.json`` (sizes and sha256 of the files in ``tmp``) written last, then ``tmp`` renamed to ``final``."""
+    meta = dict(meta, files={name: (tmp / name).stat().st_size for name in hashes}, sha256=hashes)
     _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (or 'best'): move the old one aside first
@@ -90,10 +116,34 @@ def write_folder(final: Path, payload: dict[str, object], meta: dict, *, started
     return final
 
 
-def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict) -> Path:
+def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
+              best: bool = False) -> tuple[Path, Path | None]:
+    """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
-    write_folder(final, payload, dict(meta, step=step))
-    return final
+    tmp = start_folder(final)
+    hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
+    best_folder = None
+    if best:  # the step's serialised weights, copied: one serialisation serves both folders
+        best_tmp = start_folder(checkpoints_dir / "best")
+        _copy_file_synced(tmp / "model.pt", best_tmp / "model.pt")
+        best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})
+    return _finish_folder(tmp, final, dict(meta, step=step), hashes), best_folder
+
+
+def publish_folder(source: Path, target_dir: Path) -> Path:
+    """Copy a complete checkpoint folder into ``target_dir`` (a staging folder's into ``output_dir``): files into
+    ``.tmp-<name>``, each checked against the source's sha256 after the copy, ``meta.json`` last, then renamed.
+    A copy cut short stays a ``.tmp-`` folder, which is never taken for a checkpoint."""
+    meta = json.loads((source / "meta.json").read_text())
+    final = target_dir / source.name
+    tmp = start_folder(final)
+    for name in meta["files"]:
+        _copy_file_synced(source / name, tmp / name)
+        if _sha256(tmp / name) != meta["sha256"][name]:
+            raise OSError(f"{tmp / name} differs from {source / name} after copying (sha256); the storage under "
+                          f"{target_dir} corrupted it")
+    return _finish_folder(tmp, final, {k: v for k, v in meta.items() if k not in ("files", "sha256")}, meta["sha256"])
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
@@ -107,8 +157,11 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     for folder in step_folders(checkpoints_dir):
         if kept < keep and _verified(folder):
             kept += 1
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        else:  # renamed first: a kill while deleting leaves a .old- leftover, never a half-deleted step folder
+            doomed = folder.with_name(".old-" + folder.name)
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     for leftover in list(checkpoints_dir.glob(".tmp-*")) + list(checkpoints_dir.glob(".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
 

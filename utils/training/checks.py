@@ -1,6 +1,6 @@
 """Start-up checks of the model against the data: a clear ValueError beats a device-side assert.
 
-The checks on single batches (ids, lengths) live with the examples; here they are applied to every
+The checks on examples and batches (ids, lengths) are :mod:`example_checks`'; here they are applied to every
 source before the first optimizer step, together with one forward pass's logits.
 """
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .examples import check_pad_token_id, to_device
+from .collate import to_device
+from .example_checks import check_pad_token_id
 from .model_call import ModelCaller, eval_mode, unwrap, vocab_size_of
 
 

@@ -70,6 +70,16 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any one (a MAX all-reduce). It reads the result on the host:
+    call it only where the ranks synchronise anyway. Rank 0 alone passing its decision makes it a broadcast."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_object(obj, ctx: DistContext):
     """Rank 0's ``obj`` on every rank (pickled; for what is read once, like the metric rows on resume)."""
     if not ctx.enabled:

@@ -52,6 +52,7 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         outcome = trainer.fit()
+        trainer.finish_checkpoints(outcome)  # the last background write is complete (or its failure reported)
         return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
 
 
@@ -77,7 +78,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     model.to(device)
     model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
     run_data = prepare_data(model, config, data, settings, tokenizer, device)
-    if ctx.enabled and not (run_data.train.plannable and run_data.val.plannable):
+    if ctx.enabled and not (run_data.train.shards_itself and run_data.val.shards_itself):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
     output_dir = Path(settings.output_dir)
@@ -133,7 +134,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
     train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
-                                       settings.random_seed, settings.stream_buffer_size)
+                                       settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
     vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
@@ -201,10 +202,14 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
         "best_checkpoint": trainer.best_checkpoint, "last_checkpoint": trainer.last_checkpoint,
+        "checkpoint_error": trainer.checkpoint_error,  # a failed last write when the run ended for another reason
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
-        "wandb_run_id": tracker.wandb_run_id, "settings": dict(settings.as_dict(), **previous_keywords),
+        "wandb_run_id": tracker.wandb_run_id,
+        # Rows of a stream the run went past or cut (bad_examples), and why; validation: its last pass.
+        "bad_examples": {"training data": trainer.data.train.report(), "validation data": trainer.data.val.report()},
+        "settings": dict(settings.as_dict(), **previous_keywords),
         **outcome.as_result_keys(),
         **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
                                amp_enabled=trainer.precision is not None,

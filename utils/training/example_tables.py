@@ -18,23 +18,12 @@ from array import array
 import numpy as np
 import torch
 
-from .examples import (Example, _cut_to_real_span, _to_example, _warn_if_eos_padding_is_ambiguous, check_batch_ids,
-                       pad_id_among_real_tokens, to_examples)
+from .example_checks import check_batch_ids, no_real_target_error, warn_skipped_without_target
+from .examples import (Example, cut_to_real_span, pad_id_among_real_tokens, to_example, to_examples,
+                       warn_if_eos_padding_is_ambiguous)
 from .loss import IGNORE_INDEX
 
 SCAN_ROWS = 65_536  # rows per chunk of the id scan: bounded memory whatever the corpus size
-
-
-def _kept_error(what: str, pad_token_id: int) -> ValueError:
-    return ValueError(f"No example of the {what} has a real target token (each needs at least 2 non-padding tokens, "
-                      f"pad_token_id={pad_token_id}). Check the pad id and that the data is not all padding.")
-
-
-def _skipped_warning(skipped: int, total: int, what: str) -> None:
-    import warnings
-
-    warnings.warn(f"Skipped {skipped} of {total} examples of the {what}: they have no real target token (all padding, "
-                  "masked, or a single token).", UserWarning, stacklevel=5)
 
 
 class ExampleList:
@@ -90,7 +79,7 @@ class _LazyRows:
 
     def examples(self, positions) -> list[Example]:
         rows = self.kept[np.asarray(positions, dtype=np.int64)].tolist()
-        return [_cut_to_real_span(_to_example(item, j), self.pad_token_id, self.pad_is_eos)
+        return [cut_to_real_span(to_example(item, j), self.pad_token_id, self.pad_is_eos)
                 for j, item in zip(rows, self._read(rows))]
 
     def subset(self, positions):
@@ -103,15 +92,15 @@ class _LazyRows:
         """Keep rows with a real target: rows the fast rule cannot decide (``needs_rule``) are built one by one."""
         lengths, kept, parsed, cut = raw_lengths.copy(), raw_lengths >= 2, [], []
         for k in np.flatnonzero(needs_rule).tolist():
-            parsed.append(_to_example(self._read([int(rows[k])])[0], int(rows[k])))
-            cut.append(_cut_to_real_span(parsed[-1], self.pad_token_id, self.pad_is_eos))
+            parsed.append(to_example(self._read([int(rows[k])])[0], int(rows[k])))
+            cut.append(cut_to_real_span(parsed[-1], self.pad_token_id, self.pad_is_eos))
             lengths[k], kept[k] = len(cut[-1]), cut[-1].real_targets() > 0
         if self.pad_is_eos:
-            _warn_if_eos_padding_is_ambiguous(parsed, cut, self.pad_token_id, what)
+            warn_if_eos_padding_is_ambiguous(parsed, cut, self.pad_token_id, what)
         if not kept.any():
-            raise _kept_error(what, self.pad_token_id)
+            raise no_real_target_error(what, self.pad_token_id)
         if not kept.all():
-            _skipped_warning(int((~kept).sum()), len(kept), what)
+            warn_skipped_without_target(int((~kept).sum()), len(kept), int(rows[np.flatnonzero(~kept)[0]]), what)
         self.kept, self.lengths, self.given_lengths = rows[kept], lengths[kept], raw_lengths[kept]
 
     def _first_bad(self, candidates: np.ndarray, vocab_size: int, what: str) -> None:
@@ -130,7 +119,7 @@ class TokenLists(_LazyRows):
         n = len(rows)
         raw = np.fromiter(map(len, rows), np.int64, n)
         if (raw == 0).any():
-            _to_example(rows[int(np.argmax(raw == 0))], int(np.argmax(raw == 0)))  # raises, naming the example
+            to_example(rows[int(np.argmax(raw == 0))], int(np.argmax(raw == 0)))  # raises, naming the example
         last = np.fromiter((int(row[-1]) for row in rows), np.int64, n)
         # Only a trailing run of pad ids is padding in this form: other rows are real as they are.
         self._settle(np.arange(n), raw, last == pad_token_id, what)

@@ -1,18 +1,17 @@
-"""Examples from whatever the user passes, cut to their real span, and the collator that pads them.
+"""Rows: one example read from whatever the user passes, cut to its real span (the pad rule applied once).
 
-The collator pads with the same pad id the loss uses and marks excluded targets with -100,
-so the collator and :mod:`utils.training.loss` share one definition of "ignored". The checks on
-token ids and lengths live here too: batches are checked where they are built.
+Batches are made of examples by :mod:`collate`; the checks on ids and lengths are :mod:`example_checks`'.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .collate import PaddingCollator, to_device  # noqa: F401 (callers import them from here)
+from .example_checks import no_real_target_error, warn_skipped_without_target
 from .loss import IGNORE_INDEX, real_token_mask, shifted_targets
 
 
@@ -32,6 +31,10 @@ class Example:
         row = lambda t: None if t is None else t[None]  # noqa: E731
         targets = shifted_targets(self.input_ids[None], row(self.labels), row(self.attention_mask))
         return int((targets != IGNORE_INDEX).sum())
+
+    def truncated(self, length: int) -> "Example":
+        cut = lambda t: None if t is None else t[:length]  # noqa: E731
+        return Example(self.input_ids[:length], cut(self.attention_mask), cut(self.labels))
 
 
 def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
@@ -53,7 +56,7 @@ def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
     return tensor.long()
 
 
-def _to_example(item, index: int) -> Example:
+def to_example(item, index: int) -> Example:
     if isinstance(item, Mapping):
         if "input_ids" not in item:
             raise ValueError(f"Example {index} is a dict without 'input_ids' (keys: {sorted(item)}). Add the token ids under 'input_ids'.")
@@ -78,7 +81,7 @@ def _to_example(item, index: int) -> Example:
     )
 
 
-def _cut_to_real_span(example: Example, pad_token_id: int, pad_is_eos: bool) -> Example:
+def cut_to_real_span(example: Example, pad_token_id: int, pad_is_eos: bool) -> Example:
     """Apply the real-token rule once and drop padding on either side.
 
     Exact for a causal model: right padding changes no real logit, and removing left padding
@@ -116,27 +119,20 @@ def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos
         ) from error
     if not items:
         raise ValueError(f"The {what} is empty. Pass at least one tokenized sequence.")
-    parsed = [_to_example(item, i) for i, item in enumerate(items)]
-    examples = [_cut_to_real_span(example, pad_token_id, pad_is_eos) for example in parsed]
+    parsed = [to_example(item, i) for i, item in enumerate(items)]
+    examples = [cut_to_real_span(example, pad_token_id, pad_is_eos) for example in parsed]
     if pad_is_eos:
-        _warn_if_eos_padding_is_ambiguous(parsed, examples, pad_token_id, what)
+        warn_if_eos_padding_is_ambiguous(parsed, examples, pad_token_id, what)
     kept = [ex for ex in examples if ex.real_targets() > 0]
     if not kept:
-        raise ValueError(
-            f"No example of the {what} has a real target token (each needs at least 2 non-padding tokens, "
-            f"pad_token_id={pad_token_id}). Check the pad id and that the data is not all padding."
-        )
+        raise no_real_target_error(what, pad_token_id)
     if len(kept) < len(examples):
-        warnings.warn(
-            f"Skipped {len(examples) - len(kept)} of {len(examples)} examples of the {what}: they have no real "
-            "target token (all padding, masked, or a single token).",
-            UserWarning,
-            stacklevel=3,
-        )
+        first = next(i for i, ex in enumerate(examples) if ex.real_targets() == 0)
+        warn_skipped_without_target(len(examples) - len(kept), len(examples), first, what, stacklevel=3)
     return kept
 
 
-def _warn_if_eos_padding_is_ambiguous(parsed, cut, pad_token_id: int, what: str) -> None:
+def warn_if_eos_padding_is_ambiguous(parsed, cut, pad_token_id: int, what: str) -> None:
     """Padded with the EOS id and no mask: whether a line had its own EOS before the padding cannot be told."""
     padded = sum(1 for before, after in zip(parsed, cut) if before.attention_mask is None and len(after) < len(before))
     if padded:
@@ -175,85 +171,7 @@ def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_le
     return sequences
 
 
-@dataclass
-class PaddingCollator:
-    """List of ``(Example, counts)`` -> dict of ``input_ids``, ``attention_mask``, ``labels`` tensors.
-
-    Pads on the right to the longest example (rounded up to ``pad_to_multiple_of``) with the pad id.
-    Which targets count is the loss's rule (it reads the attention mask); the collator only sets
-    ``labels`` to -100 on padding and everywhere in an example whose ``counts`` is False (the
-    duplicates a distributed sampler adds to even out shards).
-
-    >>> PaddingCollator(pad_token_id=0)([(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)])["labels"]
-    tensor([[   5,    6,    7],
-            [   8,    9, -100]])
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, items) -> dict[str, torch.Tensor]:
-        width = max(len(example) for example, _ in items)
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (example, counts) in enumerate(items):
-            n = len(example)
-            input_ids[row, :n] = example.input_ids
-            attention_mask[row, :n] = 1 if example.attention_mask is None else example.attention_mask
-            if counts:
-                labels[row, :n] = example.input_ids if example.labels is None else example.labels
-        # Known here without a device read: rows are real then padding, unless an example kept a mask of its own.
-        right_padded = all(example.attention_mask is None for example, _ in items)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": right_padded}
-
-
-def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
-    if not 0 <= pad_token_id < vocab_size:
-        raise ValueError(
-            f"pad_token_id={pad_token_id} is outside the vocabulary [0, {vocab_size}). Set config.pad_token_id "
-            "(or the tokenizer's pad token) to an id the model's embedding has, e.g. the EOS id."
-        )
-
-
-def _check_ids(ids: torch.Tensor, vocab_size: int, where: str, allow_ignore: bool = False) -> None:
-    bad = (ids < 0) | (ids >= vocab_size)
-    if allow_ignore:
-        bad &= ids != IGNORE_INDEX
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        kind = "negative" if value < 0 else f">= the vocabulary size {vocab_size}"
-        extra = " (only -100 is allowed in labels, meaning 'ignore')" if allow_ignore else ""
-        raise ValueError(
-            f"{where} holds token id {value}, which is {kind}{extra}. Tokenize with the tokenizer that matches "
-            f"the model, or set config.vocab_size to the model's real vocabulary size."
-        )
-
-
-def check_batch_ids(batch: dict, vocab_size: int, where: str) -> None:
-    _check_ids(torch.as_tensor(batch["input_ids"]), vocab_size, where)
-    if batch.get("labels") is not None:
-        _check_ids(torch.as_tensor(batch["labels"]), vocab_size, where + " (labels)", allow_ignore=True)
-
-
 def pad_id_among_real_tokens(input_ids: torch.Tensor, attention_mask, pad_token_id: int) -> bool:
     """Whether the pad id occurs at a real position (no mask: every position is real), i.e. it is a real token."""
     at_pad = input_ids == pad_token_id
     return bool((at_pad if attention_mask is None else at_pad & attention_mask.bool()).any())
-
-
-def check_length(length: int, limit: int | None, where: str) -> None:
-    """One rule for every source: a sequence longer than the model's positions is refused before it runs."""
-    if limit is not None and length > limit:
-        raise ValueError(
-            f"{where} has {length} tokens, more than the model's {limit} positions. Tokenize with a limit "
-            f"(prepare_lm_dataset(..., max_length={limit}) or tokenizer(..., truncation=True, max_length={limit})), "
-            "or split long texts.")
-
-
-def to_device(batch: Mapping, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: (v.pin_memory() if non_blocking else v).to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}

@@ -62,7 +62,7 @@ def check_resumable(trainer, meta: dict) -> None:
             raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
                              f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
     if world_changed:
-        check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.streamed)
+        check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.data.train.state_per_process)
     step, max_steps = meta.get("step", 0), trainer.settings.max_steps
     if max_steps is not None and step > max_steps:
         raise ValueError(f"Cannot resume: the checkpoint is at optimizer step {step}, past max_steps={max_steps} (it "

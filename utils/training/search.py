@@ -98,7 +98,7 @@ class SearchRequest:
         settings = self.fixed_settings
         self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id, settings.padding_multiple(device),
                                               eos_is_pad, settings.val_fraction, settings.random_seed,
-                                              settings.stream_buffer_size)
+                                              settings.stream_buffer_size, settings.bad_examples)
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:

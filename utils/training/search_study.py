@@ -27,6 +27,7 @@ CREATION_TRIES = 8
 # which weights the model holds at the end. Every other resolved setting is part of a study's set-up.
 NOT_IN_SETUP = NOT_SEARCHABLE | {"use_wandb", "wandb_project", "wandb_mode", "save_plots", "log_every",
                                  "log_grad_dist_every", "log_grad_histogram", "keep_checkpoints", "checkpoint_every",
+                                 "checkpoint_every_minutes", "checkpoint_staging_dir", "async_checkpoints",
                                  "load_best_model_at_end"}
 
 

@@ -6,17 +6,21 @@ by :mod:`utils.training.previous_interface` before settings are built.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
+BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
 LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss_path.py
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
+GOOGLE_DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
 
 
 @dataclass
@@ -55,6 +59,13 @@ class FineTuneSettings:
     output_dir: str | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+    # Also a checkpoint when this many minutes of wall time passed since the last one (a float; with or without
+    # checkpoint_every): a Colab VM can disconnect at any time.
+    checkpoint_every_minutes: float | None = None
+    # Checkpoints are written here first and copied into output_dir in the background. "auto": a local temporary
+    # folder when output_dir is on Google Drive (/content/drive), else None (written into output_dir directly).
+    checkpoint_staging_dir: str | None = "auto"
+    async_checkpoints: bool = True  # False: training waits for each checkpoint write (as before)
     resume_from_checkpoint: bool | str = False
     early_stopping_patience: int | None = None
     load_best_model_at_end: bool = False
@@ -68,6 +79,10 @@ class FineTuneSettings:
     # Stop after this many optimizer steps (HF's name); the schedule spans them. Needed for streamed data.
     max_steps: int | None = None
     stream_buffer_size: int = 4096  # streamed data: examples shuffled and grouped by length together
+    # Streamed data, checked as it is read: a too-long row or one with ids outside the vocabulary stops the run
+    # ("error", naming the row), is gone past ("skip") or cut to the model's positions ("truncate"); counted in
+    # results["bad_examples"].
+    bad_examples: str = "error"
 
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
@@ -116,7 +131,11 @@ class FineTuneSettings:
                      hint=" Use None to turn clipping off.")
         _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
-        for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end", "save_plots"):
+        _check_float("checkpoint_every_minutes", self.checkpoint_every_minutes, low=0.0, low_open=True, optional=True,
+                     hint=" Pass minutes as a number, e.g. checkpoint_every_minutes=30 (or 0.5 for 30 seconds).")
+        self._check_staging_dir()
+        for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end", "save_plots",
+                     "async_checkpoints"):
             _check_bool(name, getattr(self, name))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -126,6 +145,7 @@ class FineTuneSettings:
         if self.fsdp and self.compile:
             raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
+        _check_choice("bad_examples", self.bad_examples, BAD_EXAMPLES)
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
         if self.pad_to_multiple_of not in (None, "auto"):
@@ -141,6 +161,30 @@ class FineTuneSettings:
     # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's
     # CPU run does not turn into a slower half-precision one. precision= itself applies on CPU too.
     precision_from_previous_keyword = False
+
+    def _check_staging_dir(self) -> None:
+        value = self.checkpoint_staging_dir
+        if value is None or value == "auto":
+            return
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_staging_dir must be a folder path, 'auto' or None, got {type(value).__name__}.")
+        staging, output = Path(value).resolve(), Path(self.output_dir).resolve()
+        if staging == output or output in staging.parents or staging in output.parents:
+            raise ValueError(f"checkpoint_staging_dir={str(value)!r} overlaps output_dir={self.output_dir!r}: it is a "
+                             "local folder that checkpoints are written to before they are copied into output_dir. "
+                             "Pass a folder outside output_dir on a local disk (e.g. /tmp/staging), or None.")
+
+    def checkpoint_staging_folder(self) -> Path | None:
+        """This run's staging folder (one per output_dir, so two runs never share one), or None: no staging."""
+        value = self.checkpoint_staging_dir
+        if value == "auto":
+            output = Path(self.output_dir).resolve()
+            if output != GOOGLE_DRIVE_MOUNT and GOOGLE_DRIVE_MOUNT not in output.parents:
+                return None
+            value = Path(tempfile.gettempdir()) / "tier3-checkpoint-staging"
+        if value is None:
+            return None
+        return Path(value) / hashlib.sha1(str(Path(self.output_dir).resolve()).encode()).hexdigest()[:12]
 
     @property
     def requested_precision(self) -> str | None:
@@ -163,7 +207,8 @@ class FineTuneSettings:
     @property
     def writes_checkpoints(self) -> bool:
         """Checkpoints only when asked for, or implied by wanting to resume or to get the best model back."""
-        return bool(self.checkpoint_every or self.resume_from_checkpoint or self.load_best_model_at_end)
+        return bool(self.checkpoint_every or self.checkpoint_every_minutes or self.resume_from_checkpoint
+                    or self.load_best_model_at_end)
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """``warmup_steps``, else ``warmup_ratio`` of the run's steps."""

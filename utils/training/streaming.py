@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings, budget_step_bounds, resolve_grouping
-from .examples import (PaddingCollator, _cut_to_real_span, _to_example, check_batch_ids, check_length,
-                       pad_id_among_real_tokens)
+from .collate import PaddingCollator, padded_probe
+from .example_checks import RowChecks, check_loader_batch
+from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
+from .source_contract import BatchSource, ReadLog, group_into_steps
 
 DEFAULT_BUFFER_SIZE = 4096
 
@@ -55,52 +57,76 @@ def _all_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
-class StreamPlan:
-    """One epoch's micro-batches of ``(Example, counts)``, read lazily; ``first_step`` is the step it resumes at."""
+class StreamBatches(BatchSource):
+    """A stream of examples, batched by token budget inside a seeded buffer (see the module docstring).
 
-    def __init__(self, micro_batches, first_step: int):
-        self.micro_batches, self.first_step = micro_batches, first_step
+    Every row is recorded as it is read (:class:`source_contract.ReadLog`) and checked (:class:`RowChecks`:
+    ``bad_examples`` says what a too-long row or one with ids outside the vocabulary does).
+    """
 
-    def __iter__(self):
-        return iter(self.micro_batches)
-
-
-class StreamBatches:
-    """A stream of examples, batched by token budget inside a seeded buffer (see the module docstring)."""
-
-    plannable = True  # the package shards it itself under torchrun
-    streamed = True
+    state_per_process = True
 
     def __init__(self, data, collator: PaddingCollator, pad_is_eos: bool = False, what: str = "training data",
-                 buffer_size: int = DEFAULT_BUFFER_SIZE):
+                 buffer_size: int = DEFAULT_BUFFER_SIZE, bad_examples: str = "error"):
         if iter(data) is data:
             raise TypeError(f"The {what} is a one-shot iterator (a generator?): it cannot be read again for a second "
                             "epoch, a resume or validation. Pass a datasets.IterableDataset, a torch IterableDataset, "
                             "or an object whose __iter__ starts over.")
         self.data, self.collator, self.pad_is_eos, self.what = data, collator, pad_is_eos, what
         self.buffer_size = buffer_size
+        self.checks = RowChecks(what, bad_examples)
+        self.log, self.eval_log = ReadLog(what, unit="row"), ReadLog(what, unit="row")
         self.position = None  # where this process's stream stands (see state_dict)
+        self.eval_pass = None  # what this process's last validation pass read
         self.resume_at = None
-        self.vocab_size = self.max_length = None  # checked per batch, as it is collated
+        self._head_rows = None  # the first HEAD_ROWS rows, read once at start-up (_head)
 
     # -- reading -----------------------------------------------------------------------------------
-    def _shard(self, world_size: int, rank: int, epoch: int):
+    def _shard(self, world_size: int, rank: int, epoch: int, order_state=None, replay: bool = False):
+        """This process's rows of one pass. Iterating may draw from torch's RNG (a DataLoader draws its workers'
+        seed): the pass starts from ``order_state`` (recorded at the epoch's start), and a replay sets torch's RNG
+        back afterwards, so a resumed epoch reads as the interrupted one did and draws nothing more."""
         data = self.data
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)  # a datasets stream's own shuffle, if the user asked for one
         if world_size > 1 and hasattr(data, "n_shards") and hasattr(data, "_ex_iterable"):
             from datasets.distributed import split_dataset_by_node
 
-            return iter(chain.from_iterable(map(_rows, split_dataset_by_node(data, rank=rank, world_size=world_size))))
-        rows = chain.from_iterable(map(_rows, data))
+            data = split_dataset_by_node(data, rank=rank, world_size=world_size)
+            world_size = 1
+        current = torch.get_rng_state()
+        if order_state is not None:
+            torch.set_rng_state(order_state)
+        items = iter(data)
+        first = next(items, None)
+        if replay:
+            torch.set_rng_state(current)
+        rows = chain.from_iterable(map(self._rows, chain([first], items) if first is not None else ()))
         return islice(rows, rank, None, world_size) if world_size > 1 else rows
 
-    def _examples(self, rows: list, first: int) -> list:
-        """Rows cut to their real span; rows without a real target are dropped (as for lists, but not warned:
-        a stream is never read whole)."""
-        pad = self.collator.pad_token_id
-        examples = [_cut_to_real_span(_to_example(row, first + k), pad, self.pad_is_eos) for k, row in enumerate(rows)]
-        return [example for example in examples if example.real_targets() > 0]
+    def _rows(self, item) -> list:
+        """The examples of one item a stream yields: an example, or a collated batch of them (a DataLoader's)."""
+        if isinstance(self.data, DataLoader) and self.data.batch_size is not None:
+            check_loader_batch(item, self.what)
+        return _rows(item)
+
+    def _logged(self, rows, log: ReadLog, where: str):
+        """Every row noted as it is read (compared with the record during a replay)."""
+        for row in rows:
+            log.note(row, where)
+            yield row
+        log.replay_ended(where)
+
+    def _examples(self, rows: list, first: int, where: str) -> list:
+        """Rows cut to their real span and checked (``bad_examples``); rows without a real target are dropped
+        (as for lists, but not warned: a stream is never read whole)."""
+        pad, kept = self.collator.pad_token_id, []
+        for k, row in enumerate(rows):
+            example = self.checks.check(cut_to_real_span(to_example(row, first + k), pad, self.pad_is_eos),
+                                        f"Row {first + k} of the {self.what} ({where})")
+            if example is not None:
+                kept.append(example)
+        return kept
 
     # -- planning ----------------------------------------------------------------------------------
     def _budget(self, spec: PlanSettings, first_buffer: list) -> int:
@@ -138,20 +164,30 @@ class StreamBatches:
         micro = [step[k * rows:(k + 1) * rows] for k in range(accumulation)]
         return [[(example, True) for example in m] if m else [(step[0], False)] for m in micro]
 
-    def plan(self, spec: PlanSettings, epoch: int) -> StreamPlan:
+    def plan(self, spec: PlanSettings, epoch: int):
+        """This process's micro-batches of ``(Example, counts)`` of one epoch, read lazily (from the position a
+        checkpoint recorded, when one was loaded for this epoch)."""
         start = self.resume_at if self.resume_at and self.resume_at["epoch"] == epoch else None
         self.resume_at = None
-        return StreamPlan(self._epoch(spec, epoch, start), start["step"] if start else 0)
+        return self._epoch(spec, epoch, start)
 
     def _epoch(self, spec: PlanSettings, epoch: int, start: dict | None):
         read, buffer, step = (start["read"], start["buffer"], start["step"]) if start else (0, 0, 0)
         skip, budget = (start["steps_done"], start["budget"]) if start else (0, None)
-        rows = self._shard(spec.world_size, spec.rank, epoch)
+        self.log.start(epoch, start and start["read_log"])
+        if start:
+            self.checks.counts = dict(start["counts"])  # as they were before the buffer is read again
+        shard = "" if spec.world_size == 1 else f" of process {spec.rank}'s shard"
+        order_state = start["order"] if start and start.get("order") is not None else torch.get_rng_state()
+        rows = self._logged(self._shard(spec.world_size, spec.rank, epoch, order_state, replay=bool(start)), self.log,
+                            f"epoch {epoch + 1}{shard}")
         for _ in islice(rows, read):  # to the buffer's start: reading again is exact for any source
             pass
         while True:
+            counts = dict(self.checks.counts)
             raw = list(islice(rows, self.buffer_size))
-            examples = self._examples(raw, read)
+            where = f"a stream{shard}; read in epoch {epoch + 1} after its optimizer step {step}"
+            examples = self._examples(raw, read, where)
             budget = budget if budget is not None else self._budget(spec, examples)
             for done, step_examples in enumerate(self._buffer_steps(examples, spec, epoch, buffer, budget), start=1):
                 if done <= skip:
@@ -160,77 +196,118 @@ class StreamBatches:
                     return
                 step += 1
                 self.position = {"epoch": epoch, "read": read, "buffer": buffer, "steps_done": done, "step": step,
-                                 "budget": budget}
+                                 "budget": budget, "counts": counts, "order": order_state}
                 yield from self._micro_batches(step_examples, spec.accumulation)
             skip, read, buffer = 0, read + len(raw), buffer + 1
             if len(raw) < self.buffer_size:
                 break
         _all_agree(False)  # this shard has ended: every process ends the epoch here
 
+    # -- the contract ------------------------------------------------------------------------------
+    def steps_in_epoch(self, spec: PlanSettings, epoch: int) -> None:
+        return None  # an epoch ends when the stream does
+
+    def steps(self, spec: PlanSettings, epoch: int, start: int):
+        resumes = bool(self.resume_at and self.resume_at["epoch"] == epoch)
+        if start and not (resumes and self.resume_at["step"] == start):
+            raise ValueError(f"Cannot resume the {self.what} {start} steps into epoch {epoch + 1}: the checkpoint holds "
+                             "no stream position there. Start fresh with resume_from_checkpoint=False.")
+        steps = group_into_steps(self.plan(spec, epoch), spec.accumulation, 0, self.collate)
+        for index, (_, micro_batches) in enumerate(steps):
+            yield start + index, micro_batches
+        if not start and (self.position is None or self.position["epoch"] != epoch):
+            raise ValueError(f"The {self.what} yielded no optimizer step in epoch {epoch + 1}: a stream must start again "
+                             "from its beginning when iterated again (and, under torchrun, give every process a shard). "
+                             "Pass a re-iterable source, e.g. a datasets.IterableDataset.")
+
     def eval_plan(self, batch_size, world_size=1, rank=0):
         """Validation: each process's shard once, sorted by length inside each buffer (least padding)."""
-        rows, read = self._shard(world_size, rank, 0), 0
+        self.checks.counts = dict.fromkeys(self.checks.counts, 0)  # the counts of the last pass are reported
+        self.eval_log.start(0)
+        rows = self._logged(self._shard(world_size, rank, 0), self.eval_log, "a validation pass")
+        read = 0
         while raw := list(islice(rows, self.buffer_size)):
-            examples = sorted(self._examples(raw, read), key=len, reverse=True)
+            examples = sorted(self._examples(raw, read, "a stream; read for validation"), key=len, reverse=True)
             read += len(raw)
             for k in range(0, len(examples), batch_size):
                 yield [(example, True) for example in examples[k:k + batch_size]]
+        self.eval_pass = {"world_size": world_size, "rank": rank, "read": self.eval_log.state_dict()}
 
-    # -- batches and checks ------------------------------------------------------------------------
     def collate(self, planned_batch) -> dict:
-        batch = self.collator(planned_batch)
-        if self.vocab_size is not None:
-            check_batch_ids(batch, self.vocab_size, f"A batch of the {self.what}")
-        check_length(batch["input_ids"].shape[1], self.max_length, f"A batch of the {self.what}")
-        return batch
+        return self.collator(planned_batch)  # every row was checked as it was read
 
-    def _head(self, n: int) -> list:
-        examples = self._examples(list(islice(self._shard(1, 0, 0), n)), 0)
+    # -- start-up ----------------------------------------------------------------------------------
+    HEAD_ROWS = 64  # the most any start-up probe looks at
+
+    def _head(self, n: int, checked: bool = True) -> list:
+        """The examples among the stream's first ``n`` rows. The rows are read once and kept: the start-up probes
+        (checks, the loss-path probe, the fingerprint) would otherwise each open the stream again (for a hub
+        stream, new connections; for a reader that stops rewinding, a pass)."""
+        if self._head_rows is None:
+            self._head_rows = list(islice(self._shard(1, 0, 0), self.HEAD_ROWS))
+        counts, limits = dict(self.checks.counts), (self.checks.vocab_size, self.checks.max_length)
+        if not checked:
+            self.checks.vocab_size = self.checks.max_length = None
+        try:
+            examples = self._examples(self._head_rows[:n], 0, "a stream; read at start-up")
+        finally:  # reading ahead counts nothing: the run reads these rows again
+            self.checks.counts, (self.checks.vocab_size, self.checks.max_length) = counts, limits
         if not examples:
-            raise ValueError(f"The {self.what} yields no example with a real target among its first {n}. Pass a "
-                             "non-empty stream of tokenized sequences.")
+            found = (f"no example with a real target among its first {min(n, len(self._head_rows))} rows"
+                     if self._head_rows else "no row at all")
+            raise ValueError(f"The {self.what} yields {found}. Pass a non-empty stream of tokenized sequences.")
         return examples
 
     def first_batch(self) -> dict:
         return self.collate([(example, True) for example in self._head(2)])
 
     def padded_batch(self) -> dict:
-        examples = sorted(self._head(64), key=len)
-        return self.collate([(examples[-1], True), (examples[0], True)])
+        return padded_probe(self._head(64), self.collator)
 
     def check_ids(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
+        self.checks.vocab_size = vocab_size  # each row is checked as it is read
+
+    def check_lengths(self, limit: int | None) -> None:
+        self.checks.max_length = limit
 
     def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
         batch = self.padded_batch()
         return pad_id_among_real_tokens(batch["input_ids"], batch["attention_mask"], pad_token_id)
 
-    def check_lengths(self, limit: int | None) -> None:
-        self.max_length = limit
-
     def fingerprint(self) -> str:
-        """A stream is not read ahead of training: its kind, buffer size and first examples stand for it."""
+        """A stream is not read ahead of training: its kind, buffer size and first examples stand for it; every
+        row read is recorded as it is read (a resume compares them)."""
         digest = hashlib.sha256(f"stream {type(self.data).__name__} {self.buffer_size}".encode())
-        for example in self._head(16):
+        for example in self._head(16, checked=False):
             digest.update(example.input_ids.numpy().tobytes())
         return digest.hexdigest()
 
+    def report(self) -> dict:
+        return dict(self.checks.counts)
+
     # -- resume ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict | None:
+    def state_dict(self) -> dict:
         """Where this process's stream stands: its epoch, the current buffer's start (examples read before it)
-        and number, the steps of it already run, and the token budget."""
-        return None if self.position is None else dict(self.position)
+        and number, the steps of it already run, the token budget, the rows read in the epoch so far; and what
+        the last validation pass read."""
+        position = None if self.position is None else dict(self.position, read_log=self.log.state_dict())
+        return {"position": position, "eval_pass": self.eval_pass}
 
-    def load_state_dict(self, position: dict | None) -> None:
-        self.resume_at = position
+    def load_state_dict(self, state: dict | None) -> None:
+        if state and "position" not in state:
+            state = {"position": state, "eval_pass": None}  # a checkpoint written before the rows were recorded
+        if not state:
+            return
+        self.resume_at = state["position"]
+        if self.resume_at is not None:
+            self.resume_at.setdefault("read_log", None)
+            self.resume_at.setdefault("counts", dict(self.checks.counts))
+        if state["eval_pass"]:  # read the validation stream now: a changed row is named before any training
+            recorded = state["eval_pass"]
+            self.eval_log.start(0, recorded["read"])
+            rows = self._logged(self._shard(recorded["world_size"], recorded["rank"], 0), self.eval_log, "a validation pass")
+            for _ in rows:
+                pass
+            self.eval_pass = recorded
 
 
-def stream_positions(source, ctx) -> list | None:
-    """Each process's position in a streamed training source, for the checkpoint (None for data with a plan)."""
-    if not isinstance(source, StreamBatches):
-        return None
-    positions = [source.state_dict()]
-    if ctx.enabled:
-        positions = [None] * ctx.world_size
-        torch.distributed.all_gather_object(positions, source.state_dict())
-    return positions

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .loss import TokenSums
 
@@ -22,15 +22,12 @@ class TrainState:
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
-    # A user's DataLoader: the RNG state its epoch order was drawn from, and a hash of each batch read so far,
-    # so a resumed epoch replays the same order and can prove it.
-    loader_order_state: dict | None = None
-    loader_batch_hashes: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
-        return cls(**dict(values, epoch_sums=TokenSums(**values["epoch_sums"])))
+        known = {f.name for f in fields(cls)}  # a DataLoader's order state was kept here before its source kept it
+        return cls(**{k: v for k, v in values.items() if k in known and k != "epoch_sums"},
+                   epoch_sums=TokenSums(**values["epoch_sums"]))
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step_in_epoch, self.epoch_sums, self.train_seconds = epoch, 0, TokenSums(), 0.0
-        self.loader_order_state, self.loader_batch_hashes = None, []

@@ -9,20 +9,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from itertools import islice
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from .batch_plans import PlanSettings
+from .collate import to_device
 from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
-from .sources import run_length, stream_positions
-from .distributed import DistContext, all_reduce_sum, barrier, wrap_model
+from .distributed import DistContext, all_reduce_sum, any_rank, barrier, wrap_model
 from . import fsdp, sharded_checkpoint
 from .evaluation import evaluate
-from .examples import to_device
+from .source_contract import BatchSource
+from .sources import run_length
 from .loss import TokenSums, count_real_targets
 from .gradient_stats import GradientStats
 from .loss_path import chunked, choose_loss_path
@@ -39,8 +41,8 @@ from .train_state import TrainState
 class RunData:
     """The prepared, checked data of a run and the pad id it was prepared with."""
 
-    train: object  # ExampleBatches or LoaderBatches
-    val: object
+    train: BatchSource
+    val: BatchSource
     pad_token_id: int
     pad_source: str
     vocab_size: int
@@ -62,19 +64,6 @@ def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, a
     return sums
 
 
-def group_into_steps(plan, accumulation: int, skip: int):
-    """``(step index, micro-batches)`` of one epoch, read lazily; a resume skips the first ``skip`` steps."""
-    step, group = 0, []
-    for planned in plan:
-        group.append(planned)
-        if len(group) == accumulation:
-            if step >= skip:
-                yield step, group
-            step, group = step + 1, []
-    if group and step >= skip:
-        yield step, group
-
-
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
                  tracker: MetricRows, run_id: str = "", on_evaluation=None, gradient_stats: GradientStats | None = None):
@@ -94,7 +83,7 @@ class Trainer:
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length, settings.random_seed,
                                       settings.gradient_accumulation_steps, ctx.world_size, ctx.rank,
                                       settings.max_tokens_per_batch)
-        self.steps_per_epoch, self.n_epochs, self.total_steps, self.streamed = run_length(data.train, self.plan_spec, settings)
+        self.steps_per_epoch, self.n_epochs, self.total_steps = run_length(data.train, self.plan_spec, settings)
         self.precision = settings.autocast_dtype(device)  # None: float32
         self.sharded = settings.fsdp  # FSDP2: sharded in place before the optimizer sees its (DTensor) parameters
         if self.sharded:
@@ -120,6 +109,12 @@ class Trainer:
         # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
         self.stop_flag = torch.zeros((), device=device)
         self.best_weights = self.best_checkpoint = self.last_checkpoint = None
+        # Rank 0 writes checkpoints, in a background thread while training goes on (checkpoint_writer).
+        self.checkpoint_writer = CheckpointWriter(
+            self.checkpoints_dir, settings.keep_checkpoints, staging_dir=settings.checkpoint_staging_folder(),
+            asynchronous=settings.async_checkpoints, pin=device.type == "cuda",
+            note=tracker.message) if ctx.is_main and settings.writes_checkpoints and not self.sharded else None
+        self.last_checkpoint_clock, self.checkpoint_error = time.monotonic(), None
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -132,10 +127,6 @@ class Trainer:
             for epoch in range(state.epoch, self.n_epochs):
                 epoch_started = time.perf_counter()
                 self.train_epoch(epoch)
-                if self.streamed and state.step_in_epoch == 0:  # (a resumed epoch may have had its steps already)
-                    raise ValueError(f"The {self.data.train.what} yielded no optimizer step in epoch {epoch + 1}: a stream "
-                                     "must start again from its beginning when iterated again (and, under torchrun, give "
-                                     "every process a shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
                 val = self.validate()
                 self.record_epoch(epoch, val, time.perf_counter() - epoch_started)
                 improved = self.track_best(epoch, val)
@@ -155,6 +146,7 @@ class Trainer:
             self.tracker.message(stop.outcome.reason)
             return stop.outcome
         except Exception as error:
+            self.finish_checkpoints(None)  # the write in flight completes; a failure of it is warned about
             self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
             if isinstance(error, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(
@@ -165,19 +157,6 @@ class Trainer:
             raise
         finally:
             state.run_seconds = time.perf_counter() - started
-
-    def epoch_plan(self, epoch: int):
-        """This process's micro-batches of one epoch (a user's DataLoader: the loader itself)."""
-        return self.data.train.plan(self.plan_spec, epoch)
-
-    def epoch_batches(self, epoch: int):
-        """The epoch's micro-batches; a user's DataLoader is replayed from the RNG state of the epoch's start."""
-        source, state = self.data.train, self.state
-        if source.plannable:
-            return self.epoch_plan(epoch)
-        resumed_order = state.loader_order_state if state.step_in_epoch else None
-        state.loader_order_state, batches = source.iterate(resumed_order, state.loader_batch_hashes)
-        return batches
 
     def nothing_left(self) -> bool:
         """Whether a resumed run has already trained every step and epoch it is asked for."""
@@ -197,31 +176,32 @@ class Trainer:
         """Whether ``max_steps`` ended the run before the end of this epoch's plan (a stream: before its end)."""
         if self.settings.max_steps is None or self.state.global_step < self.settings.max_steps:
             return False
-        if self.streamed:
-            return True
-        planned_steps = -(-len(self.epoch_plan(epoch)) // self.settings.gradient_accumulation_steps)
-        return self.state.step_in_epoch < planned_steps
+        planned_steps = self.data.train.steps_in_epoch(self.plan_spec, epoch)  # None: a stream's
+        return planned_steps is None or self.state.step_in_epoch < planned_steps
 
     def run_finished(self, epoch: int) -> bool:
         return epoch + 1 >= self.n_epochs or self.state.global_step >= (self.settings.max_steps or math.inf)
 
     def train_epoch(self, epoch: int) -> None:
         settings, state = self.settings, self.state
-        plan = self.epoch_batches(epoch)
-        steps_in_epoch, first = None if self.streamed else self.steps_per_epoch[epoch], getattr(plan, "first_step", 0)  # a stream resumes mid-epoch
+        steps = self.data.train.steps(self.plan_spec, epoch, state.step_in_epoch)
+        steps_in_epoch = self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else None  # None: a stream's
         self.train_model.train()
         pending = []
         started = time.perf_counter()
         try:
             left = max(0, settings.max_steps - state.global_step) if settings.max_steps else None  # max_steps ends the run
-            for step_in_epoch, planned in islice(group_into_steps(plan, settings.gradient_accumulation_steps,
-                                                                  state.step_in_epoch - first), left):
-                pending.append(self.optimizer_step([to_device(self.data.train.collate(p), self.device) for p in planned]))
+            for step_in_epoch, micro_batches in islice(steps, left):
+                pending.append(self.optimizer_step([to_device(batch, self.device) for batch in micro_batches]))
                 state.global_step += 1
-                state.step_in_epoch = first + step_in_epoch + 1
+                state.step_in_epoch = step_in_epoch + 1
                 last_of_run = state.global_step >= (settings.max_steps or math.inf)
                 last_of_epoch = state.step_in_epoch == steps_in_epoch or last_of_run
-                checkpoint_due = bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                # Not at an epoch's last step: the epoch-end checkpoint follows its validation (a second write of the
+                # same step, which would wait for the first).
+                checkpoint_due = not last_of_epoch and (
+                    bool(settings.checkpoint_every) and state.global_step % settings.checkpoint_every == 0
+                    or self.checkpoint_clock_due(len(pending) >= settings.log_every))
                 eval_due = bool(settings.eval_every) and state.global_step % settings.eval_every == 0 and not last_of_epoch
                 if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
                     flushing, pending = pending, []
@@ -271,6 +251,8 @@ class Trainer:
         # All processes take the same decision, or the ones that go on would wait forever for one that stopped.
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
+        if self.checkpoint_writer:  # a checkpoint's copy of the weights and moments is complete before they change
+            self.checkpoint_writer.before_update()
         self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -360,7 +342,7 @@ class Trainer:
             "epoch_time_s": seconds,  # training and validation of this epoch (after a resume: only the part run now)
             "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
         })
-        self.tracker.message(f"epoch {epoch + 1}{'' if self.streamed else f'/{self.n_epochs}'}: train loss (excl. padding) {sums.loss:.4f} | "
+        self.tracker.message(f"epoch {epoch + 1}{'' if None in self.steps_per_epoch else f'/{self.n_epochs}'}: train loss (excl. padding) {sums.loss:.4f} | "
                              f"val loss (excl. padding) {val['loss']:.4f} | val perplexity {val['perplexity']:.2f} | "
                              f"padded positions {row['train/pad_fraction']:.1%}")
 
@@ -391,14 +373,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """What a checkpoint carries, one entry per file. Called on every process: it gathers each one's RNG state."""
-        rng_states = [rng_state()]
-        if self.ctx.enabled:
-            rng_states = [None] * self.ctx.world_size
-            torch.distributed.all_gather_object(rng_states, rng_state())
+        rng_states = self.gathered(rng_state())
         return {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
                 "trainer_state.pt": {"state": asdict(self.state), "scheduler": self.scheduler.state_dict(),
                                      "scaler": self.amp.state_dict(), "rng": rng_states,
-                                     "tracker": self.tracker.state_dict(), "stream": stream_positions(self.data.train, self.ctx)}}
+                                     "tracker": self.tracker.state_dict(),
+                                     "data": {"train": self.gathered(self.data.train.state_dict()),
+                                              "val": self.gathered(self.data.val.state_dict())}}}
 
     def load_state_dict(self, files: dict) -> None:
         try:
@@ -419,8 +400,19 @@ class Trainer:
         # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
         run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
         self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
-        if trainer_state.get("stream"):
-            self.data.train.load_state_dict(trainer_state["stream"][self.ctx.rank])
+        # Each source takes back its own state and refuses, naming the example, when its data changed.
+        sources = trainer_state.get("data") or {"train": trainer_state.get("stream")}  # "stream": before the contract
+        for name, source in (("train", self.data.train), ("val", self.data.val)):
+            if sources.get(name):
+                source.load_state_dict(sources[name][self.ctx.rank])
+
+    def gathered(self, value) -> list:
+        """``value`` of every process, in rank order (all processes take part)."""
+        if not self.ctx.enabled:
+            return [value]
+        values = [None] * self.ctx.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""
@@ -444,16 +436,67 @@ class Trainer:
         return fsdp.local_weights_of(weights) if self.sharded else weights
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """Only at optimizer-step boundaries, after pending steps are recorded. Rank 0 writes; all ranks wait."""
+        """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's RNG
+        state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
         self.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
-        if self.sharded:  # every process writes its shards
+        self.last_checkpoint_clock = time.monotonic()
+        if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
             sharded_checkpoint.save_checkpoint(self, best)
             return
         files = self.state_dict()
-        if self.ctx.is_main:
-            meta = self.checkpoint_meta()
-            if best:  # before the step folder that records it: after any kill, a step folder's best/ exists
-                self.best_checkpoint = str(ckpt.write_folder(self.checkpoints_dir / "best", {"model.pt": files["model.pt"]}, meta))
-            self.last_checkpoint = str(ckpt.save_step(self.checkpoints_dir, self.state.global_step, files, meta))
-            ckpt.prune_checkpoints(self.checkpoints_dir, self.settings.keep_checkpoints)
-        barrier(self.ctx)
+        failed = self.checkpoint_writer.wait() if self.checkpoint_writer else None  # at most one write in flight
+        # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
+        # point anyway), instead of the others waiting forever in the next collective.
+        if any_rank(failed is not None, self.ctx, self.device):
+            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
+                                       f"free space and access under {self.settings.output_dir}, then resume.")
+        if self.checkpoint_writer:
+            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            updated = [p for p in self.model.parameters()] + [t for s in self.optimizer.state.values()
+                                                              for t in s.values() if torch.is_tensor(t)]
+            self.checkpoint_writer.submit(self.state.global_step, files, self.checkpoint_meta(), best,
+                                          self.checkpoint_written, {t.untyped_storage().data_ptr() for t in updated})
+
+    def checkpoint_written(self, step_folder: Path, best_folder: Path | None) -> None:
+        """Called by the writer once a checkpoint is complete: only then do results name it."""
+        self.last_checkpoint = str(step_folder)
+        if best_folder is not None:
+            self.best_checkpoint = str(best_folder)
+
+    def checkpoint_clock_due(self, at_sync_point: bool) -> bool:
+        """``checkpoint_every_minutes``: has that much wall time passed since the last checkpoint (or the start)?"""
+        minutes = self.settings.checkpoint_every_minutes
+        if not minutes:
+            return False
+        if self.ctx.enabled and not at_sync_point:  # under torchrun: only where the step rows are read anyway
+            return False
+        due = time.monotonic() - self.last_checkpoint_clock >= 60 * minutes
+        # Clocks differ between processes: rank 0's decides for all (a broadcast; no rank may checkpoint alone,
+        # state_dict() is a collective).
+        return any_rank(due and self.ctx.is_main, self.ctx, self.device)
+
+    def finish_checkpoints(self, outcome: Outcome | None) -> None:
+        """The run's end: wait for the write in flight, so that results name only complete checkpoints.
+
+        A failed write raises when the run ended as planned (completed, stopped early, pruned), as a synchronous
+        write would have; when it ended for another reason (Ctrl-C, a non-finite loss, an error: ``outcome`` None)
+        that reason is kept, and the failure is warned about and returned in ``results["checkpoint_error"]``.
+        """
+        failed = None
+        if self.checkpoint_writer:
+            try:
+                failed = self.checkpoint_writer.wait()
+            except KeyboardInterrupt:
+                failed = (f"interrupted while checkpoint step-{self.checkpoint_writer.writing_step} was being written; "
+                          "it completes in the background while this Python process lives")
+        together = outcome is not None and outcome.kind is not OutcomeKind.INTERRUPTED  # all ranks end at this point
+        if together:  # they agree on a failure, and return only once rank 0's last write is complete
+            if any_rank(failed is not None, self.ctx, self.device):
+                failed = failed or "rank 0 could not write the last checkpoint"
+            barrier(self.ctx)
+        if failed and together and outcome.kind is not OutcomeKind.NON_FINITE:
+            raise CheckpointWriteError(f"{failed}. Resume from the last checkpoint under {self.checkpoints_dir} once "
+                                       "the cause is fixed (free space, access to output_dir).")
+        if failed:
+            warnings.warn(f"The last checkpoint was not written: {failed}.", UserWarning, stacklevel=2)
+        self.checkpoint_error = failed
