@@ -262,7 +262,7 @@ class StreamBatches(BatchSource):
         return self.collate([(example, True) for example in self._head(2)])
 
     def padded_batch(self) -> dict:
-        return padded_probe(self._head(64), self.collator)
+        return padded_probe(self._head(self.HEAD_ROWS), self.collator)
 
     def check_ids(self, vocab_size: int) -> None:
         self.checks.vocab_size = vocab_size  # each row is checked as it is read
