@@ -11,7 +11,8 @@ from .data import load_wikitext, prepare_lm_dataset, train_bpe_tokenizer
 from .tier3_training_utilities import evaluate_perplexity, test_fine_tuning
 
 
-def build_tiny_gpt2(vocab_size: int, n_positions: int = 128, n_embd: int = 128, n_layer: int = 2, n_head: int = 4, dropout: float = 0.0):
+def build_tiny_gpt2(vocab_size: int, n_positions: int = 128, n_embd: int = 128, n_layer: int = 2, n_head: int = 4,
+                    dropout: float = 0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
@@ -49,7 +50,8 @@ def main(argv=None) -> dict:
                                output_dir=args.output_dir, warmup_ratio=0.05)
     print(results["metrics_summary"][["epoch", "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity",
                                       "train/pad_fraction", "train/real_tokens_per_sec"]].to_string(index=False))
-    print(f"pad id {results['pad_token_id']} (from {results['pad_token_id_source']}); metrics in {results['metrics_csv']}")
+    print(f"pad id {results['pad_token_id']} (from {results['pad_token_id_source']}); "
+          f"metrics in {results['metrics_csv']}")
     return results
 
 

@@ -76,8 +76,8 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
     numbers (the same source, pad rule and batches) for a given pad id."""
     source = batch_source(data, pad_token_id, what="validation data",
                           pad_is_eos=pad_is_eos(pad_token_id, getattr(model, "config", None), tokenizer))
-    return evaluate(model, source, pad_token_id, batch_size=batch_size, device=device or next(model.parameters()).device,
-                    caller=caller, ctx=ctx, autocast=autocast)
+    return evaluate(model, source, pad_token_id, batch_size=batch_size,
+                    device=device or next(model.parameters()).device, caller=caller, ctx=ctx, autocast=autocast)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +89,11 @@ _D = FineTuneSettings.default
 def test_fine_tuning(model, config, train_data=None, val_data=None, n_epochs=_D("n_epochs"),
                      learning_rate=_D("learning_rate"), weight_decay=_D("weight_decay"), batch_size=_D("batch_size"),
                      use_wandb=_D("use_wandb"), use_amp=PREVIOUS_DEFAULTS["use_amp"],
-                     gradient_accumulation_steps=_D("gradient_accumulation_steps"), gradient_clip_norm=CLIP_NORM_DEFAULT,
-                     random_seed=_D("random_seed"), deterministic=_D("deterministic"),
-                     use_lr_schedule=PREVIOUS_DEFAULTS["use_lr_schedule"], log_grad_dist_every=_D("log_grad_dist_every"),
-                     log_grad_histogram=_D("log_grad_histogram"), *, tokenizer=None, device=None, **options) -> dict:
+                     gradient_accumulation_steps=_D("gradient_accumulation_steps"),
+                     gradient_clip_norm=CLIP_NORM_DEFAULT, random_seed=_D("random_seed"),
+                     deterministic=_D("deterministic"), use_lr_schedule=PREVIOUS_DEFAULTS["use_lr_schedule"],
+                     log_grad_dist_every=_D("log_grad_dist_every"), log_grad_histogram=_D("log_grad_histogram"), *,
+                     tokenizer=None, device=None, **options) -> dict:
     """Fine-tune ``model`` (in place) as a causal LM; padding never counts. Returns a results dict.
 
     The positional order is the previous module's. ``gradient_clip_norm`` is ``max_grad_norm``;
@@ -134,7 +135,8 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     config = config if config is not None else getattr(model, "config", None)
     pad_token_id = _detect_pad_token_id(config, tokenizer)
-    source = batch_source(data, pad_token_id, what="evaluation data", pad_is_eos=pad_is_eos(pad_token_id, config, tokenizer))
+    source = batch_source(data, pad_token_id, what="evaluation data",
+                          pad_is_eos=pad_is_eos(pad_token_id, config, tokenizer))
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -145,8 +147,9 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
             "padded_tokens_at_batch_size": batch_size, "pad_token_id": pad_token_id}
 
 
-def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None, n_trials=N_TRIALS_DEFAULT,
-                               *legacy_positionals, search_space=None, n_epochs=1, timeout=None, storage=None,
+def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None,
+                               n_trials=N_TRIALS_DEFAULT, *legacy_positionals, search_space=None, n_epochs=1,
+                               timeout=None, storage=None,
                                study_name=None, pruning=True, eval_every=None, random_seed=42, use_wandb=False,
                                tokenizer=None, model=None, **fine_tuning_kwargs) -> dict:
     """Optuna search over ``test_fine_tuning`` keywords; each trial's objective is its final validation loss

@@ -75,7 +75,8 @@ def _sorted_in_chunks(order: np.ndarray, lengths: np.ndarray, chunk: int) -> np.
     return out
 
 
-def _length_grouped(order: np.ndarray, lengths: np.ndarray, step_size: int, generator, shuffle_batches: bool) -> np.ndarray:
+def _length_grouped(order: np.ndarray, lengths: np.ndarray, step_size: int, generator,
+                    shuffle_batches: bool) -> np.ndarray:
     """Mega-batches of many optimizer steps, sorted by length inside, so each step holds similar lengths.
 
     Grouping works on whole optimizer steps (``batch_size * accumulation * processes`` examples), so
@@ -147,7 +148,8 @@ def token_budget_steps(lengths, *, step_budget: int, micro_batches_per_step: int
         return ordered, bounds
     starts, sizes = bounds[:-1], np.diff(bounds)
     permutation = _randperm(len(sizes), generator)
-    return ordered[_segments(starts[permutation], sizes[permutation])], np.concatenate([[0], np.cumsum(sizes[permutation])])
+    return (ordered[_segments(starts[permutation], sizes[permutation])],
+            np.concatenate([[0], np.cumsum(sizes[permutation])]))
 
 
 def token_plan(indices: np.ndarray, bounds: np.ndarray, accumulation: int, world_size: int, rank: int) -> Plan:

@@ -59,7 +59,8 @@ def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
     input_ids = batch["input_ids"]
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
-            f"The model returned logits of shape {tuple(logits.shape)} for input_ids of shape {tuple(input_ids.shape)}; "
+            f"The model returned logits of shape {tuple(logits.shape)} for input_ids of shape "
+            f"{tuple(input_ids.shape)}; "
             "expected (batch, seq_len, vocab_size) with one row of logits per input position."
         )
     if logits.shape[-1] != vocab_size:
@@ -106,18 +107,19 @@ def _vocabulary_cause(error: ValueError, model, config, vocab_size: int, tokeniz
     rows = model_vocabulary_rows(model) if declared is not None else None
     if rows is not None and rows[0] != declared:
         return (f"config.vocab_size={declared}, but the model's {rows[1]} has {rows[0]} rows (so {rows[0]} logits per "
-                f"position): config.vocab_size looks wrong. Set config.vocab_size={rows[0]} (or build the model for the "
-                f"tokenizer). The check said: {error}")
+                f"position): config.vocab_size looks wrong. Set config.vocab_size={rows[0]} (or build the model for "
+                f"the tokenizer). The check said: {error}")
     tokens = tokenizer_size(tokenizer, config)
     if tokens is not None and tokens > vocab_size:
-        return (f"The model's vocabulary ({vocab_size} ids) is smaller than the tokenizer's ({tokens} tokens): the model "
-                f"was built for a smaller tokenizer. Build it with vocab_size={tokens} (e.g. GPT2Config(vocab_size="
-                "len(tokenizer))), or call model.resize_token_embeddings(len(tokenizer)) for a pretrained one. "
-                f"The check said: {error}")
+        return (f"The model's vocabulary ({vocab_size} ids) is smaller than the tokenizer's ({tokens} tokens): the "
+                f"model was built for a smaller tokenizer. Build it with vocab_size={tokens} (e.g. GPT2Config("
+                "vocab_size=len(tokenizer))), or call model.resize_token_embeddings(len(tokenizer)) for a pretrained "
+                f"one. The check said: {error}")
     if data_ids:
-        return (f"The data's token ids go beyond the model's vocabulary ({vocab_size} ids): the data was tokenized with a "
-                f"larger tokenizer than the model was built for. Build the model with vocab_size >= len(tokenizer) (or "
-                f"resize its embeddings), or tokenize with the model's own tokenizer. The check said: {error}")
+        return (f"The data's token ids go beyond the model's vocabulary ({vocab_size} ids): the data was tokenized "
+                f"with a larger tokenizer than the model was built for. Build the model with vocab_size >= "
+                f"len(tokenizer) (or resize its embeddings), or tokenize with the model's own tokenizer. The check "
+                f"said: {error}")
     return str(error)
 
 

@@ -24,7 +24,8 @@ class PaddingCollator:
     duplicates a distributed sampler adds to even out shards).
 
     >>> from utils.training.examples import Example
-    >>> PaddingCollator(pad_token_id=0)([(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)])["labels"]
+    >>> items = [(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)]
+    >>> PaddingCollator(pad_token_id=0)(items)["labels"]
     tensor([[   5,    6,    7],
             [   8,    9, -100]])
     """
@@ -47,7 +48,8 @@ class PaddingCollator:
                 labels[row, :n] = example.input_ids if example.labels is None else example.labels
         # Known here without a device read: rows are real then padding, unless an example kept a mask of its own.
         right_padded = all(example.attention_mask is None for example, _ in items)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": right_padded}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "right_padded": right_padded}
 
 
 def padded_probe(examples: list, collator: PaddingCollator) -> dict:
@@ -64,5 +66,5 @@ def padded_probe(examples: list, collator: PaddingCollator) -> dict:
 
 def to_device(batch: Mapping, device: torch.device) -> dict:
     non_blocking = device.type == "cuda"
-    return {k: (v.pin_memory() if non_blocking else v).to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: (v.pin_memory() if non_blocking else v).to(device, non_blocking=non_blocking)
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -66,12 +66,12 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
     if settings.requested_precision and settings.autocast_dtype(device) is None:
         if settings.precision_from_previous_keyword:
-            warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the previous "
-                          f"module; training in float32 on {device.type}. For CPU autocast pass "
+            warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
+                          f"previous module; training in float32 on {device.type}. For CPU autocast pass "
                           f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=4)
         else:
-            warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in float32 "
-                          f"on {device.type}.", UserWarning, stacklevel=4)
+            warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in "
+                          f"float32 on {device.type}.", UserWarning, stacklevel=4)
     seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
     _check_parameters(model, settings)
@@ -91,7 +91,8 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     resumed = resume(trainer)
     _start_tracker(trainer, model)
     if resumed is not None:
-        rng = resumed["trainer_state.pt"]["rng"]  # one per process that wrote it; a changed world size reuses them in turn
+        # One per process that wrote it; a changed world size reuses them in turn.
+        rng = resumed["trainer_state.pt"]["rng"]
         set_rng_state(rng[ctx.rank % len(rng)])  # last: nothing may draw random numbers after
         tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
     return trainer, resumed
@@ -169,7 +170,8 @@ def _start_tracker(trainer: Trainer, model) -> None:
     run_config = dict(settings.as_dict(), pad_token_id=data.pad_token_id, pad_token_id_source=data.pad_source,
                       precision_used=trainer.amp.used, attention_mask_free=trainer.caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
-                      world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0], model_class=type(model).__name__)
+                      world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0],
+                      model_class=type(model).__name__)
     trainer.tracker.start(run_config, total_steps=trainer.total_steps)
     effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
     trainer.tracker.message(f"Effective batch size: {effective_batch_size}")
@@ -184,7 +186,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if settings.load_best_model_at_end and trainer.best_weights is not None:
         trainer.load_weights(trainer.best_weights)
-        tracker.message(f"Loaded the best model (epoch {state.best_epoch}, val loss excl. padding {state.best_val_loss:.4f}).")
+        tracker.message(f"Loaded the best model (epoch {state.best_epoch}, "
+                        f"val loss excl. padding {state.best_val_loss:.4f}).")
     frame = MetricsSummary(tracker.epochs_frame())
     last = frame.iloc[-1] if len(frame) else None
     last_value = lambda column: None if last is None else float(last[column])  # noqa: E731
@@ -195,7 +198,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
         "precision_used": trainer.amp.used, "attention_mask_free": trainer.caller.mask_free,
-        # "linear": the full logits never existed; "chunked": the model's own forward and logits (utils/training/loss_path.py)
+        # "linear": the full logits never existed; "chunked": the model's own forward and logits
+        # (utils/training/loss_path.py)
         "loss_path": trainer.loss_path.path, "loss_path_reason": trainer.loss_path.reason,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
@@ -211,8 +215,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "bad_examples": {"training data": trainer.data.train.report(), "validation data": trainer.data.val.report()},
         "settings": dict(settings.as_dict(), **previous_keywords),
         **outcome.as_result_keys(),
-        **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds, sequences=state.train_sequences,
-                               amp_enabled=trainer.precision is not None,
+        **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds,
+                               sequences=state.train_sequences, amp_enabled=trainer.precision is not None,
                                loss_scale=trainer.amp.loss_scale()),
     }
     _write_final_outputs(trainer, results)
@@ -224,8 +228,8 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
     tracker, unfinished = trainer.tracker, []
     results["plot_paths"] = {}
     steps = [("the CSV files and W&B", lambda: tracker.finish(
-        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity", "global_step",
-                                                     "stopped_early", "interrupted")}))]
+        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity",
+                                                     "global_step", "stopped_early", "interrupted")}))]
     settings = trainer.settings
     if settings.save_plots and trainer.ctx.is_main:
         title = run_title(settings.output_dir, settings.wandb_run_name)

@@ -48,9 +48,9 @@ def first_id_outside(ids: torch.Tensor, vocab_size: int, allow_ignore: bool = Fa
 def ids_error(value: int, vocab_size: int, where: str, labels: bool = False, extra_fix: str = "") -> ValueError:
     kind = "negative" if value < 0 else f">= the vocabulary size {vocab_size}"
     allowed = " (only -100 is allowed in labels, meaning 'ignore')" if labels else ""
-    return ValueError(f"{where}{' (labels)' if labels else ''} holds token id {value}, which is {kind}{allowed}. Tokenize "
-                      "with the tokenizer that matches the model, or set config.vocab_size to the model's real vocabulary "
-                      f"size{extra_fix}.")
+    return ValueError(f"{where}{' (labels)' if labels else ''} holds token id {value}, which is {kind}{allowed}. "
+                      "Tokenize with the tokenizer that matches the model, or set config.vocab_size to the model's "
+                      f"real vocabulary size{extra_fix}.")
 
 
 def check_batch_ids(batch: Mapping, vocab_size: int, where: str, extra_fix: str = "") -> None:
@@ -68,8 +68,8 @@ def no_real_target_error(what: str, pad_token_id: int) -> ValueError:
 
 
 def warn_skipped_without_target(skipped: int, total: int, first: int, what: str, stacklevel: int = 5) -> None:
-    warnings.warn(f"Skipped {skipped} of {total} examples of the {what} (the first: example {first}): they have no real "
-                  "target token (all padding, masked, or a single token).", UserWarning, stacklevel=stacklevel)
+    warnings.warn(f"Skipped {skipped} of {total} examples of the {what} (the first: example {first}): they have no "
+                  "real target token (all padding, masked, or a single token).", UserWarning, stacklevel=stacklevel)
 
 
 def check_loader_batch(batch, what: str) -> None:
@@ -84,8 +84,8 @@ def check_batch_shapes(batch: Mapping, what: str) -> None:
     shape = tuple(batch["input_ids"].shape)
     for key in ("attention_mask", "labels"):
         if batch.get(key) is not None and tuple(batch[key].shape) != shape:
-            raise ValueError(f"A batch of the {what} has {key} of shape {tuple(batch[key].shape)} but input_ids of shape "
-                             f"{shape}. Give {key} one entry per input token.")
+            raise ValueError(f"A batch of the {what} has {key} of shape {tuple(batch[key].shape)} but input_ids of "
+                             f"shape {shape}. Give {key} one entry per input token.")
 
 
 class RowChecks:
@@ -96,7 +96,8 @@ class RowChecks:
 
     def __init__(self, what: str, bad_examples: str = "error"):
         if bad_examples not in BAD_EXAMPLES:
-            raise ValueError(f"Unknown bad_examples {bad_examples!r}; choose one of {', '.join(map(repr, BAD_EXAMPLES))}.")
+            raise ValueError(f"Unknown bad_examples {bad_examples!r}; "
+                             f"choose one of {', '.join(map(repr, BAD_EXAMPLES))}.")
         self.what, self.policy = what, bad_examples
         self.vocab_size = self.max_length = None  # set by the start-up checks
         self.counts = {"too_long": 0, "ids_outside_vocabulary": 0, "no_real_target": 0, "truncated": 0}

@@ -47,7 +47,8 @@ class ExampleList:
 
     def check_ids(self, vocab_size: int, what: str) -> None:
         for i, example in enumerate(self.items):
-            check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size, f"Example {i} of the {what}")
+            check_batch_ids({"input_ids": example.input_ids, "labels": example.labels}, vocab_size,
+                            f"Example {i} of the {what}")
 
     def fingerprint(self) -> str:
         """sha256 over every token, mask and label: a resume must see the same data."""
@@ -230,7 +231,8 @@ class ArrowRows(_LazyRows):
         if np.concatenate([values[:0] for _, values in ids]).dtype.kind not in "iu":
             raise TypeError(f"The {what}'s input_ids are not integers; token ids must be integers.")
         if "attention_mask" in columns:
-            first, end, ones = (physical(a) for a in _row_spans(_list_chunks(self.dataset.data.column("attention_mask"))))
+            first, end, ones = (physical(a)
+                                for a in _row_spans(_list_chunks(self.dataset.data.column("attention_mask"))))
             # Rows with a hole inside their real span keep a mask after the cut: built one by one below.
             needs_rule, real = ones < end - first, end - first
         else:
@@ -267,8 +269,10 @@ class ArrowRows(_LazyRows):
                 if allowed is not None:
                     bad &= span != allowed
                 if bad.any():
-                    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(bad) + offsets[0], side="right") - 1) + start
-                    self._first_bad(rows if mapping is None else np.flatnonzero(np.isin(mapping, rows)), vocab_size, what)
+                    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(bad) + offsets[0],
+                                                     side="right") - 1) + start
+                    self._first_bad(rows if mapping is None else np.flatnonzero(np.isin(mapping, rows)),
+                                    vocab_size, what)
                 start += len(offsets) - 1
 
     def pad_inside(self, pad_token_id: int) -> bool:

@@ -47,7 +47,8 @@ def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
             "Pass one sequence per example (a list of lists, or a list of dicts)."
         )
     if tensor.numel() == 0:
-        raise ValueError(f"Example {index}: {what} is empty. Remove empty examples (e.g. blank lines) before passing the data.")
+        raise ValueError(f"Example {index}: {what} is empty. Remove empty examples (e.g. blank lines) before "
+                         "passing the data.")
     if tensor.is_floating_point():
         if what == "attention_mask" and bool(((tensor == 0) | (tensor == 1)).all()):
             return tensor.long()  # a mask of 0.0/1.0 says the same as one of 0/1
@@ -59,7 +60,8 @@ def _as_long_1d(value, what: str, index: int) -> torch.Tensor:
 def to_example(item, index: int) -> Example:
     if isinstance(item, Mapping):
         if "input_ids" not in item:
-            raise ValueError(f"Example {index} is a dict without 'input_ids' (keys: {sorted(item)}). Add the token ids under 'input_ids'.")
+            raise ValueError(f"Example {index} is a dict without 'input_ids' (keys: {sorted(item)}). "
+                             "Add the token ids under 'input_ids'.")
         ids = _as_long_1d(item["input_ids"], "input_ids", index)
         fields = {}
         for key in ("attention_mask", "labels"):
@@ -158,7 +160,8 @@ def split_positions(n: int, val_fraction: float, seed: int):
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64, seed: int = 0):
+def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64,
+                        seed: int = 0):
     """Learnable variable-length sequences (arithmetic progressions mod vocab) that never use the pad id."""
     g = torch.Generator().manual_seed(seed)
     usable = vocab_size - 1

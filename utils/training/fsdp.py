@@ -56,8 +56,8 @@ def check_precision(device: torch.device, precision: str | None, asked: str | No
     if precision != "fp16":
         return precision
     if asked == "fp16":
-        raise ValueError("precision='fp16' (use_amp=True) is not supported with fsdp=True: pass precision='bf16' on a GPU "
-                         "that has it (A100, H100, L4), or precision='fp32'.")
+        raise ValueError("precision='fp16' (use_amp=True) is not supported with fsdp=True: pass precision='bf16' on "
+                         "a GPU that has it (A100, H100, L4), or precision='fp32'.")
     return None
 
 

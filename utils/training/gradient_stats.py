@@ -25,7 +25,8 @@ class GradientStats:
             names.append(name)
             norms.append(torch.linalg.vector_norm(grad))
             if histograms:
-                # torch.histc's own range (min == max == 0) reads the data's min and max back to the host: scale instead.
+                # torch.histc's own range (min == max == 0) reads the data's min and max back to the host:
+                # scale instead.
                 low, high = torch.aminmax(grad)
                 scaled = (grad - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
                 counts.append(torch.histc(scaled, bins=64, min=0.0, max=1.0))

@@ -48,7 +48,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             log_sum_exp.append(lse)
         if loss_sum is None:  # no rows at all
             loss_sum, correct = hidden.new_zeros((), dtype=torch.float32), targets.new_zeros(())
-        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(log_sum_exp) if log_sum_exp else loss_sum.new_zeros(0))
+        ctx.save_for_backward(hidden, weight, bias, targets,
+                              torch.cat(log_sum_exp) if log_sum_exp else loss_sum.new_zeros(0))
         ctx.chunk_rows = chunk_rows
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
@@ -67,8 +68,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk = hidden[start:start + rows]
                 logits = F.linear(chunk, weight, bias)
                 # d loss / d logits, in the logits' own dtype: what the model's head would receive in backward.
-                grad = chunk_logits_grad(logits, log_sum_exp[start:start + rows], targets[start:start + rows], grad_loss,
-                                         out=logits).to(logits.dtype)
+                grad = chunk_logits_grad(logits, log_sum_exp[start:start + rows], targets[start:start + rows],
+                                         grad_loss, out=logits).to(logits.dtype)
                 if needs_hidden:
                     grad_hidden[start:start + rows] = grad @ weight.to(grad.dtype)
                 if needs_weight and grad.dtype == grad_weight.dtype == chunk.dtype:

@@ -36,7 +36,8 @@ class TokenSums:
 
     def as_tensor(self, device=None) -> torch.Tensor:
         """The sums as one detached float64 tensor: one device read or one all-reduce for all of them."""
-        values = [v.detach().double().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        values = [v.detach().double().reshape(()) if isinstance(v, torch.Tensor)
+                  else torch.tensor(float(v), dtype=torch.float64)
                   for v in (getattr(self, f.name) for f in fields(self))]
         device = device or next((v.device for v in values if v.device.type != "cpu"), torch.device("cpu"))
         return torch.stack([v.to(device) for v in values])
@@ -63,7 +64,8 @@ class TokenSums:
         return self.padded_positions / max(float(self.positions), 1.0)
 
 
-def real_token_mask(input_ids: torch.Tensor, attention_mask=None, pad_token_id=None, pad_is_eos: bool = False) -> torch.Tensor:
+def real_token_mask(input_ids: torch.Tensor, attention_mask=None, pad_token_id=None,
+                    pad_is_eos: bool = False) -> torch.Tensor:
     """Boolean ``(batch, seq)``: which positions hold real tokens.
 
     With an attention mask, the mask says so. Without one, only a *trailing* run of pad ids is
@@ -78,7 +80,8 @@ def real_token_mask(input_ids: torch.Tensor, attention_mask=None, pad_token_id=N
     is_pad = input_ids == pad_token_id
     trailing_pad = is_pad.flip(-1).long().cummin(dim=-1).values.flip(-1).bool()
     if pad_is_eos:
-        run_start = trailing_pad & ~torch.cat([trailing_pad.new_zeros(trailing_pad.shape[:-1] + (1,)), trailing_pad[..., :-1]], -1)
+        run_start = trailing_pad & ~torch.cat([trailing_pad.new_zeros(trailing_pad.shape[:-1] + (1,)),
+                                               trailing_pad[..., :-1]], -1)
         trailing_pad &= ~run_start
     return ~trailing_pad
 
@@ -98,7 +101,8 @@ def shifted_targets(input_ids, labels=None, attention_mask=None, pad_token_id=No
 
 def count_real_targets(batch, pad_token_id, pad_is_eos: bool = False) -> torch.Tensor:
     """Real target count of a collated batch, without running the model."""
-    targets = shifted_targets(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id, pad_is_eos)
+    targets = shifted_targets(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id,
+                              pad_is_eos)
     return (targets != IGNORE_INDEX).sum()
 
 
@@ -184,7 +188,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         correct = targets.new_zeros(())
         log_sum_exp = []
         for start in range(0, logits.shape[0], chunk_rows):
-            loss, right, lse = chunk_loss_and_correct(logits[start:start + chunk_rows], targets[start:start + chunk_rows])
+            loss, right, lse = chunk_loss_and_correct(logits[start:start + chunk_rows],
+                                                      targets[start:start + chunk_rows])
             loss_sum += loss
             correct += right
             log_sum_exp.append(lse)

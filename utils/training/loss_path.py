@@ -70,8 +70,9 @@ def choose_loss_path(model: nn.Module, caller: ModelCaller, probe_batch: Mapping
         return chunked("loss_path='chunked' was asked for")
     layer = output_layer_of(model)
     if layer is None:
-        return chunked(f"{type(model).__name__} names no output layer (neither a Hugging Face causal LM with an nn.Linear "
-                       "head nor forward_hidden + output_head): the loss is taken over its own forward's logits")
+        return chunked(f"{type(model).__name__} names no output layer (neither a Hugging Face causal LM with an "
+                       "nn.Linear head nor forward_hidden + output_head): the loss is taken over its own forward's "
+                       "logits")
     why_not = user_code_skipped(model, layer) or logits_changed_after_head(model)
     if why_not:
         return chunked(why_not)
@@ -169,9 +170,9 @@ def memory_verdict(model: nn.Module, head: nn.Linear, positions: int) -> str | N
     if logits >= LINEAR_MIN_LOGITS_BYTES and logits >= LINEAR_MIN_STATE_FRACTION * state:
         return None
     return (f"the float32 logits of the largest micro-batch ({_mib(logits)}) are small (below "
-            f"{_mib(LINEAR_MIN_LOGITS_BYTES)}, or below 1/{round(1 / LINEAR_MIN_STATE_FRACTION)} of the weights, gradients "
-            f"and AdamW state: {_mib(state)}): the linear path would save little memory and run slower, so the model's "
-            "own forward runs (loss_path='linear' forces it where exact)")
+            f"{_mib(LINEAR_MIN_LOGITS_BYTES)}, or below 1/{round(1 / LINEAR_MIN_STATE_FRACTION)} of the weights, "
+            f"gradients and AdamW state: {_mib(state)}): the linear path would save little memory and run slower, so "
+            "the model's own forward runs (loss_path='linear' forces it where exact)")
 
 
 # -- the probe -----------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def probe_mismatch(model: nn.Module, caller: ModelCaller, layer: OutputLayer, ba
     changes (weights restored bit for bit, no ``.grad`` written, modes restored)."""
     rows = batch["input_ids"].shape[0]
     # Two rows bound the probe's own logits (a 50k vocabulary: 2 x seq x 200 KB).
-    small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v) for k, v in batch.items()}
+    small = {k: (v[:2] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v)
+             for k, v in batch.items()}
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     parameters = [p for _, p in named]
     loss_of = lambda logits: masked_lm_loss(logits, small["input_ids"], small.get("labels"),  # noqa: E731
@@ -242,7 +244,7 @@ def probe_mismatch(model: nn.Module, caller: ModelCaller, layer: OutputLayer, ba
     for (name, _), want, got in zip(named, own_grads, lean_grads):
         off, size = (got.double() - want.double()).norm().item(), want.double().norm().item()
         if not off <= PROBE_GRAD_RTOL * size + 1e-6 * total:
-            return (f"at large logits the gradient of {name} differs from the model's own forward's ({off:.3g} off, norm "
-                    f"{size:.3g}): a parameter acts after the head (a learnable logit scale or offset), so the model's "
-                    "own forward runs")
+            return (f"at large logits the gradient of {name} differs from the model's own forward's ({off:.3g} off, "
+                    f"norm {size:.3g}): a parameter acts after the head (a learnable logit scale or offset), so the "
+                    "model's own forward runs")
     return None

@@ -137,7 +137,8 @@ class MetricsFiles(RowSink):
             if newline < 0:
                 break
             end = newline + 1
-        rows = [{k: parse_value(v, blank) for k, v in r.items()} for r in csv.DictReader(io.StringIO(data[:end].decode(errors="replace")))]
+        rows = [{k: parse_value(v, blank) for k, v in r.items()}
+                for r in csv.DictReader(io.StringIO(data[:end].decode(errors="replace")))]
         if len(rows) < count:
             warnings.warn(f"{path} holds {len(rows)} of the {count} rows the checkpoint counts (it was changed or "
                           "lost since); the results and the files hold only those. Keep the metrics files beside "

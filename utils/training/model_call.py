@@ -62,7 +62,8 @@ class ModelCaller:
         if self.accepts_attention_mask:
             mask = None if (self.mask_free and batch.get("right_padded")) else batch.get("attention_mask")
             kwargs = dict(attention_mask=mask, **self.extra_kwargs)
-            if self.accepts_position_ids and batch.get("position_ids") is not None:  # a user's loader may carry them (packed rows)
+            # A user's loader may carry them (packed rows).
+            if self.accepts_position_ids and batch.get("position_ids") is not None:
                 kwargs["position_ids"] = batch["position_ids"]
             return model(input_ids=input_ids, **kwargs) if self.accepts_input_ids else model(input_ids, **kwargs)
         return model(input_ids)
@@ -80,7 +81,8 @@ class ModelCaller:
         if self.output_layer is not None and model is self.output_layer.model:
             return self.linear_sums(batch, pad_token_id)
         logits = self(model, batch)
-        return masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+        return masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
+                              pad_token_id)
 
     def linear_sums(self, batch: Mapping, pad_token_id: int, layer=None) -> TokenSums:
         layer = layer or self.output_layer
@@ -114,7 +116,8 @@ def output_layer_of(model: nn.Module) -> OutputLayer | None:
         return None
     head = get_output()
     body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    if type(head) is not nn.Linear or not isinstance(body, nn.Module) or body is model:  # a subclass may quantize or adapt
+    # An exact nn.Linear: a subclass may quantize or adapt.
+    if type(head) is not nn.Linear or not isinstance(body, nn.Module) or body is model:
         return None
     return OutputLayer(model, head, body)
 

@@ -30,12 +30,13 @@ def claim_run_id(output_dir: Path, *, resuming: bool, writes_checkpoints: bool, 
         return recorded
     if writes_checkpoints and has_checkpoints and not resuming:
         raise ValueError(
-            f"{output_dir} already holds checkpoints of another run (run id {recorded or 'unknown'}). Continue that run "
-            "with resume_from_checkpoint=True, or start a new one in another output_dir (or delete "
+            f"{output_dir} already holds checkpoints of another run (run id {recorded or 'unknown'}). Continue that "
+            "run with resume_from_checkpoint=True, or start a new one in another output_dir (or delete "
             f"{output_dir / 'checkpoints'}).")
     run_id = uuid.uuid4().hex[:12]
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomically(path, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+    _write_json_atomically(path, {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": time.time()})
     return run_id
 
 
@@ -114,12 +115,13 @@ class OutputDirLock:
     def _take_over_if_stale(self, me: dict) -> None:
         owner, age, text = self._read_owner()
         same_host = owner.get("host") == me["host"]
-        live = (owner.get("pid") != me["pid"] and _alive(int(owner.get("pid", 0) or 0))) if same_host else age < STALE_AFTER_SECONDS
+        live = ((owner.get("pid") != me["pid"] and _alive(int(owner.get("pid", 0) or 0))) if same_host
+                else age < STALE_AFTER_SECONDS)
         if live:
             raise RuntimeError(
                 f"Another process (pid {owner.get('pid')} on {owner.get('host')}) is writing into {self.path.parent}. "
-                "Two runs in one output_dir would overwrite each other's checkpoints and metrics: wait for it to end, or "
-                f"pass another output_dir. If that process is gone, delete {self.path}.")
+                "Two runs in one output_dir would overwrite each other's checkpoints and metrics: wait for it to end, "
+                f"or pass another output_dir. If that process is gone, delete {self.path}.")
         if text is None:
             return  # gone meanwhile: try to create it again
         # Check and unlink are two steps: two processes seeing the same stale lock could both remove it and the

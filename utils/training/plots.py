@@ -77,7 +77,8 @@ def _validation_points(epochs: pd.DataFrame, evals: pd.DataFrame | None) -> list
     points = []
     if len(epochs):
         points.append(("validation (epoch end)", "s", pd.DataFrame({
-            "step": epochs["global_step"], "loss": epochs["val/loss_excl_padding"], "perplexity": epochs["val/perplexity"]})))
+            "step": epochs["global_step"], "loss": epochs["val/loss_excl_padding"],
+            "perplexity": epochs["val/perplexity"]})))
     if evals is not None and len(evals):
         points.append(("validation (eval_every)", "o", pd.DataFrame({
             "step": evals["step"], "loss": evals["val/loss_excl_padding"], "perplexity": evals["val/perplexity"]})))
@@ -103,7 +104,8 @@ def training_figures(epochs: pd.DataFrame, steps: pd.DataFrame, evals: pd.DataFr
         loss_ax.plot(frame["step"], frame["loss"], marker, color=color, ms=7, ls="none", label=label)
         ppl_ax.plot(frame["step"], frame["perplexity"], marker, color=color, ms=7, ls="none", label=label)
     loss_ax.set(title="Loss (excl. padding)", xlabel="optimizer step", ylabel=LOSS_LABEL)
-    ppl_ax.set(title="Perplexity (excl. padding)", xlabel="optimizer step", ylabel="perplexity (log scale)", yscale="log")
+    ppl_ax.set(title="Perplexity (excl. padding)", xlabel="optimizer step", ylabel="perplexity (log scale)",
+               yscale="log")
     _plain_log_ticks(ppl_ax, "y")
     for axis in (loss_ax, ppl_ax):
         axis.legend(fontsize=8)
@@ -208,7 +210,8 @@ def _params_figure(study, completed) -> Figure:
                 _plain_log_ticks(axis, "x")
         else:  # categorical: one position per choice
             choices = sorted({str(x) for x in xs})
-            axis.plot([choices.index(str(x)) for x in xs], ys, "o", color="tab:blue", ls="none", label="completed trial")
+            axis.plot([choices.index(str(x)) for x in xs], ys, "o", color="tab:blue", ls="none",
+                      label="completed trial")
             axis.set_xticks(range(len(choices)), choices)
         best_x = [x for x, y in pairs if y == best_value][:1]
         if best_x and isinstance(best_x[0], (int, float)):

@@ -34,8 +34,8 @@ def settings_from_call(keywords: dict, *, gradient_clip_norm=CLIP_NORM_DEFAULT) 
     if gradient_clip_norm is not CLIP_NORM_DEFAULT:
         given["gradient_clip_norm"] = gradient_clip_norm
         if "max_grad_norm" in keywords and keywords["max_grad_norm"] != gradient_clip_norm:
-            raise ValueError(f"gradient_clip_norm={gradient_clip_norm} and max_grad_norm={keywords['max_grad_norm']} name "
-                             "the same setting with different values; pass only one of them.")
+            raise ValueError(f"gradient_clip_norm={gradient_clip_norm} and max_grad_norm={keywords['max_grad_norm']} "
+                             "name the same setting with different values; pass only one of them.")
         keywords["max_grad_norm"] = gradient_clip_norm
     from_previous_keyword = _resolve_precision(keywords, given)
     _resolve_schedule(keywords, given)
@@ -78,7 +78,8 @@ def _resolve_schedule(keywords: dict, given: dict) -> None:
     keywords.update(lr_schedule="constant", warmup_steps=0)
 
 
-def previous_result_keys(steps_frame, *, training_seconds: float, sequences: int, amp_enabled: bool, loss_scale) -> dict:
+def previous_result_keys(steps_frame, *, training_seconds: float, sequences: int, amp_enabled: bool,
+                         loss_scale) -> dict:
     """The previous module's result keys, derived from today's per-step records."""
     losses = steps_frame["train/step_loss_excl_padding"].tolist()
     return {

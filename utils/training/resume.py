@@ -28,7 +28,8 @@ def resume(trainer) -> dict | None:
     if target is True:
         loaded = ckpt.find_resumable(trainer.checkpoints_dir)
         if loaded is None:
-            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints_dir}; starting fresh.")
+            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints_dir}; "
+                                    "starting fresh.")
             return None
     else:
         try:
@@ -91,7 +92,8 @@ def restore_best(trainer, loaded: dict) -> None:
         return
     try:
         best_meta = ckpt.verify_folder(best)
-        matches = (best_meta.get("best_epoch"), best_meta.get("best_val_loss")) == (state.best_epoch, state.best_val_loss)
+        matches = ((best_meta.get("best_epoch"), best_meta.get("best_val_loss"))
+                   == (state.best_epoch, state.best_val_loss))
     except OSError as error:
         matches = False
         if best.exists():

@@ -71,12 +71,15 @@ class SearchRequest:
         if clashing:
             raise ValueError(f"{sorted(clashing)} are both searched and fixed by keyword; drop one of them.")
         # Trials draw no training plots unless asked: the search draws its own.
-        fixed = dict(dict(save_plots=False), **keywords, n_epochs=arguments["n_epochs"], eval_every=arguments["eval_every"],
-                     random_seed=positional.get("random_seed", arguments["random_seed"]), use_wandb=arguments["use_wandb"])
+        fixed = dict(dict(save_plots=False), **keywords, n_epochs=arguments["n_epochs"],
+                     eval_every=arguments["eval_every"],
+                     random_seed=positional.get("random_seed", arguments["random_seed"]),
+                     use_wandb=arguments["use_wandb"])
         settings_from_call(dict(fixed, progress=False))  # bad fixed keywords fail now
         return cls(new_model=model_source(arguments["model_factory"], arguments["model"]), config=arguments["config"],
-                   train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space, fixed=fixed,
-                   storage=arguments["storage"], study_name=arguments["study_name"], timeout=arguments["timeout"],
+                   train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space,
+                   fixed=fixed, storage=arguments["storage"], study_name=arguments["study_name"],
+                   timeout=arguments["timeout"],
                    pruning=arguments["pruning"], tokenizer=arguments["tokenizer"], **extras)
 
     @property
@@ -96,9 +99,10 @@ class SearchRequest:
         eos_is_pad = pad_is_eos(pad_token_id, self.config, self.tokenizer)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
-        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id, settings.padding_multiple(device),
-                                              eos_is_pad, settings.val_fraction, settings.random_seed,
-                                              settings.stream_buffer_size, settings.bad_examples)
+        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id,
+                                              settings.padding_multiple(device), eos_is_pad, settings.val_fraction,
+                                              settings.random_seed, settings.stream_buffer_size,
+                                              settings.bad_examples)
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -126,7 +130,8 @@ def model_source(model_factory, model):
         return lambda: copy.deepcopy(given)
     if callable(given):
         return given
-    raise TypeError("Pass model_factory (a function returning a fresh model) or model= (an instance to copy per trial).")
+    raise TypeError("Pass model_factory (a function returning a fresh model) or model= (an instance to copy per "
+                    "trial).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,9 +214,10 @@ def _check_study_folder(folder: Path, study) -> None:
     foreign = sorted(path.name for path in folder.glob("trial-*")
                      if (path / "checkpoints").is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
     if foreign:
-        raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have ({', '.join(foreign[:3])}"
-                         f"{' ...' if len(foreign) > 3 else ''}): they are from an earlier search of the same name. Pass "
-                         f"another study_name (or none, in memory), or move {folder} away.")
+        raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have "
+                         f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): they are from an earlier "
+                         f"search of the same name. Pass another study_name (or none, in memory), or move {folder} "
+                         "away.")
 
 
 def _objective(fine_tune, request: SearchRequest, study, trial) -> float:
@@ -252,8 +258,8 @@ def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSetti
     train, val = request.prepared
     try:
         model = request.new_model()
-        results = fine_tune(model, request.config, train, val, settings, tokenizer=request.tokenizer, device=request.device,
-                            on_evaluation=report)
+        results = fine_tune(model, request.config, train, val, settings, tokenizer=request.tokenizer,
+                            device=request.device, on_evaluation=report)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         if isinstance(error, torch.OutOfMemoryError):
@@ -308,7 +314,8 @@ class _TrialBar:
 def trials_frame(study) -> pd.DataFrame:
     rows = []
     for trial in study.trials:
-        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
+        duration = ((trial.datetime_complete - trial.datetime_start).total_seconds()
+                    if trial.datetime_complete and trial.datetime_start else None)
         rows.append({"number": trial.number, "state": trial.state.name, "value": trial.value,
                      **{f"params_{k}": v for k, v in trial.params.items()}, "duration_s": duration,
                      "reason": trial.user_attrs.get("reason"), "retry_of": trial.system_attrs.get("failed_trial")})
@@ -322,7 +329,8 @@ def _results(study, trials_run: int, output_dir: Path) -> dict:
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = min(completed, key=lambda t: t.value) if completed else None
     if best is None:
-        warnings.warn("No trial of the search completed; see the 'reason' column of results['trials'].", UserWarning, stacklevel=3)
+        warnings.warn("No trial of the search completed; see the 'reason' column of results['trials'].", UserWarning,
+                      stacklevel=3)
     return {
         "best_params": dict(best.params) if best else None,
         "best_value": best.value if best else None,
@@ -346,5 +354,6 @@ def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
     try:
         return save_search_plots(study, output_dir)
     except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
-        warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning, stacklevel=4)
+        warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning,
+                      stacklevel=4)
         return {}

@@ -53,7 +53,8 @@ def _parse_spec(name, setting, spec):
         kind, args = "categorical", (spec,)
     elif isinstance(spec, tuple) and spec and spec[0] in KINDS:
         kind, args = spec[0], tuple(spec[1:])
-    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+    elif (isinstance(spec, tuple) and len(spec) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)):
         if all(isinstance(v, int) for v in spec):
             kind = "int"
         else:
@@ -81,7 +82,8 @@ def _check_value(name, setting, value):
     try:
         FineTuneSettings(**{setting: value}).validate()
     except (TypeError, ValueError) as error:
-        raise ValueError(f"search_space[{name!r}] can take {value!r}, which test_fine_tuning refuses: {error}") from None
+        raise ValueError(f"search_space[{name!r}] can take {value!r}, which test_fine_tuning refuses: "
+                         f"{error}") from None
 
 
 def suggest(trial, name: str, kind: str, args: tuple):

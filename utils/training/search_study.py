@@ -42,7 +42,8 @@ def is_shared(storage) -> bool:
 
 
 def open_storage(storage, heartbeat_interval: int):
-    """None: in memory. ``*.db`` or a URL: RDB with a heartbeat, whose stale trials are retried. ``*.log``: a journal file."""
+    """None: in memory. ``*.db`` or a URL: RDB with a heartbeat, whose stale trials are retried. ``*.log``: a
+    journal file."""
     import optuna
 
     if storage is None:
@@ -61,14 +62,15 @@ def open_storage(storage, heartbeat_interval: int):
         if location.startswith("sqlite:///"):
             Path(location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # Optuna 4.9 renamed the callback (the old name warns); use whichever the installed version has.
-        retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        retry_class = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+                       or optuna.storages.RetryFailedTrialCallback)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks heartbeats "experimental" since 2.8
             retry = retry_class(max_retry=3)
             return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_interval,
                                               grace_period=2 * heartbeat_interval, **{_stale_callback_keyword(): retry})
-    raise ValueError(f"storage={storage!r} is neither a database URL (e.g. 'postgresql://user@host/db'), an SQLite file "
-                     "ending in '.db' nor a journal file path ending in '.log'.")
+    raise ValueError(f"storage={storage!r} is neither a database URL (e.g. 'postgresql://user@host/db'), an SQLite "
+                     "file ending in '.db' nor a journal file path ending in '.log'.")
 
 
 def _stale_callback_keyword() -> str:
@@ -78,7 +80,8 @@ def _stale_callback_keyword() -> str:
 
     parameters = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
     # Optuna 5 renamed failed_trial_callback; use whichever the installed version has.
-    return "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
+    return ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters
+            else "failed_trial_callback")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,12 +92,14 @@ def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner,
     import optuna
 
     shared = is_shared(storage)
-    name = study_name or (DEFAULT_SHARED_STUDY if shared else f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    name = study_name or (DEFAULT_SHARED_STUDY if shared
+                          else f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     opened = {}
 
     def create():
         opened["storage"] = open_storage(storage, heartbeat_interval)
-        return optuna.create_study(storage=opened["storage"], study_name=name, direction="minimize", load_if_exists=True)
+        return optuna.create_study(storage=opened["storage"], study_name=name, direction="minimize",
+                                   load_if_exists=True)
 
     study = _retry_concurrent_creation(create)
     join_setup(study, setup, storage)
@@ -147,7 +152,8 @@ def setup_record(fixed_settings, space: dict, train, val) -> dict:
     record = {name: value for name, value in fixed_settings.as_dict().items() if name not in NOT_IN_SETUP | searched}
     synthetic = "synthetic (from config.vocab_size and random_seed)"
     record["train data"] = train.fingerprint() if train is not None else synthetic
-    record["validation data"] = val.fingerprint() if hasattr(val, "fingerprint") else ("split from " + synthetic if val is None else "given")
+    record["validation data"] = (val.fingerprint() if hasattr(val, "fingerprint")
+                                 else ("split from " + synthetic if val is None else "given"))
     record["search_space"] = {name: [setting, kind, list(args)] for name, (setting, kind, args) in space.items()}
     return json.loads(json.dumps(record, default=repr))
 
@@ -159,8 +165,10 @@ def join_setup(study, setup: dict, storage) -> None:
     if recorded is None:  # a new study, or one made by Optuna directly: this call's set-up becomes its own
         study.set_user_attr(SETUP_ATTR, setup)
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its own first
-    differences = [f"{key}: study {_short(recorded.get(key, '(not recorded)'))}, this call {_short(setup.get(key, '(none)'))}"
-                   for key in sorted(set(recorded) | set(setup)) if key != "model" and recorded.get(key) != setup.get(key)]
+    differences = [f"{key}: study {_short(recorded.get(key, '(not recorded)'))}, "
+                   f"this call {_short(setup.get(key, '(none)'))}"
+                   for key in sorted(set(recorded) | set(setup))
+                   if key != "model" and recorded.get(key) != setup.get(key)]
     if differences:
         _refuse(study, storage, differences)
 
@@ -175,10 +183,10 @@ def join_model(study, model, storage) -> None:
     this = model()
     if "model" not in recorded:
         if study.get_trials(deepcopy=False):
-            warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included the "
-                          f"model; this call's model ({this['class']}, {this['n_parameters']:,} parameters) is recorded now, "
-                          "and its earlier trials are taken to have used the same. If they did not, pass another "
-                          "study_name.", UserWarning, stacklevel=4)
+            warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included "
+                          f"the model; this call's model ({this['class']}, {this['n_parameters']:,} parameters) is "
+                          "recorded now, and its earlier trials are taken to have used the same. If they did not, "
+                          "pass another study_name.", UserWarning, stacklevel=4)
         study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its model first
     if recorded["model"] != this:
@@ -193,8 +201,9 @@ def _refuse(study, storage, differences: list) -> None:
 
 
 # Config fields that do not define the model (bookkeeping, outputs asked of the forward, the tokenizer object).
-NOT_MODEL_FIELDS = {"transformers_version", "torch_dtype", "dtype", "architectures", "use_cache", "output_hidden_states",
-                    "output_attentions", "return_dict", "tokenizer", "name_or_path", "torchscript"}
+NOT_MODEL_FIELDS = {"transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+                    "output_hidden_states", "output_attentions", "return_dict", "tokenizer", "name_or_path",
+                    "torchscript"}
 
 
 def model_record(model, config) -> dict:
@@ -206,7 +215,8 @@ def model_record(model, config) -> dict:
     kinds = (int, float, str, bool, type(None))
     fields = {name: value for name, value in sorted(fields.items())
               if not name.startswith("_") and name not in NOT_MODEL_FIELDS
-              and (isinstance(value, kinds) or (isinstance(value, (list, tuple)) and all(isinstance(v, kinds) for v in value)))}
+              and (isinstance(value, kinds)
+                   or (isinstance(value, (list, tuple)) and all(isinstance(v, kinds) for v in value)))}
     parameters = [[name, list(parameter.shape)] for name, parameter in model.named_parameters()]
     # The class by name: a notebook's __main__.MyLM is the same model when later imported from a file.
     return json.loads(json.dumps({"class": type(model).__qualname__,
@@ -226,7 +236,8 @@ def model_differences(recorded: dict, this: dict) -> str:
     if recorded["parameters"] != this["parameters"]:
         first = next(((a, b) for a, b in zip(recorded["parameters"], this["parameters"]) if a != b), None)
         where = "" if first is None else (f"; the first that differs: {first[0][0]} {first[0][1]} vs {first[1][1]}"
-                                          if first[0][0] == first[1][0] else f"; the first that differs: {first[0]} vs {first[1]}")
+                                          if first[0][0] == first[1][0]
+                                          else f"; the first that differs: {first[0]} vs {first[1]}")
         parts.append(f"parameters {len(recorded['parameters'])} tensors, {recorded['n_parameters']:,} values vs "
                      f"{len(this['parameters'])}, {this['n_parameters']:,}{where}")
     return "model differs (study vs this call): " + "; ".join(parts or ["another model"])
@@ -240,7 +251,8 @@ def _where(storage) -> str:
 
 def _short(value):
     text = json.dumps(value)
-    return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else (text if len(text) < 200 else text[:200] + "…")
+    return (value[:12] + "…" if isinstance(value, str) and len(value) == 64
+            else (text if len(text) < 200 else text[:200] + "…"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +262,8 @@ def first_try_of(study, trial) -> int | None:
     """The number of the trial this one retries (the first of a chain of retries); None for a new trial."""
     import optuna
 
-    retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    retry_class = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+                   or optuna.storages.RetryFailedTrialCallback)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     frozen = next((t for t in running if t.number == trial.number), None)
     with warnings.catch_warnings():

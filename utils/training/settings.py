@@ -124,8 +124,9 @@ class FineTuneSettings:
             raise ValueError(f"random_seed must be <= 2**32 - 1 (numpy's limit), got {self.random_seed}.")
         _check_float("learning_rate", self.learning_rate, low=0.0, hint=" Typical fine-tuning values are 1e-5 to 5e-4.")
         if self.learning_rate > FLOAT32_MAX:
-            raise ValueError(f"learning_rate must be finite in float32 (<= {FLOAT32_MAX:.3g}), got {self.learning_rate:g}: "
-                             "the first update would make every weight inf. Typical fine-tuning values are 1e-5 to 5e-4.")
+            raise ValueError(f"learning_rate must be finite in float32 (<= {FLOAT32_MAX:.3g}), got "
+                             f"{self.learning_rate:g}: the first update would make every weight inf. Typical "
+                             "fine-tuning values are 1e-5 to 5e-4.")
         _check_float("weight_decay", self.weight_decay, low=0.0)
         _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, optional=True,
                      hint=" Use None to turn clipping off.")
@@ -134,8 +135,8 @@ class FineTuneSettings:
         _check_float("checkpoint_every_minutes", self.checkpoint_every_minutes, low=0.0, low_open=True, optional=True,
                      hint=" Pass minutes as a number, e.g. checkpoint_every_minutes=30 (or 0.5 for 30 seconds).")
         self._check_staging_dir()
-        for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end", "save_plots",
-                     "async_checkpoints"):
+        for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end",
+                     "save_plots", "async_checkpoints"):
             _check_bool(name, getattr(self, name))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -167,7 +168,8 @@ class FineTuneSettings:
         if value is None or value == "auto":
             return
         if not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_staging_dir must be a folder path, 'auto' or None, got {type(value).__name__}.")
+            raise TypeError("checkpoint_staging_dir must be a folder path, 'auto' or None, "
+                            f"got {type(value).__name__}.")
         staging, output = Path(value).resolve(), Path(self.output_dir).resolve()
         if staging == output or output in staging.parents or staging in output.parents:
             raise ValueError(f"checkpoint_staging_dir={str(value)!r} overlaps output_dir={self.output_dir!r}: it is a "
@@ -225,7 +227,8 @@ def _check_int(name, value, *, minimum, optional=False):
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__} ({value!r}).")
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
+                        f"got {type(value).__name__} ({value!r}).")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, got {value}.")
 

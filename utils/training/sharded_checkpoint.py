@@ -32,7 +32,8 @@ def _dcp_state(model, optimizer=None) -> dict:
 
 
 def write_sharded_folder(final: Path, state: dict, payload: dict, meta: dict, ctx) -> Path:
-    """A collective: every process writes its shards of ``state``; rank 0 writes ``payload`` and completes the folder."""
+    """A collective: every process writes its shards of ``state``; rank 0 writes ``payload`` and completes the
+    folder."""
     if ctx.is_main:
         ckpt.start_folder(final)
     barrier(ctx)  # the temporary folder exists before anyone writes into it
@@ -49,7 +50,8 @@ def save_checkpoint(trainer, best: bool) -> None:
     trainer_state = trainer.state_dict()["trainer_state.pt"]  # gathers every process's RNG state (a collective)
     meta = trainer.checkpoint_meta()
     if best:  # before the step folder that records it, as checkpoint.py's
-        trainer.best_checkpoint = str(write_sharded_folder(trainer.checkpoints_dir / "best", _dcp_state(model), {}, meta, ctx))
+        trainer.best_checkpoint = str(write_sharded_folder(trainer.checkpoints_dir / "best", _dcp_state(model), {},
+                                                           meta, ctx))
     final = trainer.checkpoints_dir / f"{ckpt.STEP_PREFIX}{state.global_step}"
     write_sharded_folder(final, _dcp_state(model, trainer.optimizer), {"trainer_state.pt": trainer_state},
                          dict(meta, step=state.global_step), ctx)

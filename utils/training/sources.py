@@ -21,7 +21,8 @@ __all__ = ["BatchSource", "ExampleBatches", "LoaderBatches", "StreamBatches", "b
 
 
 def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",
-                 pad_is_eos: bool = False, buffer_size: int = DEFAULT_BUFFER_SIZE, bad_examples: str = "error") -> BatchSource:
+                 pad_is_eos: bool = False, buffer_size: int = DEFAULT_BUFFER_SIZE,
+                 bad_examples: str = "error") -> BatchSource:
     if isinstance(data, BatchSource):
         return data  # prepared once (the hyperparameter search reuses it for every trial)
     if is_stream(data):
@@ -29,8 +30,8 @@ def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None,
                              bad_examples)
     if isinstance(data, DataLoader):
         return LoaderBatches(data, pad_token_id, pad_is_eos, what)
-    return ExampleBatches(example_table(data, pad_token_id, what, pad_is_eos), PaddingCollator(pad_token_id, pad_to_multiple_of),
-                          what)
+    return ExampleBatches(example_table(data, pad_token_id, what, pad_is_eos),
+                          PaddingCollator(pad_token_id, pad_to_multiple_of), what)
 
 
 def train_and_val_sources(train_data, val_data, pad_token_id: int, pad_to_multiple_of: int | None, pad_is_eos: bool,
@@ -48,12 +49,13 @@ def train_and_val_sources(train_data, val_data, pad_token_id: int, pad_to_multip
 def steps_per_epoch(source: BatchSource, spec: PlanSettings, n_epochs: int, max_steps: int | None) -> list:
     """Steps of each epoch, known up front so the schedule, progress bar and resume know them. Token-budget steps
     vary in number from epoch to epoch: each epoch's plan (a pure function) is counted. ``max_steps`` ends the
-    run inside the epoch that reaches it; a stream's epochs end when it does (``[None]``: only ``max_steps`` is known)."""
+    run inside the epoch that reaches it; a stream's epochs end when it does (``[None]``: only ``max_steps`` is
+    known)."""
     if source.steps_in_epoch(spec, 0) is None:
         if max_steps is None:
-            raise TypeError(f"The {source.what} has no length (a stream: a datasets.IterableDataset, a torch IterableDataset "
-                            "or a loader over one), so the run's length and the learning-rate schedule need max_steps: pass "
-                            "max_steps=N optimizer steps.")
+            raise TypeError(f"The {source.what} has no length (a stream: a datasets.IterableDataset, a torch "
+                            "IterableDataset or a loader over one), so the run's length and the learning-rate schedule "
+                            "need max_steps: pass max_steps=N optimizer steps.")
         return [None]
     if max_steps is None:  # epoch 0 last: its plan stays cached
         return [source.steps_in_epoch(spec, epoch) for epoch in reversed(range(n_epochs))][::-1]

@@ -94,8 +94,8 @@ class WandbSink(RowSink):
                     self.run.summary[key] = value
             self.run.finish()
         except KeyboardInterrupt:  # a Ctrl-C while W&B uploads must not lose the results being returned
-            warnings.warn("W&B was interrupted while closing its run; run `wandb sync` on its folder to upload the rest.",
-                          UserWarning, stacklevel=3)
+            warnings.warn("W&B was interrupted while closing its run; run `wandb sync` on its folder to upload the "
+                          "rest.", UserWarning, stacklevel=3)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
         self.run, self.gradients.enabled = None, False
