@@ -10,6 +10,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB__SERVICE_WAIT", "300")
 os.environ.setdefault("WANDB_INIT_TIMEOUT", "300")
 
+# A fixture for every module that asks for it. Imported here, not in the test module: there the test's
+# parameter of the same name would redefine the import (F811).
+from postgres import postgres_url  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):

@@ -46,7 +46,8 @@ def main(out_dir: str, batch_size: int) -> None:
                 shutil.rmtree(f"{out_dir}/{name}-run/checkpoints/step-{result['global_step']}", ignore_errors=True)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
-        summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step", "resumed_from_step")}
+        summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step",
+                                          "resumed_from_step")}
         summary["epoch_steps"] = result["metrics_summary"]["global_step"].tolist()
         summary["val_real_tokens"] = int(result["metrics_summary"]["val/real_tokens"].iloc[-1])
         Path(f"{out_dir}/{name}-rank{rank}.json").write_text(json.dumps(summary))

@@ -75,8 +75,9 @@ def run_scenario(out: str, scenario: str, source: str) -> None:
         result = fit(out, "equal", model, fsdp=fsdp, **KILL_FAMILY)
         val = evaluate_perplexity(model, VAL, CONFIG, batch_size=3)
         held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
-        record(out, "equal", result, model, {"evaluate_perplexity": val["loss"], "tokens": val["tokens"],
-                                             "held_parameter_fraction": held / sum(p.numel() for p in model.parameters())})
+        record(out, "equal", result, model,
+               {"evaluate_perplexity": val["loss"], "tokens": val["tokens"],
+                "held_parameter_fraction": held / sum(p.numel() for p in model.parameters())})
         gpt2 = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=PAD)  # HF: its decoder layers are the units
         record(out, "gpt2", fit(out, "gpt2", gpt2, fsdp=fsdp, n_epochs=1, loss_path="linear"), gpt2)
         model = tiny()  # the non-finite guard: the first update makes every weight huge, the second step is NaN

@@ -42,7 +42,8 @@ def tiny_gpt2(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=128, dr
 def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
     """``n`` token lines of random lengths in [low, high) and ids in [1, vocab_size) (0 stays the pad id)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(n)]
+    return [torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
 
 
 def wait_for_checkpoint_writes():

@@ -26,14 +26,17 @@ def data(seed=1, n=40):
 def run(mode: str, out_dir: str, **overrides) -> dict:
     torch.manual_seed(123)  # initial weights; a resume replaces them from the checkpoint
     model = KillableLM(kill_at=KILL_AT_FORWARD if mode == "killed" else None, vocab_size=VOCAB, dropout=0.1)
-    settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume", **overrides)
+    settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume",
+                    **overrides)
     train = overrides.pop("train", None) or data()
     settings.pop("train", None)
-    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, data(seed=2, n=10), **settings)
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, data(seed=2, n=10),
+                              **settings)
     torch.save(model.state_dict(), Path(out_dir) / f"{mode}-weights.pt")
     summary = {k: result[k] for k in ("final_val_loss", "final_train_loss", "loss_history", "global_step",
                                       "resumed_from_step", "resumed_from_checkpoint", "wandb_run_id")}
-    summary["epochs"] = result["metrics_summary"].drop(columns=["train/real_tokens_per_sec", "epoch_time_s"]).to_dict("list")
+    summary["epochs"] = result["metrics_summary"].drop(columns=["train/real_tokens_per_sec",
+                                                                "epoch_time_s"]).to_dict("list")
     (Path(out_dir) / f"{mode}.json").write_text(json.dumps(summary))
     return result
 

@@ -21,8 +21,8 @@ TIMING = ["train/step_real_tokens_per_sec", "train/real_tokens_per_sec", "epoch_
 
 def main(mode: str, out_dir: Path, kill_at) -> None:
     torch.manual_seed(0)
-    result = test_fine_tuning(KillableLM(kill_at), SimpleNamespace(vocab_size=50, pad_token_id=0), random_lines(60, seed=1),
-                              random_lines(8, seed=2), output_dir=str(out_dir / "run"),
+    result = test_fine_tuning(KillableLM(kill_at), SimpleNamespace(vocab_size=50, pad_token_id=0),
+                              random_lines(60, seed=1), random_lines(8, seed=2), output_dir=str(out_dir / "run"),
                               resume_from_checkpoint=mode == "resume", **SETTINGS)
     frames = {key: result[key].drop(columns=[c for c in TIMING if c in result[key]]).to_dict("list")
               for key in ("steps_summary", "metrics_summary")}

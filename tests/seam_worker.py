@@ -18,7 +18,8 @@ from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 STREAM = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2, batch_size=4, learning_rate=3e-3)
-LOADER = dict(n_epochs=3, batch_size=4, shuffle=True, learning_rate=3e-3, resume_from_checkpoint=True, checkpoint_every=2)
+LOADER = dict(n_epochs=3, batch_size=4, shuffle=True, learning_rate=3e-3, resume_from_checkpoint=True,
+              checkpoint_every=2)
 
 
 def lines(n, seed=0, low=2, high=30):

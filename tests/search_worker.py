@@ -51,10 +51,12 @@ def new_model(kill_at=None):
     return KillingLM(kill_at, vocab_size=VOCAB)  # one class in every mode: a study refuses another model
 
 
-def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir="outputs/search", pruning=True, **keywords):
+def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir="outputs/search", pruning=True,
+           **keywords):
     return test_hyperparameter_search(lambda: new_model(kill_at), CONFIG, data(), data(8, seed=1), n_trials=n_trials,
                                       storage=storage, study_name="shared", heartbeat_interval=heartbeat_interval,
-                                      save_plots=False, progress=False, output_dir=output_dir, pruning=pruning, **keywords)
+                                      save_plots=False, progress=False, output_dir=output_dir, pruning=pruning,
+                                      **keywords)
 
 
 def race(folder: Path, rounds: int, me: str, other: str) -> None:

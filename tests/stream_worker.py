@@ -18,7 +18,8 @@ VOCAB, PAD = 50, 0
 def main(out_dir: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(1, VOCAB, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(61)]
+    rows = [torch.randint(1, VOCAB, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(61)]
     import datasets
 
     from utils.training.sources import batch_source

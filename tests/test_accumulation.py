@@ -28,14 +28,15 @@ def _train(sequences, batch_size, accumulation, **kwargs):
     # to be tight.
     model = _fresh_model(torch.float64)
     kwargs = dict(dict(shuffle=False, group_by_length=False), **kwargs)
-    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences, sequences[:8], n_epochs=1,
-                              batch_size=batch_size, gradient_accumulation_steps=accumulation, learning_rate=1e-2,
-                              max_grad_norm=None, lr_schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
-                              progress=False, save_plots=False, **kwargs)
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences, sequences[:8],
+                              n_epochs=1, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                              learning_rate=1e-2, max_grad_norm=None, lr_schedule="constant", warmup_ratio=0.0,
+                              weight_decay=0.0, progress=False, save_plots=False, **kwargs)
     return model, result
 
 
-@pytest.mark.parametrize("order", [dict(shuffle=False, group_by_length=False), dict(shuffle=True, group_by_length="lines"),
+@pytest.mark.parametrize("order", [dict(shuffle=False, group_by_length=False),
+                                   dict(shuffle=True, group_by_length="lines"),
                                    dict(shuffle=True, group_by_length="tokens")])
 def test_accumulated_micro_batches_equal_one_large_batch(order):
     sequences = _varied_sequences(30)  # 30 = 3 full steps of 8 + an incomplete step of 6
@@ -60,8 +61,10 @@ def test_mean_of_micro_batch_means_differs_on_the_same_data():
         total_real = sum(ex.real_targets() for batch in micro_batches for ex in batch)
         for batch in micro_batches:
             collated = collate([(ex, True) for ex in batch])
-            stats = masked_lm_loss(model(collated["input_ids"]), collated["input_ids"], collated["labels"], collated["attention_mask"], PAD)
-            loss = stats.loss_sum / total_real if token_weighted else stats.loss_sum / stats.real_targets / len(micro_batches)
+            stats = masked_lm_loss(model(collated["input_ids"]), collated["input_ids"], collated["labels"],
+                                   collated["attention_mask"], PAD)
+            loss = (stats.loss_sum / total_real if token_weighted
+                    else stats.loss_sum / stats.real_targets / len(micro_batches))
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 

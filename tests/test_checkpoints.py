@@ -77,10 +77,13 @@ def test_checkpoint_layout_and_pruning(runs):
     full, killed, snapshot = runs
     reference, _ = _load(full, "full")
     kept = lambda steps: sorted(["best"] + [f"step-{s}" for s in steps[-2:]])  # noqa: E731 - keep_checkpoints=2
-    assert sorted(p.name for p in (snapshot / "checkpoints").iterdir()) == kept(_checkpoint_steps(reference, KILLED_IN_STEP - 1))
-    assert sorted(p.name for p in (killed / "run" / "checkpoints").iterdir()) == kept(_checkpoint_steps(reference, reference["global_step"]))
+    assert (sorted(p.name for p in (snapshot / "checkpoints").iterdir())
+            == kept(_checkpoint_steps(reference, KILLED_IN_STEP - 1)))
+    assert (sorted(p.name for p in (killed / "run" / "checkpoints").iterdir())
+            == kept(_checkpoint_steps(reference, reference["global_step"])))
     newest = _checkpoint_steps(reference, KILLED_IN_STEP - 1)[-1]
-    assert {"model.pt", "optimizer.pt", "trainer_state.pt", "meta.json"} <= {p.name for p in (snapshot / "checkpoints" / f"step-{newest}").iterdir()}
+    assert ({"model.pt", "optimizer.pt", "trainer_state.pt", "meta.json"}
+            <= {p.name for p in (snapshot / "checkpoints" / f"step-{newest}").iterdir()})
 
 
 def test_wandb_run_continues_with_the_same_id(runs):
@@ -126,9 +129,9 @@ def _sequences(n, seed):
 
 def test_early_stopping_after_patience_epochs_without_improvement():
     torch.manual_seed(0)
-    result = test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0), _sequences(16, 1),
-                              _sequences(8, 2), n_epochs=10, learning_rate=0.0, early_stopping_patience=2, progress=False,
-                              save_plots=False)
+    result = test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0),
+                              _sequences(16, 1), _sequences(8, 2), n_epochs=10, learning_rate=0.0,
+                              early_stopping_patience=2, progress=False, save_plots=False)
     assert len(result["metrics_summary"]) == 3  # epoch 1 sets the best; 2 and 3 do not improve on it
     assert result["stopped_early"] and "early stopping" in result["stop_reason"] and result["best_epoch"] == 1
 
@@ -138,8 +141,9 @@ def test_load_best_model_at_end_restores_the_best_epoch():
     model = TinyCausalLM(vocab_size=50)
     config = SimpleNamespace(vocab_size=50, pad_token_id=0)
     train, val = _sequences(8, 3), _sequences(16, 4)  # tiny random data: it overfits, validation loss turns up
-    result = test_fine_tuning(model, config, train, val, n_epochs=12, learning_rate=1e-2, batch_size=4, warmup_ratio=0.0,
-                              lr_schedule="constant", load_best_model_at_end=True, progress=False, save_plots=False)
+    result = test_fine_tuning(model, config, train, val, n_epochs=12, learning_rate=1e-2, batch_size=4,
+                              warmup_ratio=0.0, lr_schedule="constant", load_best_model_at_end=True, progress=False,
+                              save_plots=False)
     losses = list(result["metrics_summary"]["val/loss_excl_padding"])
     best = min(range(len(losses)), key=losses.__getitem__)
     assert best < len(losses) - 1  # the best epoch is not simply the last one
@@ -153,5 +157,6 @@ def test_raising_n_epochs_continues_a_finished_run(runs, tmp_path):
     shutil.copytree(killed / "run", tmp_path / "run")
     result = resume_worker.run("resume", str(tmp_path), n_epochs=3)
     assert result["resumed_from_step"] == reference["global_step"] < result["global_step"]
-    assert list(result["metrics_summary"]["epoch"]) == [1, 2, 3] and len(result["loss_history"]) == result["global_step"]
+    assert (list(result["metrics_summary"]["epoch"]) == [1, 2, 3]
+            and len(result["loss_history"]) == result["global_step"])
     assert result["loss_history"][:reference["global_step"]] == reference["loss_history"]

@@ -15,7 +15,8 @@ PROBE = textwrap.dedent("""
     import json, sys, time
     sys.path.insert(0, {root!r})
     events = []
-    NETWORK = {{"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.sendto"}}
+    NETWORK = {{"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+                "socket.sendto"}}
     sys.addaudithook(lambda event, args: events.append(event) if event in NETWORK else None)
     import datasets  # installed (the test extra): the old default tried the hub through it
     from utils.data import load_wikitext

@@ -86,12 +86,13 @@ def test_pad_to_multiple_of_does_not_change_the_loss():
     def train(multiple):
         torch.manual_seed(0)
         # Fixed-line batches: with token budgets the multiple would (rightly) change which lines share a step.
-        return test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0), data, data[:10],
-                                n_epochs=1, batch_size=4, pad_to_multiple_of=multiple, group_by_length="lines",
-                                progress=False, save_plots=False)
+        return test_fine_tuning(TinyCausalLM(vocab_size=50), SimpleNamespace(vocab_size=50, pad_token_id=0), data,
+                                data[:10], n_epochs=1, batch_size=4, pad_to_multiple_of=multiple,
+                                group_by_length="lines", progress=False, save_plots=False)
 
     exact, padded = train(None), train(8)
-    assert padded["metrics_summary"]["train/pad_fraction"].iloc[0] > exact["metrics_summary"]["train/pad_fraction"].iloc[0]
+    assert (padded["metrics_summary"]["train/pad_fraction"].iloc[0]
+            > exact["metrics_summary"]["train/pad_fraction"].iloc[0])
     assert padded["loss_history"] == pytest.approx(exact["loss_history"], rel=1e-5)
     assert padded["final_val_loss"] == pytest.approx(exact["final_val_loss"], rel=1e-5)
 

@@ -21,7 +21,8 @@ def _run(command, tmp_path):
 def runs(tmp_path_factory):
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
     _run([sys.executable, str(WORKER), str(single), "8"], single)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(WORKER), str(multi), "4"], multi)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(WORKER),
+          str(multi), "4"], multi)
     return single, multi
 
 

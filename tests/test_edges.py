@@ -107,8 +107,8 @@ def test_04_a_shuffled_dataloader_resumes_to_the_uninterrupted_run(tmp_path):
     cut = _run(tmp_path / "cut", model=InterruptAt(at=9), train=_loader(TRAIN, shuffle=True), **settings)
     assert cut["interrupted"] and cut["global_step"] == 8  # 6 steps an epoch: interrupted inside epoch 2
     resumed_model = InterruptAt()
-    resumed = _run(tmp_path / "cut", model=resumed_model, train=_loader(TRAIN, shuffle=True), resume_from_checkpoint=True,
-                   **settings)
+    resumed = _run(tmp_path / "cut", model=resumed_model, train=_loader(TRAIN, shuffle=True),
+                   resume_from_checkpoint=True, **settings)
     assert resumed["resumed_from_step"] == 8
     assert resumed["loss_history"] == full["loss_history"]
     for p, q in zip(full_model.parameters(), resumed_model.parameters()):
@@ -135,7 +135,8 @@ def test_07_a_dataloader_whose_later_batches_differ_is_refused_on_resume(tmp_pat
     _run(tmp_path, model=InterruptAt(at=5), train=_loader(TRAIN, shuffle=False), **settings)
     other = TRAIN[:4] + list(reversed(TRAIN[4:]))  # the same first batch, other batches after it
     with pytest.raises(ValueError, match="batch 2 of this epoch .* differs"):
-        _run(tmp_path, model=InterruptAt(), train=_loader(other, shuffle=False), resume_from_checkpoint=True, **settings)
+        _run(tmp_path, model=InterruptAt(), train=_loader(other, shuffle=False), resume_from_checkpoint=True,
+             **settings)
 
 
 def test_07_a_validation_dataloader_is_fingerprinted_whole(tmp_path):
@@ -197,7 +198,8 @@ def test_13_a_damaged_best_folder_is_skipped_with_a_warning(tmp_path):
     _run(tmp_path, n_epochs=1, checkpoint_every=2, load_best_model_at_end=True)
     _flip_a_bit(tmp_path / "checkpoints" / "best" / "model.pt")
     with pytest.warns(UserWarning, match=r"Skipping .*best: it is damaged"):
-        result = _run(tmp_path, n_epochs=2, checkpoint_every=2, load_best_model_at_end=True, resume_from_checkpoint=True)
+        result = _run(tmp_path, n_epochs=2, checkpoint_every=2, load_best_model_at_end=True,
+                      resume_from_checkpoint=True)
     assert result["epochs_completed"] == 2
 
 
@@ -292,7 +294,8 @@ def test_19_settings_and_inputs_with_unclear_errors_are_named(tmp_path):
 def test_19_a_float_mask_of_zeros_and_ones_equals_the_integer_mask():
     lines = _padded_dicts(VAL, 20)
     as_int = evaluate_perplexity(_model(), lines, CONFIG)
-    as_float = evaluate_perplexity(_model(), [dict(x, attention_mask=x["attention_mask"].float()) for x in lines], CONFIG)
+    as_float = evaluate_perplexity(_model(), [dict(x, attention_mask=x["attention_mask"].float()) for x in lines],
+                                   CONFIG)
     assert as_float["loss"] == as_int["loss"] and as_float["tokens"] == as_int["tokens"]
 
 

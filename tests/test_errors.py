@@ -29,15 +29,18 @@ class _NoLogits(nn.Module):
 
 def _call(model=None, config=None, train=GOOD, val=GOOD, **kwargs):
     kwargs = dict(dict(n_epochs=1, progress=False, save_plots=False), **kwargs)
-    return test_fine_tuning(model if model is not None else _model(), config or SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD),
-                            train, val, **kwargs)
+    return test_fine_tuning(model if model is not None else _model(),
+                            config or SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val, **kwargs)
 
 
 CASES = {
-    "token id >= vocab": (dict(train=[[1, 2, 3], [4, 99, 5]]), ValueError, "Example 1 of the training data holds token id 99"),
+    "token id >= vocab": (dict(train=[[1, 2, 3], [4, 99, 5]]), ValueError,
+                          "Example 1 of the training data holds token id 99"),
     "negative token id": (dict(val=[[1, -3, 4]]), ValueError, "negative"),
-    "negative label other than -100": (dict(train=[{"input_ids": [1, 2, 3], "labels": [1, -5, 3]}]), ValueError, "only -100"),
-    "pad id outside vocab": (dict(config=SimpleNamespace(vocab_size=VOCAB, pad_token_id=VOCAB)), ValueError, "pad_token_id=50"),
+    "negative label other than -100": (dict(train=[{"input_ids": [1, 2, 3], "labels": [1, -5, 3]}]), ValueError,
+                                       "only -100"),
+    "pad id outside vocab": (dict(config=SimpleNamespace(vocab_size=VOCAB, pad_token_id=VOCAB)), ValueError,
+                             "pad_token_id=50"),
     "empty training data": (dict(train=[]), ValueError, "empty"),
     "empty validation data": (dict(val=[]), ValueError, "validation data is empty"),
     "all examples without real tokens": (dict(train=[[0, 0, 0], [7]]), ValueError, "No example of the training data"),
@@ -50,8 +53,10 @@ CASES = {
     "unknown keyword": (dict(epochs=3), TypeError, "unknown keyword"),
     "logits dim differs from vocab": (dict(model=_model(vocab=40), train=[[1, 2, 3]]), ValueError, "last dimension 40"),
     "output without logits": (dict(model=_NoLogits()), TypeError, "no logits"),
-    "labels shaped unlike input_ids": (dict(train=[{"input_ids": [1, 2, 3], "labels": [1, 2]}]), ValueError, "labels has shape"),
-    "mask shaped unlike input_ids": (dict(train=[{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}]), ValueError, "attention_mask has shape"),
+    "labels shaped unlike input_ids": (dict(train=[{"input_ids": [1, 2, 3], "labels": [1, 2]}]), ValueError,
+                                       "labels has shape"),
+    "mask shaped unlike input_ids": (dict(train=[{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}]), ValueError,
+                                     "attention_mask has shape"),
     "untokenized text": (dict(train=["some raw text"]), TypeError, "Tokenize"),
     "data of a wrong type": (dict(train=42), TypeError, "expected a list"),
     "float token ids": (dict(train=[[1.0, 2.5, 3.0]]), TypeError, "integers"),

@@ -15,7 +15,8 @@ VOCAB, PAD = 50, 0
 
 def _sequences(n, min_len, max_len, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(min_len, max_len + 1, (1,), generator=g)),), generator=g) for _ in range(n)]
+    return [torch.randint(1, VOCAB, (int(torch.randint(min_len, max_len + 1, (1,), generator=g)),), generator=g)
+            for _ in range(n)]
 
 
 def _exact_loss(model, sequences):
@@ -69,12 +70,13 @@ def test_training_loss_of_an_epoch_is_token_weighted_over_its_steps():
     # per-sequence evaluation of the training data, and each step's loss that of its own sequences.
     sequences = _sequences(24, 2, 50, seed=3)
     model = _model()
-    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences[:16], sequences[16:],
-                              n_epochs=1, batch_size=4, learning_rate=0.0, shuffle=False, group_by_length=False,
-                              progress=False, save_plots=False)
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), sequences[:16],
+                              sequences[16:], n_epochs=1, batch_size=4, learning_rate=0.0, shuffle=False,
+                              group_by_length=False, progress=False, save_plots=False)
     row = result["metrics_summary"].iloc[0]
     assert row["train/loss_excl_padding"] == pytest.approx(_exact_loss(model, sequences[:16]), rel=1e-6)
-    assert result["loss_history"] == pytest.approx([_exact_loss(model, sequences[i:i + 4]) for i in range(0, 16, 4)], rel=1e-6)
+    assert result["loss_history"] == pytest.approx([_exact_loss(model, sequences[i:i + 4]) for i in range(0, 16, 4)],
+                                                   rel=1e-6)
     mean_of_step_means = sum(result["loss_history"]) / len(result["loss_history"])
     assert abs(row["train/loss_excl_padding"] - mean_of_step_means) > 1e-4
     assert row["train/real_tokens"] == sum(len(s) - 1 for s in sequences[:16])
@@ -84,9 +86,9 @@ def test_training_loss_of_an_epoch_is_token_weighted_over_its_steps():
 
 def _train_on(train_data, val_data):
     model = _model(seed=5).train()
-    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train_data, val_data, n_epochs=2,
-                              batch_size=4, learning_rate=3e-3, shuffle=False, group_by_length=False, progress=False,
-                              save_plots=False, lr_schedule="constant", warmup_ratio=0.0)
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train_data, val_data,
+                              n_epochs=2, batch_size=4, learning_rate=3e-3, shuffle=False, group_by_length=False,
+                              progress=False, save_plots=False, lr_schedule="constant", warmup_ratio=0.0)
     return model, result
 
 
@@ -125,8 +127,9 @@ def test_default_synthetic_data_runs_and_is_announced():
     with pytest.warns(UserWarning, match="SYNTHETIC"):
         result = test_fine_tuning(_model().train(), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), n_epochs=1,
                                   batch_size=16, learning_rate=1e-3, progress=False, save_plots=False)
-    assert set(result["metrics_summary"].columns) >= {"epoch", "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity",
-                                                       "train/accuracy_excl_padding", "val/accuracy_excl_padding", "learning_rate",
+    assert set(result["metrics_summary"].columns) >= {"epoch", "train/loss_excl_padding", "val/loss_excl_padding",
+                                                       "val/perplexity", "train/accuracy_excl_padding",
+                                                       "val/accuracy_excl_padding", "learning_rate",
                                                        "train/real_tokens", "train/padded_tokens"}
     assert result["pad_token_id"] == PAD and len(result["loss_history"]) == result["global_step"]
 
@@ -136,7 +139,8 @@ def test_hugging_face_model_gets_attention_mask_and_trains():
 
     model = tiny_gpt2(vocab_size=VOCAB, pad_token_id=PAD)
     masks = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
+                                    with_kwargs=True)
     sequences = _sequences(12, 2, 30, seed=8)
     before = evaluate_perplexity(model, sequences, batch_size=4)
     result = test_fine_tuning(model, model.config, sequences, sequences, n_epochs=3, batch_size=4, learning_rate=3e-3,
@@ -160,5 +164,6 @@ def test_torch_dataset_of_dicts_is_accepted():
 
     sequences = _sequences(12, 2, 20, seed=9)
     model = _model()
-    as_dataset = evaluate_perplexity(model, Lines(sequences), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), batch_size=4)
+    as_dataset = evaluate_perplexity(model, Lines(sequences), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD),
+                                     batch_size=4)
     assert as_dataset["loss"] == pytest.approx(_exact_loss(model, sequences), rel=1e-6)

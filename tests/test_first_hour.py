@@ -64,7 +64,8 @@ def test_a_model_far_larger_than_the_tokenizers_vocabulary_is_named_once(tokeniz
     with pytest.warns(UserWarning, match=r"50,257 outputs but the tokenizer has 300 tokens") as caught:
         for _ in range(2):
             test_fine_tuning(GPT2LMHeadModel(forgotten), forgotten, data, data[:8], n_epochs=1, batch_size=8,
-                             tokenizer=tokenizer, max_steps=1, progress=False, save_plots=False, output_dir=str(tmp_path))
+                             tokenizer=tokenizer, max_steps=1, progress=False, save_plots=False,
+                             output_dir=str(tmp_path))
     assert sum("outputs but the tokenizer" in str(w.message) for w in caught) == 1
 
 

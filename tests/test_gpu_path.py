@@ -49,7 +49,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         hidden = self.embed(input_ids)
-        weights = torch.ones_like(input_ids, dtype=hidden.dtype) if attention_mask is None else attention_mask.to(hidden.dtype)
+        weights = (torch.ones_like(input_ids, dtype=hidden.dtype) if attention_mask is None
+                   else attention_mask.to(hidden.dtype))
         context = (hidden * weights[..., None]).sum(1, keepdim=True) / weights.sum(1, keepdim=True)[..., None]
         return self.head(hidden + context)
 
@@ -57,7 +58,8 @@ class GPT2LMHeadModel(nn.Module):
 def test_models_that_need_the_mask_keep_it():
     batch = _padded_batch()
     torch.manual_seed(0)
-    assert not mask_free_is_exact(GPT2LMHeadModel(), ModelCaller(GPT2LMHeadModel()), batch)  # the logits check catches it
+    # The logits check catches it.
+    assert not mask_free_is_exact(GPT2LMHeadModel(), ModelCaller(GPT2LMHeadModel()), batch)
     plain = TinyCausalLM(vocab_size=VOCAB)  # no attention_mask argument: nothing to drop
     assert not mask_free_is_exact(plain, ModelCaller(plain), batch)
 
@@ -81,7 +83,8 @@ def test_auto_precision_is_silent_on_cpu_and_a_previous_keyword_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.manual_seed(0)
-        result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, progress=False, save_plots=False)
+        result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, data, data, n_epochs=1, progress=False,
+                                  save_plots=False)
     assert result["amp_enabled"] is False and result["precision_used"] == "fp32"
     assert result["attention_mask_free"] is False  # mask-free calls are a CUDA-only path
     with pytest.warns(UserWarning, match="CUDA only"):  # precision="bf16" itself runs on CPU: tests/test_precision.py
@@ -108,9 +111,9 @@ def test_distinct_batch_shapes_are_reported():
 
 
 @pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")),
-                    reason="inductor picks its instruction set from the CPU, not from ATEN_CPU_CAPABILITY: forced apart "
-                           "on torch 2.13 they give C++ errors ('default': 'at::vec' has not been declared) or NaN losses "
-                           "('avx2' on an avx512 CPU); eager kernels are what that setting tests")
+                    reason="inductor picks its instruction set from the CPU, not from ATEN_CPU_CAPABILITY: forced "
+                           "apart on torch 2.13 they give C++ errors ('default': 'at::vec' has not been declared) or "
+                           "NaN losses ('avx2' on an avx512 CPU); eager kernels are what that setting tests")
 def test_compile_trains_like_eager():
     g = torch.Generator().manual_seed(0)
     lines = [torch.randint(1, VOCAB, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g) for _ in range(24)]
@@ -118,8 +121,9 @@ def test_compile_trains_like_eager():
     runs = []
     for compile_model in (False, True):
         torch.manual_seed(0)
-        runs.append(test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, lines, lines[:6], n_epochs=1, compile=compile_model,
-                                     pad_to_multiple_of=32, shuffle=False, progress=False, save_plots=False))
+        runs.append(test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), config, lines, lines[:6], n_epochs=1,
+                                     compile=compile_model, pad_to_multiple_of=32, shuffle=False, progress=False,
+                                     save_plots=False))
     assert runs[1]["settings"]["compile"] is True
     assert runs[1]["loss_history"] == pytest.approx(runs[0]["loss_history"], rel=1e-5)
     assert runs[1]["metrics_summary"]["train/distinct_batch_shapes"].iloc[0] == 1  # one padded width: one compile

@@ -68,7 +68,8 @@ def test_dataloader_of_left_padded_batches_is_exact_at_any_batch_size(name):
     for batch_size in (1, 7):
         # Per-batch left padding, as a tokenizer with padding_side="left" produces it.
         batches = [_padded(lines[i:i + batch_size], "left") for i in range(0, len(lines), batch_size)]
-        loader = DataLoader(batches, batch_size=None, collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+        loader = DataLoader(batches, batch_size=None,
+                            collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
         assert evaluate_perplexity(model, loader, config)["loss"] == pytest.approx(exact, rel=1e-6)
 
 
@@ -100,7 +101,8 @@ def test_plain_gpt2_style_lines_ending_in_eos_count_their_eos():
     assert result["loss"] == pytest.approx(_exact_loss(model, lines), rel=1e-6)
     # The same lines with extra trailing pad ids: the first EOS counts, the rest is padding.
     padded = [torch.cat([x, torch.tensor([EOS, EOS])]).tolist() for x in lines]
-    assert evaluate_perplexity(model, padded, model.config, batch_size=4)["loss"] == pytest.approx(result["loss"], rel=1e-6)
+    assert (evaluate_perplexity(model, padded, model.config, batch_size=4)["loss"]
+            == pytest.approx(result["loss"], rel=1e-6))
 
 
 def test_the_rule_for_plain_lists():
@@ -109,7 +111,8 @@ def test_the_rule_for_plain_lists():
     # An interior pad id is a real token.
     assert shifted_targets(torch.tensor([[5, 0, 7]]), pad_token_id=0)[0].tolist() == [0, 7]
     # pad == eos: the first of the trailing run is the real EOS.
-    assert shifted_targets(torch.tensor([[5, 6, 9, 9]]), pad_token_id=9, pad_is_eos=True)[0].tolist() == [6, 9, IGNORE_INDEX]
+    assert (shifted_targets(torch.tensor([[5, 6, 9, 9]]), pad_token_id=9, pad_is_eos=True)[0].tolist()
+            == [6, 9, IGNORE_INDEX])
     # With a mask, a target predicted from a padding position does not count (left padding).
     targets = shifted_targets(torch.tensor([[0, 0, 5, 6]]), attention_mask=torch.tensor([[0, 0, 1, 1]]))
     assert targets[0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 6]
@@ -120,10 +123,11 @@ MALFORMED = {
     "columns of different lengths": ({"input_ids": [[1, 2, 3], [4, 5, 6]], "attention_mask": [[1, 1, 1]]}, ValueError,
                                      "'attention_mask' column has 1 rows but 'input_ids' has 2"),
     "loader of tensors": (DataLoader([torch.tensor([1, 2, 3])] * 4, batch_size=2), TypeError, "yields Tensor batches"),
-    "loader with a short mask": (DataLoader([{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.tensor([1, 1])}] * 2,
-                                            batch_size=2, collate_fn=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows]),
-                                                                                   "attention_mask": torch.stack([r["attention_mask"] for r in rows])}),
-                                 ValueError, "attention_mask of shape"),
+    "loader with a short mask": (
+        DataLoader([{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.tensor([1, 1])}] * 2, batch_size=2,
+                   collate_fn=lambda rows: {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+                                            "attention_mask": torch.stack([r["attention_mask"] for r in rows])}),
+        ValueError, "attention_mask of shape"),
     "empty loader": (DataLoader([], batch_size=2), ValueError, "yields no batch"),
 }
 

@@ -31,7 +31,8 @@ def _model():
 
 def _run(output_dir, model=None, **kwargs):
     options = dict(n_epochs=2, batch_size=4, progress=False, save_plots=False, output_dir=str(output_dir))
-    return test_fine_tuning(model or _model(), CONFIG, kwargs.pop("train", TRAIN), kwargs.pop("val", VAL), **dict(options, **kwargs))
+    return test_fine_tuning(model or _model(), CONFIG, kwargs.pop("train", TRAIN), kwargs.pop("val", VAL),
+                            **dict(options, **kwargs))
 
 
 # 1. Run ownership --------------------------------------------------------------------------------------
@@ -77,7 +78,8 @@ def test_flipped_bit_in_a_checkpoint_is_skipped_like_truncation(tmp_path):
 # 3. Best model and step checkpoint cannot disagree --------------------------------------------------------
 def test_best_model_after_a_kill_between_step_and_best(tmp_path):
     # Validation on training lines: it improves every epoch, so epoch 2 is the best.
-    config = dict(learning_rate=3e-3, lr_schedule="constant", warmup_ratio=0.0, load_best_model_at_end=True, val=TRAIN[:8])
+    config = dict(learning_rate=3e-3, lr_schedule="constant", warmup_ratio=0.0, load_best_model_at_end=True,
+                  val=TRAIN[:8])
     _run(tmp_path, n_epochs=1, **config)
     stale_best = tmp_path.parent / "stale-best"
     shutil.copytree(tmp_path / "checkpoints" / "best", stale_best)  # best/ as it was after epoch 1
@@ -99,7 +101,8 @@ def test_best_model_after_a_kill_between_step_and_best(tmp_path):
 @pytest.mark.parametrize("change, named", [
     (dict(learning_rate=1e-2), "learning_rate=5e-05"), (dict(weight_decay=0.1), "weight_decay=0.01"),
     (dict(lr_schedule="linear"), "lr_schedule='cosine'"), (dict(warmup_ratio=0.2), "warmup_ratio=0.1"),
-    (dict(max_grad_norm=None), "max_grad_norm=1.0"), (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=1"),
+    (dict(max_grad_norm=None), "max_grad_norm=1.0"),
+    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=1"),
     (dict(val=_data(8, seed=5)), "different validation data"),
 ])
 def test_resume_with_a_changed_setting_is_refused(tmp_path, change, named):
@@ -117,7 +120,8 @@ def re_escape(text):
 def test_raising_n_epochs_continues_on_the_new_schedule_not_at_lr_zero(tmp_path):
     done = _run(tmp_path, n_epochs=1, learning_rate=1e-3, warmup_ratio=0.0, checkpoint_every=100)
     assert done["steps_summary"]["train/learning_rate"].iloc[-1] < 1e-4  # the cosine was near its end
-    more = _run(tmp_path, n_epochs=2, learning_rate=1e-3, warmup_ratio=0.0, checkpoint_every=100, resume_from_checkpoint=True)
+    more = _run(tmp_path, n_epochs=2, learning_rate=1e-3, warmup_ratio=0.0, checkpoint_every=100,
+                resume_from_checkpoint=True)
     steps = more["steps_summary"]
     first_resumed = steps["train/learning_rate"].iloc[done["global_step"]]
     total, step = more["global_step"], done["global_step"]

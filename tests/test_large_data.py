@@ -38,7 +38,8 @@ def _old_epoch_order(lengths, step_size, *, shuffle, group_by_length, seed, epoc
     return order
 
 
-def _old_token_budget_steps(lengths, *, step_budget, micro_batches_per_step, examples_per_mega_batch, shuffle, seed, epoch):
+def _old_token_budget_steps(lengths, *, step_budget, micro_batches_per_step, examples_per_mega_batch, shuffle, seed,
+                            epoch):
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist() if shuffle else list(range(len(lengths)))
     steps = []
@@ -145,8 +146,8 @@ def test_a_bad_token_id_is_named_by_the_lazy_path_as_before():
 def _train(train, val, **keywords):
     torch.manual_seed(0)
     settings = dict(n_epochs=2, batch_size=4, progress=False, save_plots=False, learning_rate=1e-3)
-    return test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, val,
-                            **dict(settings, **keywords))
+    return test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train,
+                            val, **dict(settings, **keywords))
 
 
 @pytest.mark.parametrize("form", ["lists", "tensors", "examples_in_memory"])
@@ -176,7 +177,8 @@ def test_an_arrow_dataset_is_read_lazily_and_equals_the_list_path(tmp_path):
     mapped = [listed[i] for i in selected._indices.column(0).to_pylist()]
     assert batch_source(selected, PAD).lengths.tolist() == batch_source(mapped, PAD).lengths.tolist()
     lazy = batch_source(selected, PAD)
-    assert torch.equal(lazy.collate([(5, True)])["input_ids"], batch_source(mapped, PAD).collate([(5, True)])["input_ids"])
+    assert torch.equal(lazy.collate([(5, True)])["input_ids"],
+                       batch_source(mapped, PAD).collate([(5, True)])["input_ids"])
 
 
 def test_an_arrow_dataset_names_a_bad_id_and_fingerprints_without_reading_rows(tmp_path):

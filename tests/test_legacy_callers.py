@@ -40,7 +40,8 @@ def test_previous_positional_order():
     result = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], 1, 2e-3, 0.0, 8, False, False, 2, 0.5, 7, False, False,
                               **_quiet())
     settings = result["settings"]
-    assert (settings["n_epochs"], settings["learning_rate"], settings["weight_decay"], settings["batch_size"]) == (1, 2e-3, 0.0, 8)
+    assert ((settings["n_epochs"], settings["learning_rate"], settings["weight_decay"], settings["batch_size"])
+            == (1, 2e-3, 0.0, 8))
     assert (settings["gradient_accumulation_steps"], settings["max_grad_norm"], settings["random_seed"]) == (2, 0.5, 7)
     by_keyword = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=2e-3, weight_decay=0.0,
                                   batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.5, random_seed=7,
@@ -67,11 +68,14 @@ def test_use_amp_off_cuda_is_warned_and_ignored():
 
 
 def test_gradient_clip_norm_is_max_grad_norm():
-    clipped = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=1e-2, gradient_clip_norm=1e-3, **_quiet())
-    unclipped = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=1e-2, max_grad_norm=None, **_quiet())
+    clipped = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=1e-2,
+                               gradient_clip_norm=1e-3, **_quiet())
+    unclipped = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, learning_rate=1e-2, max_grad_norm=None,
+                                 **_quiet())
     assert clipped["settings"]["max_grad_norm"] == 1e-3
     assert clipped["loss_history"][1:] != unclipped["loss_history"][1:]  # clipping changed the updates
-    same = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, gradient_clip_norm=1.0, max_grad_norm=1.0, **_quiet())
+    same = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, gradient_clip_norm=1.0, max_grad_norm=1.0,
+                            **_quiet())
     assert same["settings"]["max_grad_norm"] == 1.0
     with pytest.raises(ValueError, match="gradient_clip_norm=0.5 and max_grad_norm=2.0"):
         test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], gradient_clip_norm=0.5, max_grad_norm=2.0, **_quiet())
@@ -93,14 +97,16 @@ def test_deterministic_is_on_during_the_call_and_restored_after():
 
 
 def test_use_lr_schedule_false_is_a_constant_rate():
-    result = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=2, learning_rate=3e-3, use_lr_schedule=False, **_quiet())
+    result = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=2, learning_rate=3e-3, use_lr_schedule=False,
+                              **_quiet())
     assert set(result["steps_summary"]["train/learning_rate"]) == {3e-3}
     scheduled = test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=2, learning_rate=3e-3, **_quiet())
     assert len(set(scheduled["steps_summary"]["train/learning_rate"])) > 1
 
 
 def test_effective_batch_size_and_accumulation_are_printed(capsys):
-    test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, batch_size=4, gradient_accumulation_steps=3, **_quiet())
+    test_fine_tuning(_model(), CONFIG, DATA, DATA[:6], n_epochs=1, batch_size=4, gradient_accumulation_steps=3,
+                     **_quiet())
     out = capsys.readouterr().out
     assert "Effective batch size: 12" in out and "Gradient accumulation steps: 3" in out
 
@@ -137,7 +143,8 @@ def test_sys_modules_wandb_mock_gets_histograms_every_n_steps():
         result = _mocked_run(wandb, log_grad_dist_every=2, log_grad_histogram=True)
     wandb.log.assert_any_call({"config/effective_batch_size": 8, "config/gradient_accumulation_steps": 2})
     run = wandb.init.return_value
-    steps = [c.args[0]["train/global_step"] for c in run.log.call_args_list if any(k.startswith("gradients/") for k in c.args[0])]
+    steps = [c.args[0]["train/global_step"] for c in run.log.call_args_list
+             if any(k.startswith("gradients/") for k in c.args[0])]
     assert steps == list(range(2, result["global_step"] + 1, 2))
     assert wandb.Histogram.called
 
@@ -175,7 +182,8 @@ def test_search_previous_positional_form_and_space_names():
 
 
 def test_search_notebook_form_full_names_with_tuples_and_lists():
-    space = {"learning_rate": (1e-4, 1e-2), "batch_size": [4, 8], "warmup_ratio": (0.0, 0.2), "weight_decay": (0.0, 0.1)}
+    space = {"learning_rate": (1e-4, 1e-2), "batch_size": [4, 8], "warmup_ratio": (0.0, 0.2),
+             "weight_decay": (0.0, 0.1)}
     result = test_hyperparameter_search(model=_model(), config=CONFIG, train_data=DATA, val_data=DATA[:6], n_trials=2,
                                         search_space=space, save_plots=False, progress=False)
     distributions = result["study"].trials[0].distributions

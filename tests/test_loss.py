@@ -24,7 +24,8 @@ def test_padded_batch_counts_only_real_targets_and_padding_gets_zero_gradient():
 
 
 def test_same_rule_through_the_collator_and_attention_mask():
-    collated = PaddingCollator(pad_token_id=0)([(Example(torch.tensor([50, 23, 12])), True), (Example(torch.tensor([7, 8, 9, 10, 11])), True)])
+    collated = PaddingCollator(pad_token_id=0)([(Example(torch.tensor([50, 23, 12])), True),
+                                                (Example(torch.tensor([7, 8, 9, 10, 11])), True)])
     assert collated["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     logits = _logits(2, 5, 64)
     stats = masked_lm_loss(logits, collated["input_ids"], collated["labels"], collated["attention_mask"], 0)
@@ -48,7 +49,8 @@ def test_gpt2_style_pad_id_50256_is_masked():
     ids = torch.tensor([[464, 3290, 318, pad, pad], [1212, 318, 257, 1332, 13]])
     logits = _logits(2, 5, 50257)
     stats = masked_lm_loss(logits, ids, pad_token_id=pad)
-    expected = F.cross_entropy(logits[0, :2], ids[0, 1:3], reduction="sum") + F.cross_entropy(logits[1, :4], ids[1, 1:], reduction="sum")
+    expected = (F.cross_entropy(logits[0, :2], ids[0, 1:3], reduction="sum")
+                + F.cross_entropy(logits[1, :4], ids[1, 1:], reduction="sum"))
     assert int(stats.real_targets) == 6
     torch.testing.assert_close(stats.loss_sum, expected)
 
@@ -56,7 +58,8 @@ def test_gpt2_style_pad_id_50256_is_masked():
 def test_real_eos_sharing_the_pad_id_counts_when_a_mask_says_it_is_real():
     eos = 63
     example = Example(torch.tensor([5, 6, 7, eos]), attention_mask=torch.tensor([1, 1, 1, 1]))
-    collated = PaddingCollator(pad_token_id=eos)([(example, True), (Example(torch.tensor([9, 10, 11, 12, 13, 14])), True)])
+    collated = PaddingCollator(pad_token_id=eos)([(example, True),
+                                                  (Example(torch.tensor([9, 10, 11, 12, 13, 14])), True)])
     targets = shifted_targets(collated["input_ids"], collated["labels"], collated["attention_mask"], eos)
     assert targets[0].tolist() == [6, 7, eos, IGNORE_INDEX, IGNORE_INDEX]  # real EOS learned, padding ignored
     # Without a mask (plain sequence) the pad-id rule applies, and the EOS is not a target.

@@ -125,7 +125,8 @@ def _config_of(model):
 
 def _reference(model, train, val, lr=LR):
     """The model's own forward, F.cross_entropy, fused AdamW over the same batches: step losses and val loss."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                                  fused=True)
     model.train()
     step_losses = []
     for _ in range(EPOCHS):
@@ -148,7 +149,8 @@ def _reference(model, train, val, lr=LR):
 def _train(model, train, val, tmp_path, lr=LR, **options):
     return test_fine_tuning(model, _config_of(model), train, val, n_epochs=EPOCHS, batch_size=BATCH, learning_rate=lr,
                             weight_decay=0.0, shuffle=False, lr_schedule="constant", warmup_steps=0,
-                            gradient_clip_norm=None, progress=False, save_plots=False, output_dir=str(tmp_path), **options)
+                            gradient_clip_norm=None, progress=False, save_plots=False, output_dir=str(tmp_path),
+                            **options)
 
 
 def _relative(a, b):
@@ -235,7 +237,8 @@ def test_a_global_module_hook_or_a_hook_on_the_head_keeps_the_models_own_forward
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def choose():
-        return choose_loss_path(model, ModelCaller(model), batch, 0, micro_batch_positions=ids.numel(), requested="linear")
+        return choose_loss_path(model, ModelCaller(model), batch, 0, micro_batch_positions=ids.numel(),
+                                requested="linear")
     assert choose().path == "linear"
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
     try:
@@ -252,7 +255,8 @@ def test_the_probe_leaves_the_model_bit_for_bit_as_it_was():
     model = HiddenHead("scale")
     before = {name: value.clone() for name, value in model.state_dict().items()}
     ids = torch.tensor(_lines(2, seed=3))
-    choice = choose_loss_path(model, ModelCaller(model), {"input_ids": ids}, 0, micro_batch_positions=24, requested="linear")
+    choice = choose_loss_path(model, ModelCaller(model), {"input_ids": ids}, 0, micro_batch_positions=24,
+                              requested="linear")
     assert choice.path == "chunked" and "logit_scale" in choice.reason
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and model.training

@@ -50,14 +50,16 @@ def _reference(logits, batch):
 def test_chunked_loss_equals_one_cross_entropy_in_value_accuracy_and_gradient(chunk_rows):
     batch = _batch()
     logits = torch.randn(3, 12, 64, requires_grad=True)
-    sums = masked_lm_loss(logits, batch["input_ids"], batch["labels"], batch["attention_mask"], PAD, chunk_rows=chunk_rows)
+    sums = masked_lm_loss(logits, batch["input_ids"], batch["labels"], batch["attention_mask"], PAD,
+                          chunk_rows=chunk_rows)
     (sums.loss_sum / 3).backward()
     chunked_grad = logits.grad.clone()
     logits.grad = None
     loss, real, correct = _reference(logits, batch)
     (loss / 3).backward()
     torch.testing.assert_close(sums.loss_sum, loss, rtol=5e-6, atol=0)
-    assert (int(sums.real_targets), int(sums.correct), int(sums.sequences), int(sums.positions)) == (real, correct, 2, 22)
+    assert ((int(sums.real_targets), int(sums.correct), int(sums.sequences), int(sums.positions))
+            == (real, correct, 2, 22))
     torch.testing.assert_close(chunked_grad, logits.grad, rtol=1e-5, atol=1e-7)
 
 
@@ -70,7 +72,8 @@ def test_excluded_targets_get_exactly_zero_gradient_whatever_their_logits():
     grads = []
     for fill in (0.0, 1e4, float("nan")):
         changed = logits.masked_fill(excluded[..., None], fill).requires_grad_()
-        masked_lm_loss(changed, batch["input_ids"], batch["labels"], batch["attention_mask"], PAD, chunk_rows=4).loss_sum.backward()
+        masked_lm_loss(changed, batch["input_ids"], batch["labels"], batch["attention_mask"], PAD,
+                       chunk_rows=4).loss_sum.backward()
         grads.append(changed.grad)
     assert torch.all(grads[0][excluded] == 0) and torch.all(grads[0][~excluded].abs().sum(-1) > 0)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])  # bit for bit, no NaN leaks in
@@ -123,7 +126,8 @@ def test_linear_path_excluded_targets_change_nothing_bit_for_bit():
         torch.manual_seed(seed)
         changed = torch.where(excluded[..., None], torch.randn_like(hidden) * 100, hidden).requires_grad_()
         ids = torch.where(batch["attention_mask"].bool(), batch["input_ids"], torch.randint(1, 40, (3, 10)))
-        sums = linear_masked_lm_loss(changed, weight, None, ids, batch["labels"], batch["attention_mask"], PAD, chunk_rows=4)
+        sums = linear_masked_lm_loss(changed, weight, None, ids, batch["labels"], batch["attention_mask"], PAD,
+                                     chunk_rows=4)
         grads.append(torch.autograd.grad(sums.loss_sum, [changed, weight]))
     assert torch.all(grads[0][0][excluded] == 0)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
@@ -247,7 +251,8 @@ def test_autocast_keeps_the_loss_in_float32_and_gradients_in_the_parameters_dtyp
     assert use_linear_loss_if_exact(model, caller, batch, PAD)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lean = caller.loss_sums(model, batch, PAD)
-        full = masked_lm_loss(model(batch["input_ids"]), batch["input_ids"], batch["labels"], batch["attention_mask"], PAD)
+        full = masked_lm_loss(model(batch["input_ids"]), batch["input_ids"], batch["labels"], batch["attention_mask"],
+                              PAD)
     assert lean.loss_sum.dtype == full.loss_sum.dtype == torch.float32
     torch.testing.assert_close(lean.loss_sum, full.loss_sum, rtol=1e-5, atol=0)  # same bf16 logits, fp32 sums
     lean.loss_sum.backward()

@@ -16,7 +16,8 @@ from wandb_reader import history_and_config
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 EPOCH_METRICS = ["train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity", "train/accuracy_excl_padding",
-                 "val/accuracy_excl_padding", "learning_rate", "train/pad_fraction", "train/real_tokens", "train/padded_tokens"]
+                 "val/accuracy_excl_padding", "learning_rate", "train/pad_fraction", "train/real_tokens",
+                 "train/padded_tokens"]
 STEP_METRICS = ["train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm", "train/real_tokens_per_sec"]
 
 
@@ -26,7 +27,8 @@ def _model():
 
 
 def _run(tmp_path, model=None, **kwargs):
-    kwargs = dict(dict(n_epochs=2, batch_size=16, learning_rate=1e-3, progress=False, output_dir=str(tmp_path / "out")), **kwargs)
+    kwargs = dict(dict(n_epochs=2, batch_size=16, learning_rate=1e-3, progress=False,
+                       output_dir=str(tmp_path / "out")), **kwargs)
     with pytest.warns(UserWarning, match="SYNTHETIC"):
         return test_fine_tuning(model or _model(), CONFIG, **kwargs)
 
@@ -41,7 +43,8 @@ def test_offline_wandb_run_holds_the_metric_names_and_config(tmp_path, monkeypat
     logged = set().union(*rows)
     assert set(EPOCH_METRICS + STEP_METRICS) <= logged
     epoch_rows = [r for r in rows if "val/perplexity" in r]
-    assert [json.loads(r["val/perplexity"]) for r in epoch_rows] == pytest.approx(list(result["metrics_summary"]["val/perplexity"]))
+    assert ([json.loads(r["val/perplexity"]) for r in epoch_rows]
+            == pytest.approx(list(result["metrics_summary"]["val/perplexity"])))
     assert {"learning_rate", "batch_size", "pad_token_id", "pad_token_id_source", "n_parameters"} <= config
 
 

@@ -32,8 +32,8 @@ def test_a_model_built_for_a_smaller_tokenizer_is_named_not_the_pad_id():
     lines = [" ".join(f"w{int(i)}" for i in torch.randint(0, 4095, (12,), generator=generator)) for _ in range(40)]
     data = prepare_lm_dataset(lines, tokenizer, max_length=64)
     model = tiny_gpt2(vocab_size=2048, n_positions=64)  # the tokenizer has 4096 tokens
-    with pytest.raises(ValueError, match=r"model's vocabulary \(2048 ids\) is smaller than the tokenizer's \(4096 tokens\)"
-                                         r".*vocab_size=4096") as refused:
+    with pytest.raises(ValueError, match=r"model's vocabulary \(2048 ids\) is smaller than the tokenizer's "
+                                         r"\(4096 tokens\).*vocab_size=4096") as refused:
         test_fine_tuning(model, model.config, data, data[:8], tokenizer=tokenizer, **QUIET)
     assert not str(refused.value).startswith("pad_token_id")
     # Without the tokenizer the data's ids say it (checked before the pad id).
@@ -66,16 +66,17 @@ class OddlyNamedPositions(TinyCausalLM):
 def test_an_over_long_line_is_caught_at_the_first_forward_when_nothing_declares_the_positions():
     config = SimpleNamespace(vocab_size=50, pad_token_id=0)
     lines = random_lines(12, seed=3) + [torch.randint(1, 50, (40,))]
-    with pytest.raises(ValueError, match=r"first forward pass failed inside an embedding .* 40 positions.*max_position_embeddings"):
+    with pytest.raises(ValueError, match=r"first forward pass failed inside an embedding .* 40 positions"
+                                         r".*max_position_embeddings"):
         test_fine_tuning(OddlyNamedPositions(max_len=32), config, lines, lines[:4], **QUIET)
 
 
 def test_a_config_vocab_size_typo_names_both_sizes():
     lines = random_lines(16, seed=4, vocab_size=144)  # ids up to 143 for a model with 144 logits
-    with pytest.raises(ValueError, match=r"config.vocab_size=100, but the model's token embedding \(embed\) has 144 rows"
-                                         r".*Set config.vocab_size=144"):
-        test_fine_tuning(TinyCausalLM(vocab_size=144), SimpleNamespace(vocab_size=100, pad_token_id=0), lines, lines[:4],
-                         **QUIET)
+    with pytest.raises(ValueError, match=r"config.vocab_size=100, but the model's token embedding \(embed\) has "
+                                         r"144 rows.*Set config.vocab_size=144"):
+        test_fine_tuning(TinyCausalLM(vocab_size=144), SimpleNamespace(vocab_size=100, pad_token_id=0), lines,
+                         lines[:4], **QUIET)
 
 
 def test_a_pad_id_outside_a_matching_vocabulary_keeps_its_own_message():

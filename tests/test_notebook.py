@@ -27,12 +27,15 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("TIER3_NOTEBOOK_QUICK", "1")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     notebook = nbformat.read(tmp_path / NOTEBOOK.name, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "\n".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
+                        if o.get("output_type") == "stream")
     assert "quick sizes" in outputs and "validation perplexity excl. padding" in outputs
     assert "attention_mask" not in outputs  # the naive loop passes its mask: no transformers warning from our own cells
     # The padding section: the naive loop's report flatters its model (padding after a line's end is nearly free).
-    reported, real, ratio = map(float, re.search(r"reports perplexity ([\d.]+) .* perplexity is ([\d.]+), ([\d.]+)x", outputs).groups())
+    reported, real, ratio = map(float, re.search(r"reports perplexity ([\d.]+) .* perplexity is ([\d.]+), ([\d.]+)x",
+                                                 outputs).groups())
     assert real > reported and ratio == pytest.approx(real / reported, abs=0.01)
     # What counting padding did to the model itself is said with its direction, as measured.
     gap, direction, naive_real, package_real = re.search(

@@ -25,7 +25,8 @@ def test_padded_tokens_follow_the_batch_size_and_say_which():
         assert result["padded_tokens_at_batch_size"] == size
         assert result["padded_tokens"] == _padding_of_sorted_batches(val, size)
     assert at[8]["padded_tokens"] != at[16]["padded_tokens"] and at[8]["tokens"] == at[16]["tokens"]
-    # float32 sums of ~800 target losses in another order: far below 1e-5 relative; the batching does not change the loss
+    # float32 sums of ~800 target losses in another order: far below 1e-5 relative; the batching does not change
+    # the loss
     assert abs(at[8]["loss"] - at[16]["loss"]) <= 1e-5 * at[8]["loss"]
     trained = test_fine_tuning(TinyCausalLM(vocab_size=50), CONFIG, random_lines(16, seed=1), val, n_epochs=1,
                                batch_size=16, progress=False, save_plots=False)

@@ -17,9 +17,11 @@ N_STEPS = 30
 def _frames(one_epoch=True):
     steps = pd.DataFrame({"step": range(1, N_STEPS + 1), "epoch": 1,
                           "train/step_loss_excl_padding": [5 - 0.1 * i for i in range(N_STEPS)],
-                          "train/learning_rate": [1e-3] * N_STEPS, "train/grad_norm": [1.0 + (i % 3) for i in range(N_STEPS)]})
+                          "train/learning_rate": [1e-3] * N_STEPS,
+                          "train/grad_norm": [1.0 + (i % 3) for i in range(N_STEPS)]})
     epochs = pd.DataFrame([{c: None for c in EPOCH_COLUMNS} | {"epoch": 1, "global_step": N_STEPS,
-                                                                "val/loss_excl_padding": 2.5, "val/perplexity": math.exp(2.5)}])
+                                                                "val/loss_excl_padding": 2.5,
+                                                                "val/perplexity": math.exp(2.5)}])
     evals = pd.DataFrame({"step": [10, 20], "epoch": 1, "val/loss_excl_padding": [4.0, 3.0],
                           "val/perplexity": [math.exp(4.0), math.exp(3.0)]})
     return epochs, steps, evals
@@ -39,7 +41,8 @@ def test_one_epoch_run_shows_every_step_and_the_validations_on_the_step_axis():
     assert len(labels) == 4 and labels[0] == "training, each step" and labels[1].startswith("training, smoothed")
     raw, smoothed, epoch_val, mid_val = loss_ax.get_lines()
     assert list(raw.get_xdata()) == list(range(1, N_STEPS + 1))  # every step, not one dot per epoch
-    assert len(smoothed.get_xdata()) == N_STEPS and smoothed.get_ydata()[-1] > raw.get_ydata()[-1]  # lags a falling loss
+    # The smoothed line lags a falling loss.
+    assert len(smoothed.get_xdata()) == N_STEPS and smoothed.get_ydata()[-1] > raw.get_ydata()[-1]
     assert list(epoch_val.get_xdata()) == [N_STEPS] and list(mid_val.get_xdata()) == [10, 20]
     assert loss_ax.get_xlabel() == ppl_ax.get_xlabel() == "optimizer step"
     assert "nats per real token" in loss_ax.get_ylabel()

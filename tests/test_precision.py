@@ -82,7 +82,8 @@ def test_half_precisions_train_on_cpu_close_to_float32_but_not_equal(runs, preci
     assert evaluate_perplexity(model, VAL, CONFIG)["loss"] != result["final_val_loss"]
     with torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision]):
         # Same batches as the run's validation (batch_size): the same half-precision roundings.
-        assert evaluate_perplexity(model, VAL, CONFIG, batch_size=4)["loss"] == pytest.approx(result["final_val_loss"], rel=1e-6)
+        assert (evaluate_perplexity(model, VAL, CONFIG, batch_size=4)["loss"]
+                == pytest.approx(result["final_val_loss"], rel=1e-6))
 
 
 def test_previous_keywords_keep_their_cuda_only_meaning_and_precision_overrides():
@@ -90,9 +91,11 @@ def test_previous_keywords_keep_their_cuda_only_meaning_and_precision_overrides(
         result = _train(TinyCausalLM(vocab_size=VOCAB), n_epochs=1, max_steps=2, use_amp=True)
     assert result["precision_used"] == "fp32" and result["settings"]["use_amp"] is True
     with pytest.warns(UserWarning, match="CUDA only.*pass precision='bf16'"):
-        assert _train(TinyCausalLM(vocab_size=VOCAB), n_epochs=1, max_steps=2, mixed_precision="bf16")["precision_used"] == "fp32"
+        assert _train(TinyCausalLM(vocab_size=VOCAB), n_epochs=1, max_steps=2,
+                      mixed_precision="bf16")["precision_used"] == "fp32"
     # Asked for with precision= as well: the explicit request, which runs on CPU.
-    assert _train(TinyCausalLM(vocab_size=VOCAB), n_epochs=1, max_steps=2, use_amp=True, precision="fp16")["precision_used"] == "fp16"
+    assert _train(TinyCausalLM(vocab_size=VOCAB), n_epochs=1, max_steps=2, use_amp=True,
+                  precision="fp16")["precision_used"] == "fp16"
 
 
 def test_gradscaler_skips_an_overflowed_step_and_training_goes_on():

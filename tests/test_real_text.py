@@ -41,7 +41,8 @@ def _exact_eval(model, examples):
 
 
 def _hf_collate(tokenizer, examples):
-    batch = tokenizer.pad([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in examples], return_tensors="pt")
+    batch = tokenizer.pad([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in examples],
+                          return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # mask, not id: real EOS stays
     return batch, labels
 
@@ -111,10 +112,11 @@ def test_one_epoch_matches_hugging_face_trainer(corpus, tmp_path):
                             warmup_ratio=0.0, shuffle=False, group_by_length=False, tokenizer=tokenizer, progress=False,
                             save_plots=False)
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=1, per_device_train_batch_size=batch_size,
-                             per_device_eval_batch_size=batch_size, learning_rate=lr, weight_decay=0.0, max_grad_norm=1.0,
-                             lr_scheduler_type="constant", warmup_steps=0, train_sampling_strategy="sequential",
-                             report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, seed=1,
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=1,
+                             per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+                             learning_rate=lr, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
+                             warmup_steps=0, train_sampling_strategy="sequential", report_to="none",
+                             save_strategy="no", logging_strategy="no", use_cpu=True, seed=1,
                              dataloader_drop_last=False)
     trainer = Trainer(model=hf_model, args=args, train_dataset=train_examples, eval_dataset=val_examples,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
@@ -128,7 +130,8 @@ def test_one_epoch_matches_hugging_face_trainer(corpus, tmp_path):
         batch, labels = _hf_collate(tokenizer, train_examples[start:start + batch_size])
         logits = loop_model(**batch).logits[:, :-1]
         targets = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100, reduction="sum") / (targets != -100).sum()
+        loss = (F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100, reduction="sum")
+                / (targets != -100).sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(loop_model.parameters(), 1.0)
         optimizer.step()
@@ -138,8 +141,9 @@ def test_one_epoch_matches_hugging_face_trainer(corpus, tmp_path):
     initial_loss, _ = _exact_eval(initial, val_examples)
     ours_exact, _ = _exact_eval(ours_model, val_examples)
     hf_exact, _ = _exact_eval(hf_model, val_examples)
-    print(f"\ninitial {math.exp(initial_loss):.2f} | ours {ours['val_perplexity']:.3f} (exact {math.exp(ours_exact):.3f}) | "
-          f"independent loop {math.exp(loop_exact):.3f} | HF Trainer model, exact {math.exp(hf_exact):.3f} | Trainer.evaluate() reports {math.exp(hf_reported):.3f}")
+    print(f"\ninitial {math.exp(initial_loss):.2f} | ours {ours['val_perplexity']:.3f} "
+          f"(exact {math.exp(ours_exact):.3f}) | independent loop {math.exp(loop_exact):.3f} | "
+          f"HF Trainer model, exact {math.exp(hf_exact):.3f} | Trainer.evaluate() reports {math.exp(hf_reported):.3f}")
     assert ours_exact < initial_loss - 0.5  # it learned
     assert ours["final_val_loss"] == pytest.approx(ours_exact, rel=1e-5)  # our report is the exact number
     assert math.exp(ours_exact) == pytest.approx(math.exp(loop_exact), rel=0.01)
@@ -152,5 +156,6 @@ def test_a_tokenizers_batch_output_is_accepted_as_data(corpus):
     encoded = tokenizer(lines, truncation=True, max_length=64, padding=True)  # columns, padded, with masks
     model = _gpt2()
     from_columns = evaluate_perplexity(model, encoded, tokenizer=tokenizer, batch_size=4)
-    exact_loss, count = _exact_eval(model, [{"input_ids": tokenizer(line, truncation=True, max_length=64)["input_ids"]} for line in lines])
+    exact_loss, count = _exact_eval(model, [{"input_ids": tokenizer(line, truncation=True, max_length=64)["input_ids"]}
+                                            for line in lines])
     assert from_columns["tokens"] == count and from_columns["loss"] == pytest.approx(exact_loss, rel=1e-5)

@@ -2,7 +2,6 @@
 format version; how a run ended, named for what it means."""
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -120,7 +119,7 @@ def test_outcome_properties_say_what_they_mean(tmp_path):
     keys = interrupted.as_result_keys()
     assert keys["completed"] is False and keys["stopped_early"] is True and keys["interrupted"] is True
     torch.manual_seed(0)
-    stopped = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, random_lines(16, seed=1), random_lines(8, seed=2),
-                               n_epochs=10, learning_rate=0.0, early_stopping_patience=1, progress=False,
-                               save_plots=False, output_dir=str(tmp_path / "run"))
+    stopped = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, random_lines(16, seed=1),
+                               random_lines(8, seed=2), n_epochs=10, learning_rate=0.0, early_stopping_patience=1,
+                               progress=False, save_plots=False, output_dir=str(tmp_path / "run"))
     assert stopped["outcome"].stopped_by_early_stopping and not stopped["completed"] and stopped["stopped_early"]

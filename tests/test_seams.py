@@ -67,8 +67,8 @@ def test_a_stream_that_yields_nothing_on_its_second_pass_is_named_not_looped(tmp
     lines = random_lines(24, seed=3)
     # Start-up reads it to its end once (the fingerprint), epoch 1 once; before, epoch 2 looped forever.
     with pytest.raises(ValueError, match="yielded no optimizer step in epoch 2"):
-        test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, RunsDry(lines, passes=2), lines[:6], max_steps=1000, batch_size=4,
-                         progress=False, save_plots=False, output_dir=str(tmp_path))
+        test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, RunsDry(lines, passes=2), lines[:6], max_steps=1000,
+                         batch_size=4, progress=False, save_plots=False, output_dir=str(tmp_path))
 
 
 def test_step_rows_appended_across_epochs_equal_the_results_and_the_history_file(tmp_path):
@@ -76,8 +76,9 @@ def test_step_rows_appended_across_epochs_equal_the_results_and_the_history_file
 
     import pandas as pd
 
-    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, random_lines(24), random_lines(6, seed=1), n_epochs=3,
-                              batch_size=4, eval_every=4, progress=False, save_plots=False, output_dir=str(tmp_path))
+    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, random_lines(24), random_lines(6, seed=1),
+                              n_epochs=3, batch_size=4, eval_every=4, progress=False, save_plots=False,
+                              output_dir=str(tmp_path))
     on_disk = pd.read_csv(tmp_path / "metrics_steps.csv")
     assert len(on_disk) == result["global_step"] == len(result["steps_summary"])
     assert on_disk["train/step_loss_excl_padding"].tolist() == pytest.approx(result["loss_history"], rel=1e-12)
@@ -89,8 +90,9 @@ def test_gradient_clip_norm_is_the_same_setting_in_the_search_and_echoed_in_the_
     from utils.tier3_training_utilities import test_hyperparameter_search
 
     lines = random_lines(16)
-    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], n_epochs=1, gradient_clip_norm=0.5,
-                              progress=False, save_plots=False, output_dir=str(tmp_path / "run"))
+    result = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], n_epochs=1,
+                              gradient_clip_norm=0.5, progress=False, save_plots=False,
+                              output_dir=str(tmp_path / "run"))
     assert result["settings"]["max_grad_norm"] == 0.5 and result["settings"]["gradient_clip_norm"] == 0.5
     search = test_hyperparameter_search(lambda: TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], n_trials=1,
                                         search_space={"learning_rate": ("log", 1e-4, 1e-3)}, gradient_clip_norm=0.5,

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from models import TinyCausalLM
-from postgres import postgres_url  # noqa: F401 - a fixture
 from search_worker import CONFIG, data
 from utils.tier3_training_utilities import test_fine_tuning, test_hyperparameter_search
 
@@ -43,7 +42,8 @@ def test_failed_trial_is_recorded_and_best_equals_test_fine_tuning():
     assert "factory broke on purpose" in trials["reason"].iloc[1]
     assert math.isfinite(result["best_value"])
     assert result["best_val_perplexity"] == pytest.approx(math.exp(result["best_value"]))
-    again = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, progress=False, save_plots=False, **result["best_params"])
+    again = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, progress=False, save_plots=False,
+                             **result["best_params"])
     assert again["final_val_loss"] == pytest.approx(result["best_value"], rel=1e-6)
 
 
@@ -53,7 +53,8 @@ def test_same_call_gives_the_same_parameters_and_instance_stays_untouched():
     first = test_hyperparameter_search(model=model, config=CONFIG, train_data=TRAIN, val_data=VAL, n_trials=2, **QUIET)
     second = test_hyperparameter_search(model=model, config=CONFIG, train_data=TRAIN, val_data=VAL, n_trials=2, **QUIET)
     assert [t["params"] for t in first["all_trials"]] == [t["params"] for t in second["all_trials"]]
-    assert [t["value"] for t in first["all_trials"]] == pytest.approx([t["value"] for t in second["all_trials"]], rel=1e-9)
+    assert ([t["value"] for t in first["all_trials"]]
+            == pytest.approx([t["value"] for t in second["all_trials"]], rel=1e-9))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
@@ -74,15 +75,16 @@ def test_same_call_again_on_sqlite_continues_the_study_with_new_parameters(tmp_p
 def test_rerun_under_another_set_up_is_refused_before_any_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     space = {"learning_rate": ("log", 1e-4, 1e-2)}
-    test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=1, storage=storage, study_name="s", search_space=space,
-                               **QUIET)
+    test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=1, storage=storage, study_name="s",
+                               search_space=space, **QUIET)
     calls = []
     factory = lambda: calls.append(1) or _model()  # noqa: E731
     changes = [("n_epochs", dict(n_epochs=2)), ("validation data", dict(val_data=data(8, seed=2))),
-               ("search_space", dict(search_space={"learning_rate": ("log", 1e-5, 1e-2)})), ("batch_size", dict(batch_size=8))]
+               ("search_space", dict(search_space={"learning_rate": ("log", 1e-5, 1e-2)})),
+               ("batch_size", dict(batch_size=8))]
     for named, change in changes:
-        call = dict(dict(model_factory=factory, config=CONFIG, train_data=TRAIN, val_data=VAL, n_trials=1, storage=storage,
-                         study_name="s", search_space=space), **change, **QUIET)
+        call = dict(dict(model_factory=factory, config=CONFIG, train_data=TRAIN, val_data=VAL, n_trials=1,
+                         storage=storage, study_name="s", search_space=space), **change, **QUIET)
         with pytest.raises(ValueError, match="another set-up") as refused:
             test_hyperparameter_search(**call)
         assert named in str(refused.value) and "study_name" in str(refused.value)
@@ -109,8 +111,9 @@ def test_hopeless_trial_is_pruned_before_its_last_epoch(tmp_path):
 def test_bad_search_space_raises_before_any_trial():
     calls = []
     factory = lambda: calls.append(1) or _model()  # noqa: E731
-    bad_spaces = [{"epochs": ("int", 1, 3)}, {"learning_rate": ("log", 0.0, 1e-3)}, {"batch_size": ("categorical", [0, 4])},
-                  {"learning_rate": (1e-3,)}, {"warmup_ratio": ("float", 0.3, 0.1)}, {"batch_size": ("int", 1.5, 4)}, {},
+    bad_spaces = [{"epochs": ("int", 1, 3)}, {"learning_rate": ("log", 0.0, 1e-3)},
+                  {"batch_size": ("categorical", [0, 4])}, {"learning_rate": (1e-3,)},
+                  {"warmup_ratio": ("float", 0.3, 0.1)}, {"batch_size": ("int", 1.5, 4)}, {},
                   {"lr": (1e-4, 1e-3), "learning_rate": (1e-4, 1e-2)}]
     for space in bad_spaces:
         with pytest.raises(ValueError):
@@ -122,8 +125,8 @@ def test_bad_search_space_raises_before_any_trial():
 
 
 def test_mid_epoch_evaluations_are_recorded_by_test_fine_tuning(tmp_path):
-    result = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, batch_size=4, eval_every=2, output_dir=str(tmp_path),
-                              progress=False, save_plots=False)
+    result = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, batch_size=4, eval_every=2,
+                              output_dir=str(tmp_path), progress=False, save_plots=False)
     import pandas as pd
 
     evals = pd.read_csv(tmp_path / "metrics_evals.csv")
@@ -152,14 +155,16 @@ def test_two_processes_on_one_journal_file_sample_distinct_parameters(tmp_path):
 
 def test_two_processes_creating_one_new_sqlite_study_at_once_both_finish(tmp_path):
     rounds = 10
-    racers = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(rounds), "race", me, other], cwd=tmp_path)
+    racers = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), str(rounds), "race", me, other],
+                               cwd=tmp_path)
               for me, other in (("a", "b"), ("b", "a"))]
     assert [r.wait(timeout=300) for r in racers] == [0, 0]
     outcomes = {me: json.loads((tmp_path / f"race-{me}.json").read_text()) for me in "ab"}
     failed = [(me, round_, outcome) for me in "ab" for round_, outcome in enumerate(outcomes[me]) if outcome != "ok"]
     assert not failed and len(outcomes["a"]) == len(outcomes["b"]) == rounds
     for round_ in range(rounds):  # one study per file, whoever created it
-        assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / f'round-{round_}.db'}")] == ["shared"]
+        assert [s.study_name
+                for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / f'round-{round_}.db'}")] == ["shared"]
 
 
 def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
@@ -222,9 +227,11 @@ def test_four_processes_on_postgresql(tmp_path, postgres_url):
     assert len(failed) == 1 and len(completed) == 12 and _distinct(completed) == 12
     retries = [t for t in completed if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retries) == 1 and retries[0].params == failed[0].params
-    again = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, progress=False, save_plots=False, **study.best_params)
+    again = test_fine_tuning(_model(), CONFIG, TRAIN, VAL, n_epochs=1, progress=False, save_plots=False,
+                             **study.best_params)
     assert again["final_val_loss"] == pytest.approx(study.best_value, rel=1e-6)
-    print(f"4 processes on PostgreSQL, one killed and reconnected: {elapsed:.1f} s in all, {after_kill:.1f} s after the kill")
+    print(f"4 processes on PostgreSQL, one killed and reconnected: {elapsed:.1f} s in all, "
+          f"{after_kill:.1f} s after the kill")
 
 
 def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch):
@@ -232,7 +239,8 @@ def test_one_offline_wandb_run_per_trial_grouped_by_study(tmp_path, monkeypatch)
 
     monkeypatch.delenv("WANDB_DIR", raising=False)
     result = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=2, use_wandb=True, wandb_mode="offline",
-                                        study_name="grouped", storage=str(tmp_path / "s.log"), output_dir=str(tmp_path), **QUIET)
+                                        study_name="grouped", storage=str(tmp_path / "s.log"),
+                                        output_dir=str(tmp_path), **QUIET)
     runs = sorted(tmp_path.glob("grouped/trial-*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == result["n_trials"] == 2
     for path in runs:
@@ -291,7 +299,8 @@ def test_a_trial_taken_by_another_process_does_not_end_the_search(tmp_path):
         return made[-1]
 
     with pytest.warns(UserWarning, match="marked failed by another process"):
-        result = test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=3, storage=storage, study_name="taken",
-                                            heartbeat_interval=60, output_dir=str(tmp_path), **QUIET)
+        result = test_hyperparameter_search(factory, CONFIG, TRAIN, VAL, n_trials=3, storage=storage,
+                                            study_name="taken", heartbeat_interval=60, output_dir=str(tmp_path),
+                                            **QUIET)
     assert list(result["trials"]["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
     assert result["n_trials"] == 3

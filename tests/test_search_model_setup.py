@@ -53,7 +53,8 @@ def test_another_model_is_refused_before_any_trial_the_same_one_accepted_and_an_
     del setup["model"]
     study.set_user_attr("tier3_setup", setup)
     with pytest.warns(UserWarning, match="recorded before its set-up included the model"):
-        test_hyperparameter_search(model=TinyCausalLM(vocab_size=50), storage=storage, **CALL)  # an instance: the same model
+        # An instance: the same model.
+        test_hyperparameter_search(model=TinyCausalLM(vocab_size=50), storage=storage, **CALL)
     assert _trials(storage) == 2
     assert optuna.load_study(study_name="s", storage=storage).user_attrs["tier3_setup"]["model"] == record
     with pytest.raises(ValueError, match="another set-up.*model differs"):

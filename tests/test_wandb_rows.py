@@ -54,7 +54,8 @@ def test_every_step_row_arrives_with_default_gradient_logging(tmp_path):
     # Gradient norms and histograms sit inside the row of their own step (log_grad_dist_every=5 by default).
     grad_steps = [int(json.loads(r[STEP])) for r in rows if "gradients/lm.head.weight.norm" in r]
     assert grad_steps == list(range(5, steps + 1, 5))
-    assert all(LOSS in r and "gradients/lm.head.weight/values" in r for r in rows if "gradients/lm.head.weight.norm" in r)
+    assert all(LOSS in r and "gradients/lm.head.weight/values" in r
+               for r in rows if "gradients/lm.head.weight.norm" in r)
     # Epoch ends and eval_every validations carry the step they happened at.
     val_steps = [int(json.loads(r[STEP])) for r in rows if "val/loss_excl_padding" in r]
     epoch_ends = [int(json.loads(r[STEP])) for r in rows if "val/perplexity" in r and "train/loss_excl_padding" in r]

@@ -12,12 +12,14 @@ from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.pad_id import detect_pad_token_id
 from utils.training.warn import warnings_through
 
-DATA = [torch.randint(1, 50, (int(n),)) for n in torch.randint(3, 12, (12,), generator=torch.Generator().manual_seed(0))]
+DATA = [torch.randint(1, 50, (int(n),))
+        for n in torch.randint(3, 12, (12,), generator=torch.Generator().manual_seed(0))]
 
 
 def _run(config):
     torch.manual_seed(0)
-    return test_fine_tuning(TinyCausalLM(vocab_size=50), config, DATA, DATA[:4], n_epochs=1, progress=False, save_plots=False)
+    return test_fine_tuning(TinyCausalLM(vocab_size=50), config, DATA, DATA[:4], n_epochs=1, progress=False,
+                            save_plots=False)
 
 
 def test_pad_fallback_is_warned_and_printed_once_per_config_at_the_callers_line(capsys):

@@ -1,4 +1,5 @@
-"""Run by tests/test_wandb_rows.py: an offline W&B run with default logging, optionally SIGKILLed at a training forward."""
+"""Run by tests/test_wandb_rows.py: an offline W&B run with default logging, optionally SIGKILLed at a training
+forward."""
 import json
 import sys
 from pathlib import Path

@@ -149,9 +149,9 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
 
 def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None,
                                n_trials=N_TRIALS_DEFAULT, *legacy_positionals, search_space=None, n_epochs=1,
-                               timeout=None, storage=None,
-                               study_name=None, pruning=True, eval_every=None, random_seed=42, use_wandb=False,
-                               tokenizer=None, model=None, **fine_tuning_kwargs) -> dict:
+                               timeout=None, storage=None, study_name=None, pruning=True, eval_every=None,
+                               random_seed=42, use_wandb=False, tokenizer=None, model=None,
+                               **fine_tuning_kwargs) -> dict:
     """Optuna search over ``test_fine_tuning`` keywords; each trial's objective is its final validation loss
     excluding padding. ``storage`` with ``study_name`` keeps the study across calls and disconnects: a ``*.db``
     SQLite file for one process at a time, a ``*.log`` journal file for several processes on one machine or a

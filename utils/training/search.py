@@ -79,8 +79,8 @@ class SearchRequest:
         return cls(new_model=model_source(arguments["model_factory"], arguments["model"]), config=arguments["config"],
                    train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space,
                    fixed=fixed, storage=arguments["storage"], study_name=arguments["study_name"],
-                   timeout=arguments["timeout"],
-                   pruning=arguments["pruning"], tokenizer=arguments["tokenizer"], **extras)
+                   timeout=arguments["timeout"], pruning=arguments["pruning"], tokenizer=arguments["tokenizer"],
+                   **extras)
 
     @property
     def fixed_settings(self) -> FineTuneSettings:
