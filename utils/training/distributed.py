@@ -80,6 +80,15 @@ def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def all_gather_objects(value, ctx: DistContext) -> list:
+    """``value`` of every process, in rank order (pickled; every process takes part)."""
+    if not ctx.enabled:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def broadcast_object(obj, ctx: DistContext):
     """Rank 0's ``obj`` on every rank (pickled; for what is read once, like the metric rows on resume)."""
     if not ctx.enabled:

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .checks import check_model_against_data, tokenizer_size
 from .distributed import setup_distributed
+from . import fsdp
 from .fsdp import require_launch
 from .metrics import MetricRows
 from .metrics_files import MetricsFiles
@@ -52,7 +53,7 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         outcome = trainer.fit()
-        trainer.finish_checkpoints(outcome)  # the last background write is complete (or its failure reported)
+        trainer.checkpoints.finish(outcome)  # the last background write is complete (or its failure reported)
         return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
 
 
@@ -170,9 +171,9 @@ def _start_tracker(trainer: Trainer, model) -> None:
     run_config = dict(settings.as_dict(), pad_token_id=data.pad_token_id, pad_token_id_source=data.pad_source,
                       precision_used=trainer.amp.used, attention_mask_free=trainer.caller.mask_free,
                       n_parameters=sum(p.numel() for p in model.parameters()), vocab_size=data.vocab_size,
-                      world_size=ctx.world_size, steps_per_epoch=trainer.steps_per_epoch[0],
+                      world_size=ctx.world_size, steps_per_epoch=trainer.length.steps_per_epoch[0],
                       model_class=type(model).__name__)
-    trainer.tracker.start(run_config, total_steps=trainer.total_steps)
+    trainer.tracker.start(run_config, total_steps=trainer.length.total_steps)
     effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
     trainer.tracker.message(f"Effective batch size: {effective_batch_size}")
     trainer.tracker.message(f"Gradient accumulation steps: {settings.gradient_accumulation_steps}")
@@ -185,7 +186,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     files = MetricsFiles(settings.output_dir)  # where rank 0 writes them
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if settings.load_best_model_at_end and trainer.best_weights is not None:
-        trainer.load_weights(trainer.best_weights)
+        fsdp.restore_weights(trainer.model, trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, "
                         f"val loss excl. padding {state.best_val_loss:.4f}).")
     frame = MetricsSummary(tracker.epochs_frame())
@@ -200,13 +201,13 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "precision_used": trainer.amp.used, "attention_mask_free": trainer.caller.mask_free,
         # "linear": the full logits never existed; "chunked": the model's own forward and logits
         # (utils/training/loss_path.py)
-        "loss_path": trainer.loss_path.path, "loss_path_reason": trainer.loss_path.reason,
+        "loss_path": trainer.setup.loss_path.path, "loss_path_reason": trainer.setup.loss_path.reason,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
-        "best_checkpoint": trainer.best_checkpoint, "last_checkpoint": trainer.last_checkpoint,
-        "checkpoint_error": trainer.checkpoint_error,  # a failed last write when the run ended for another reason
+        "best_checkpoint": trainer.checkpoints.best_checkpoint, "last_checkpoint": trainer.checkpoints.last_checkpoint,
+        "checkpoint_error": trainer.checkpoints.error,  # a failed last write when the run ended for another reason
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
@@ -216,7 +217,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "settings": dict(settings.as_dict(), **previous_keywords),
         **outcome.as_result_keys(),
         **previous_result_keys(tracker.steps_frame(), training_seconds=state.run_seconds,
-                               sequences=state.train_sequences, amp_enabled=trainer.precision is not None,
+                               sequences=state.train_sequences, amp_enabled=trainer.setup.precision is not None,
                                loss_scale=trainer.amp.loss_scale()),
     }
     _write_final_outputs(trainer, results)

@@ -93,7 +93,8 @@ def local_weights_of(state_dict: dict) -> dict:
 
 
 def local_weights(model: nn.Module) -> dict:
-    """This process's shards of the weights, copied to the CPU (what ``load_best_model_at_end`` keeps)."""
+    """This process's shards of the weights (all of them, unsharded), copied to the CPU (what
+    ``load_best_model_at_end`` keeps)."""
     return local_weights_of(model.state_dict())
 
 
@@ -102,6 +103,14 @@ def load_local_weights(model: nn.Module, weights: dict) -> None:
     """Copy :func:`local_weights` back into the model's shards."""
     for name, value in model.state_dict().items():
         (value.to_local() if isinstance(value, DTensor) else value).copy_(weights[name])
+
+
+def restore_weights(model: nn.Module, weights: dict) -> None:
+    """Weights from :func:`local_weights` (or a checkpoint's, for an unsharded model) back into the model."""
+    if is_sharded(model):
+        load_local_weights(model, weights)
+    else:
+        model.load_state_dict(weights)
 
 
 def gathered_state_dict(model: nn.Module) -> dict:

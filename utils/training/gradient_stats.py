@@ -15,6 +15,11 @@ class GradientStats:
         self.enabled = False
         self._held: dict[int, dict] = {}  # optimizer step -> its statistics, on the device
 
+    def record_if_due(self, model, step: int, settings) -> None:
+        """Every ``settings.log_grad_dist_every`` optimizer steps while a W&B run is live."""
+        if self.enabled and step % settings.log_grad_dist_every == 0:
+            self.record(model, step, histograms=settings.log_grad_histogram)
+
     def record(self, model, step: int, histograms: bool) -> None:
         """Of optimizer ``step``, before clipping, after AMP unscaling."""
         names, norms, counts, ranges = [], [], [], []

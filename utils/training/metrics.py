@@ -33,6 +33,44 @@ def safe_exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def step_row(step: int, epoch: int, sums, learning_rate: float, grad_norm: float) -> dict:
+    """The row of optimizer ``step`` (``sums``: its ``TokenSums``, read from the device with its neighbours)."""
+    return {"step": step, "epoch": epoch + 1, "train/step_loss_excl_padding": sums.loss,
+            "train/learning_rate": learning_rate, "train/grad_norm": grad_norm,
+            "train/step_real_tokens": int(sums.real_targets)}
+
+
+def eval_row(step: int, epoch: int, val: dict) -> dict:
+    """The row of a validation inside an epoch (``eval_every``)."""
+    return {"step": step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
+            "val/accuracy_excl_padding": val["accuracy"]}
+
+
+def epoch_row(epoch: int, state, val: dict, *, epoch_seconds: float, learning_rate: float | None) -> dict:
+    """The row of an epoch from its ``TrainState`` (training sums and seconds) and its validation."""
+    sums = state.epoch_sums
+    return {
+        "epoch": epoch + 1, "global_step": state.global_step,
+        "train/loss_excl_padding": sums.loss, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
+        "train/accuracy_excl_padding": sums.accuracy, "val/accuracy_excl_padding": val["accuracy"],
+        "learning_rate": learning_rate,  # the rate the epoch's last step used
+        "train/real_tokens": int(sums.real_targets), "train/padded_tokens": int(sums.padded_positions),
+        "train/pad_fraction": sums.pad_fraction, "val/real_tokens": val["real_tokens"],
+        "val/padded_tokens": val["padded_tokens"],
+        "train/real_tokens_per_sec": float(sums.real_targets) / max(state.train_seconds, 1e-9),  # training phase only
+        "epoch_time_s": epoch_seconds,  # training and validation of this epoch (after a resume: only the part run now)
+        "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
+    }
+
+
+def epoch_line(row: dict, n_epochs: int | None) -> str:
+    """The message printed at an epoch's end (``n_epochs`` None: a stream's run, whose epochs are not counted)."""
+    of = "" if n_epochs is None else f"/{n_epochs}"
+    return (f"epoch {row['epoch']}{of}: train loss (excl. padding) {row['train/loss_excl_padding']:.4f} | "
+            f"val loss (excl. padding) {row['val/loss_excl_padding']:.4f} | "
+            f"val perplexity {row['val/perplexity']:.2f} | padded positions {row['train/pad_fraction']:.1%}")
+
+
 class RowSink:
     """What consumes rows. Every hook is optional: this base does nothing. ``rows`` is the :class:`MetricRows`."""
 

@@ -60,3 +60,40 @@ class StopTraining(Exception):
     def __init__(self, outcome: Outcome):
         super().__init__(outcome.reason)
         self.outcome = outcome
+
+
+# -- the endings a run reports, each with its cause and the way out ------------------------------------
+def nothing_to_train(max_steps: int | None, n_epochs: int, global_step: int) -> Outcome:
+    limit = f"max_steps={max_steps}" if max_steps is not None else f"n_epochs={n_epochs}"
+    return Outcome(OutcomeKind.COMPLETED, (
+        f"Nothing to train: the checkpoint already completed this run ({limit}, optimizer step {global_step}); the "
+        "results are the checkpoint's. Raise max_steps or n_epochs to train further."), already_complete=True)
+
+
+def non_finite_step(step: int, loss_sum: float, grad_norm: float, learning_rate: float, *, weight_decay: float,
+                    max_grad_norm) -> Outcome:
+    return Outcome(OutcomeKind.NON_FINITE, (
+        f"Training stopped before optimizer step {step}: its loss ({loss_sum:g} summed) or gradient norm "
+        f"({grad_norm:g}) is not finite, so the update was not applied; the model holds the weights of step "
+        f"{step - 1}. Likely causes: a learning_rate too high (now {learning_rate:g}), weight_decay="
+        f"{weight_decay:g}, clipping off (max_grad_norm={max_grad_norm}), or fp16 overflow (use precision='bf16')."))
+
+
+def non_finite_validation(when: str, loss: float, best_epoch: int | None, best_val_loss: float) -> Outcome:
+    best = (f"the best so far is epoch {best_epoch} ({best_val_loss:.4f})" if best_epoch
+            else "no epoch had a finite validation loss")
+    return Outcome(OutcomeKind.NON_FINITE, (
+        f"Training stopped: the validation loss (excl. padding) at {when} is not finite ({loss}); {best}. The "
+        "model's weights are finite but produce non-finite logits: lower learning_rate or use precision='fp32'."))
+
+
+def early_stopped(patience: int, best_val_loss: float, best_epoch: int) -> Outcome:
+    return Outcome(OutcomeKind.STOPPED_EARLY,
+                   f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
+                   f"best {best_val_loss:.4f} at epoch {best_epoch}")
+
+
+def out_of_memory_message(global_step: int, batch_size: int, accumulation: int) -> str:
+    return (f"Out of GPU memory at optimizer step {global_step} with batch_size={batch_size}. Use a smaller "
+            "batch_size and raise gradient_accumulation_steps to keep the effective batch (e.g. batch_size="
+            f"{max(1, batch_size // 2)}, gradient_accumulation_steps={accumulation * 2}), or precision='bf16'.")

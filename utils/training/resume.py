@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint_format import check_format
+from .run_checkpoints import saved_weights
 from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
 
 # Settings that fix the data's order or the optimisation: resuming with other values would not continue the
@@ -26,9 +27,9 @@ def resume(trainer) -> dict | None:
     if not target:
         return None
     if target is True:
-        loaded = ckpt.find_resumable(trainer.checkpoints_dir)
+        loaded = ckpt.find_resumable(trainer.checkpoints.folder)
         if loaded is None:
-            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints_dir}; "
+            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints.folder}; "
                                     "starting fresh.")
             return None
     else:
@@ -41,7 +42,7 @@ def resume(trainer) -> dict | None:
     check_resumable(trainer, loaded["meta"])
     trainer.load_state_dict(loaded)
     continue_cut_epoch(trainer)
-    trainer.last_checkpoint = str(loaded["folder"])
+    trainer.checkpoints.last_checkpoint = str(loaded["folder"])
     restore_best(trainer, loaded)
     return loaded
 
@@ -69,7 +70,7 @@ def check_resumable(trainer, meta: dict) -> None:
         raise ValueError(f"Cannot resume: the checkpoint is at optimizer step {step}, past max_steps={max_steps} (it "
                          f"was made with max_steps={meta['settings'].get('max_steps')}). Pass max_steps >= {step}, or "
                          "resume from an earlier checkpoint folder, or start fresh.")
-    epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.n_epochs
+    epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.length.n_epochs
     past_the_end = epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0)
     if trainer.settings.max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
         raise ValueError(f"Cannot resume: the checkpoint is {step_in_epoch} step(s) into epoch {epoch + 1}, past "
@@ -80,14 +81,15 @@ def continue_cut_epoch(trainer) -> None:
     """A run that ``max_steps`` ended inside an epoch validated and recorded that epoch there; when a raised
     ``max_steps`` continues the epoch, its row is recorded again at the epoch's real end, so the early one goes."""
     state, rows = trainer.state, trainer.tracker.epoch_rows
-    if state.step_in_epoch and rows and rows[-1]["epoch"] == state.epoch + 1 and not trainer.nothing_left():
+    continued = not trainer.length.nothing_left(state.epoch, state.global_step)
+    if state.step_in_epoch and rows and rows[-1]["epoch"] == state.epoch + 1 and continued:
         rows.pop()
 
 
 def restore_best(trainer, loaded: dict) -> None:
     """``best/`` counts only if intact and the best the checkpoint recorded; else the checkpoint's own weights
     may be the best."""
-    state, best = trainer.state, trainer.checkpoints_dir / "best"
+    state, best = trainer.state, trainer.checkpoints.folder / "best"
     if state.best_epoch is None:
         return
     try:
@@ -99,14 +101,14 @@ def restore_best(trainer, loaded: dict) -> None:
         if best.exists():
             warnings.warn(f"Skipping {best}: it is damaged ({error}).", UserWarning, stacklevel=3)
     if matches:
-        trainer.best_checkpoint = str(best)
+        trainer.checkpoints.best_checkpoint = str(best)
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = trainer.saved_weights(ckpt.load_checkpoint(best))
+            trainer.best_weights = saved_weights(trainer.model, ckpt.load_checkpoint(best))
     elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
         # The checkpoint ends the best epoch: its own weights are the best.
-        trainer.best_checkpoint = str(loaded["folder"])
+        trainer.checkpoints.best_checkpoint = str(loaded["folder"])
         if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = trainer.saved_weights(loaded)
+            trainer.best_weights = saved_weights(trainer.model, loaded)
     elif trainer.settings.load_best_model_at_end:
         warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
                       "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)

@@ -45,19 +45,20 @@ def write_sharded_folder(final: Path, state: dict, payload: dict, meta: dict, ct
 
 
 def save_checkpoint(trainer, best: bool) -> None:
-    """``Trainer.save_checkpoint`` for a sharded model: ``best/`` (weights only) first, then the step folder."""
+    """``RunCheckpoints.save`` for a sharded model: ``best/`` (weights only) first, then the step folder."""
     ctx, state, model = trainer.ctx, trainer.state, trainer.model
     trainer_state = trainer.state_dict()["trainer_state.pt"]  # gathers every process's RNG state (a collective)
     meta = trainer.checkpoint_meta()
+    folders = trainer.checkpoints
     if best:  # before the step folder that records it, as checkpoint.py's
-        trainer.best_checkpoint = str(write_sharded_folder(trainer.checkpoints_dir / "best", _dcp_state(model), {},
-                                                           meta, ctx))
-    final = trainer.checkpoints_dir / f"{ckpt.STEP_PREFIX}{state.global_step}"
+        folders.best_checkpoint = str(write_sharded_folder(folders.folder / "best", _dcp_state(model), {}, meta,
+                                                           ctx))
+    final = folders.folder / f"{ckpt.STEP_PREFIX}{state.global_step}"
     write_sharded_folder(final, _dcp_state(model, trainer.optimizer), {"trainer_state.pt": trainer_state},
                          dict(meta, step=state.global_step), ctx)
-    trainer.last_checkpoint = str(final)
+    folders.last_checkpoint = str(final)
     if ctx.is_main:
-        ckpt.prune_checkpoints(trainer.checkpoints_dir, trainer.settings.keep_checkpoints)
+        ckpt.prune_checkpoints(folders.folder, trainer.settings.keep_checkpoints)
     barrier(ctx)
 
 

@@ -6,6 +6,9 @@ Every source implements :class:`source_contract.BatchSource`: examples in memory
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings
@@ -16,7 +19,7 @@ from .source_contract import BatchSource
 from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream
 from .table_batches import ExampleBatches
 
-__all__ = ["BatchSource", "ExampleBatches", "LoaderBatches", "StreamBatches", "batch_source", "run_length",
+__all__ = ["BatchSource", "ExampleBatches", "LoaderBatches", "StreamBatches", "batch_source", "RunLength", "run_length",
            "steps_per_epoch", "train_and_val_sources"]
 
 
@@ -65,8 +68,38 @@ def steps_per_epoch(source: BatchSource, spec: PlanSettings, n_epochs: int, max_
     return counts
 
 
-def run_length(source: BatchSource, spec: PlanSettings, settings) -> tuple[list, int, int]:
-    """Steps of each epoch (``[None]``: unknown, a stream), the epochs the run may take (a stream: until
-    ``max_steps``) and its optimizer steps."""
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run is and where it ends (its last epoch, or ``max_steps``)."""
+
+    steps_per_epoch: list  # [None]: a stream's, unknown (its epochs end with the data)
+    n_epochs: int  # the epochs the run may take (a stream: until max_steps)
+    total_steps: int  # optimizer steps: the schedule's span
+    max_steps: int | None
+
+    def steps_in(self, epoch: int) -> int | None:
+        return self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else None
+
+    def steps_done(self, global_step: int) -> bool:
+        return global_step >= (self.max_steps or math.inf)
+
+    def ends_after(self, epoch: int, global_step: int) -> bool:
+        return epoch + 1 >= self.n_epochs or self.steps_done(global_step)
+
+    def cut_short(self, state, planned_steps) -> bool:
+        """Whether ``max_steps`` ended the run before the end of the epoch ``state`` is in; ``planned_steps()``
+        gives that epoch's steps (None: a stream's, whose end is unknown), asked only when max_steps was reached."""
+        if self.max_steps is None or not self.steps_done(state.global_step):
+            return False
+        planned = planned_steps()
+        return planned is None or state.step_in_epoch < planned
+
+    def nothing_left(self, epoch: int, global_step: int) -> bool:
+        """Whether a resumed run (at ``epoch``, ``global_step``) has already trained all it is asked for."""
+        return epoch >= self.n_epochs or self.steps_done(global_step)
+
+
+def run_length(source: BatchSource, spec: PlanSettings, settings) -> RunLength:
     counts = steps_per_epoch(source, spec, settings.n_epochs, settings.max_steps)
-    return counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts)
+    return RunLength(counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts),
+                     settings.max_steps)

@@ -31,3 +31,17 @@ class TrainState:
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step_in_epoch, self.epoch_sums, self.train_seconds = epoch, 0, TokenSums(), 0.0
+
+    def note_shapes(self, batches: list[dict]) -> None:
+        for batch in batches:  # each new shape costs a warm-up (a recompile under compile=True) on a GPU
+            shape = list(batch["input_ids"].shape)
+            if shape not in self.batch_shapes:
+                self.batch_shapes.append(shape)
+
+    def note_validation(self, epoch: int, val_loss: float) -> bool:
+        """Count an epoch's validation toward the best and early stopping; whether it improved (NaN never does)."""
+        if not val_loss < self.best_val_loss:
+            self.epochs_without_improvement += 1
+            return False
+        self.best_val_loss, self.best_epoch, self.epochs_without_improvement = val_loss, epoch + 1, 0
+        return True

@@ -1,0 +1,135 @@
+"""A run's checkpoints: when they are due (steps or the clock), the hand-off of ``Trainer.state_dict()`` to the
+background writer (or FSDP's sharded save), and the run's end, which waits for the last write.
+
+What a checkpoint carries is :meth:`Trainer.state_dict`; the files themselves are :mod:`checkpoint`'s and the
+thread that writes them :mod:`checkpoint_writer`'s. This module only decides when, and keeps which folders are
+complete (``last_checkpoint``, ``best_checkpoint``).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import fsdp, sharded_checkpoint
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
+from .distributed import DistContext, any_rank, barrier
+from .outcome import Outcome, OutcomeKind
+from .settings import FineTuneSettings
+
+
+class RunCheckpoints:
+    def __init__(self, settings: FineTuneSettings, ctx: DistContext, device: torch.device, *, sharded: bool,
+                 note=print):
+        self.settings, self.ctx, self.device, self.sharded = settings, ctx, device, sharded
+        self.folder = Path(settings.output_dir) / "checkpoints"
+        # Rank 0 writes, in a background thread while training goes on; FSDP's sharded saves are collectives.
+        self.writer = CheckpointWriter(
+            self.folder, settings.keep_checkpoints, staging_dir=settings.checkpoint_staging_folder(),
+            asynchronous=settings.async_checkpoints, pin=device.type == "cuda",
+            note=note) if ctx.is_main and settings.writes_checkpoints and not sharded else None
+        self.last_checkpoint = self.best_checkpoint = None  # complete folders only (named once written)
+        self.error = None  # a failed last write when the run ended for another reason
+        self.last_clock = time.monotonic()
+
+    def due(self, global_step: int, at_sync_point: bool) -> bool:
+        """A step-count checkpoint (``checkpoint_every``) or one by the clock (``checkpoint_every_minutes``)."""
+        every = self.settings.checkpoint_every
+        return bool(every) and global_step % every == 0 or self.clock_due(at_sync_point)
+
+    def clock_due(self, at_sync_point: bool) -> bool:
+        """Has ``checkpoint_every_minutes`` of wall time passed since the last checkpoint (or the start)?"""
+        minutes = self.settings.checkpoint_every_minutes
+        if not minutes:
+            return False
+        if self.ctx.enabled and not at_sync_point:  # under torchrun: only where the step rows are read anyway
+            return False
+        due = time.monotonic() - self.last_clock >= 60 * minutes
+        # Clocks differ between processes: rank 0's decides for all (a broadcast; no rank may checkpoint alone,
+        # state_dict() is a collective).
+        return any_rank(due and self.ctx.is_main, self.ctx, self.device)
+
+    def before_update(self) -> None:
+        """The optimizer update is about to change the weights and moments: the writer's copy completes first."""
+        if self.writer:
+            self.writer.before_update()
+
+    def save(self, trainer, best: bool = False) -> None:
+        """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's
+        RNG state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
+        trainer.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
+        self.last_clock = time.monotonic()
+        if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
+            sharded_checkpoint.save_checkpoint(trainer, best)
+            return
+        files = trainer.state_dict()
+        failed = self.writer.wait() if self.writer else None  # at most one write in flight
+        # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
+        # point anyway), instead of the others waiting forever in the next collective.
+        if any_rank(failed is not None, self.ctx, self.device):
+            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
+                                       f"free space and access under {self.settings.output_dir}, then resume.")
+        if self.writer:
+            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            optimizer = trainer.optimizer
+            updated = list(trainer.model.parameters()) + [t for s in optimizer.state.values()
+                                                          for t in s.values() if torch.is_tensor(t)]
+            self.writer.submit(trainer.state.global_step, files, trainer.checkpoint_meta(), best, self.written,
+                               {t.untyped_storage().data_ptr() for t in updated})
+
+    def written(self, step_folder: Path, best_folder: Path | None) -> None:
+        """Called by the writer once a checkpoint is complete: only then do results name it."""
+        self.last_checkpoint = str(step_folder)
+        if best_folder is not None:
+            self.best_checkpoint = str(best_folder)
+
+    def finish(self, outcome: Outcome | None) -> None:
+        """The run's end: wait for the write in flight, so that results name only complete checkpoints.
+
+        A failed write raises when the run ended as planned (completed, stopped early, pruned), as a synchronous
+        write would have; when it ended for another reason (Ctrl-C, a non-finite loss, an error: ``outcome`` None)
+        that reason is kept, and the failure is warned about and returned in ``results["checkpoint_error"]``.
+        """
+        failed = None
+        if self.writer:
+            try:
+                failed = self.writer.wait()
+            except KeyboardInterrupt:
+                failed = (f"interrupted while checkpoint step-{self.writer.writing_step} was being written; "
+                          "it completes in the background while this Python process lives")
+        together = outcome is not None and outcome.kind is not OutcomeKind.INTERRUPTED  # all ranks end at this point
+        if together:  # they agree on a failure, and return only once rank 0's last write is complete
+            if any_rank(failed is not None, self.ctx, self.device):
+                failed = failed or "rank 0 could not write the last checkpoint"
+            barrier(self.ctx)
+        if failed and together and outcome.kind is not OutcomeKind.NON_FINITE:
+            raise CheckpointWriteError(f"{failed}. Resume from the last checkpoint under {self.folder} once "
+                                       "the cause is fixed (free space, access to output_dir).")
+        if failed:
+            warnings.warn(f"The last checkpoint was not written: {failed}.", UserWarning, stacklevel=2)
+        self.error = failed
+
+
+def load_model_and_optimizer(model, optimizer, files: dict) -> None:
+    """A loaded checkpoint's weights and AdamW state into this run's model and optimizer."""
+    try:
+        if "model.pt" in files:
+            model.load_state_dict(files["model.pt"])
+        else:  # a sharded checkpoint (fsdp=True): model and optimizer from its shards, on any number of processes
+            sharded_checkpoint.load_model_and_optimizer(model, optimizer, files["folder"])
+    except RuntimeError as error:
+        raise ValueError(f"Cannot resume: the checkpoint's parameters do not match this model ({error}). "
+                         "Build the same architecture, or start fresh.") from error
+    if "optimizer.pt" in files:
+        optimizer.load_state_dict(files["optimizer.pt"])
+
+
+def saved_weights(model, loaded: dict) -> dict:
+    """The model weights of a loaded checkpoint folder (``checkpoint.load_checkpoint``), as
+    :func:`fsdp.restore_weights` takes them."""
+    if "model.pt" in loaded:
+        return loaded["model.pt"]
+    weights = sharded_checkpoint.load_model_weights(model, loaded["folder"])
+    return fsdp.local_weights_of(weights) if fsdp.is_sharded(model) else weights
