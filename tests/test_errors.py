@@ -120,3 +120,19 @@ def test_interrupt_during_validation_returns_partial_results():
 def test_out_of_memory_names_the_fix():
     with pytest.raises(torch.OutOfMemoryError, match="smaller batch_size"):
         _call(_Failing(n=2, exception=torch.OutOfMemoryError("CUDA out of memory")), train=SEQUENCES, batch_size=4)
+
+
+@pytest.mark.parametrize("how", ["fsdp=True", "torchrun"])
+def test_a_search_refuses_fsdp_and_torchrun_before_any_trial(tmp_path, monkeypatch, how):
+    from utils.tier3_training_utilities import test_hyperparameter_search
+
+    kwargs = {"fsdp": True} if how == "fsdp=True" else {}
+    if how == "torchrun":  # what torchrun sets in each of its processes
+        monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
+    storage = tmp_path / "study.db"
+    built = []
+    config = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="does not run under torchrun or with fsdp=True"):
+        test_hyperparameter_search(lambda: built.append(1) or _model(), config, GOOD, GOOD, n_trials=2,
+                                   storage=f"sqlite:///{storage}", output_dir=str(tmp_path), progress=False, **kwargs)
+    assert not built and not storage.exists()  # refused before a model, a study or a trial

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .distributed import launched_by_torchrun
 from .metrics import safe_exp
 from .outcome import OutcomeKind
 from .pad_id import detect_pad_token_id, pad_is_eos
@@ -75,7 +76,13 @@ class SearchRequest:
                      eval_every=arguments["eval_every"],
                      random_seed=positional.get("random_seed", arguments["random_seed"]),
                      use_wandb=arguments["use_wandb"])
-        settings_from_call(dict(fixed, progress=False))  # bad fixed keywords fail now
+        settings = settings_from_call(dict(fixed, progress=False))[0]  # bad fixed keywords fail now
+        if settings.fsdp or launched_by_torchrun():
+            # Every process would draw its own trial and the collectives of two different trials would meet.
+            raise ValueError("test_hyperparameter_search runs each trial in this one process, so it does not run "
+                             "under torchrun or with fsdp=True. Search with fsdp=False in one process per GPU (several "
+                             "processes may share one storage, see README), then train the best parameters with "
+                             "test_fine_tuning under torchrun.")
         return cls(new_model=model_source(arguments["model_factory"], arguments["model"]), config=arguments["config"],
                    train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space,
                    fixed=fixed, storage=arguments["storage"], study_name=arguments["study_name"],
