@@ -80,6 +80,9 @@ def run_scenario(out: str, scenario: str, source: str) -> None:
                 "held_parameter_fraction": held / sum(p.numel() for p in model.parameters())})
         gpt2 = tiny_gpt2(vocab_size=VOCAB, n_layer=2, pad_token_id=PAD)  # HF: its decoder layers are the units
         record(out, "gpt2", fit(out, "gpt2", gpt2, fsdp=fsdp, n_epochs=1, loss_path="linear"), gpt2)
+        model = tiny()  # W&B (offline) with per-layer gradient statistics at every step: rank 0 alone logs
+        record(out, "wandb", fit(out, "wandb", model, fsdp=fsdp, n_epochs=1, use_wandb=True, wandb_mode="offline",
+                                 log_grad_dist_every=1, log_grad_histogram=True), model)
         model = tiny()  # the non-finite guard: the first update makes every weight huge, the second step is NaN
         record(out, "nan", fit(out, "nan", model, fsdp=fsdp, n_epochs=1, learning_rate=1e30, max_grad_norm=None), model)
     elif scenario == "killed":  # every process SIGKILLs itself at the same training forward, mid-epoch 2

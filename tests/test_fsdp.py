@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fsdp_worker import CONFIG, KILL_FAMILY, VAL, tiny
+from wandb_reader import history_and_config
 from utils.tier3_training_utilities import test_fine_tuning
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -32,9 +33,12 @@ def _free_port() -> int:
 def _run(arguments, cwd, torchrun=True, processes=2, expect_ok=True, **env):
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
     launcher = launcher if torchrun else []
+    # W&B (offline) writes under cwd; a service an earlier test left in WANDB_SERVICE is not shared.
+    environment = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    environment.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_DIR=str(cwd), AT_STEP=str(AT_STEP),
+                       FROM_STEP=str(FROM_STEP), **env)
     done = subprocess.run([sys.executable, *launcher, str(WORKER), *map(str, arguments)], cwd=cwd, capture_output=True,
-                          text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                                                           AT_STEP=str(AT_STEP), FROM_STEP=str(FROM_STEP), **env))
+                          text=True, timeout=400, env=environment)
     assert (done.returncode == 0) == expect_ok, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -101,6 +105,25 @@ def test_hf_model_sharded_by_its_decoder_layers(runs):
     assert two["loss_history"] == pytest.approx(one["loss_history"], rel=1e-5)
     # One process takes the linear loss path; the sharded head is only gathered inside the root's forward.
     assert (one["loss_path"], two["loss_path"]) == ("linear", "chunked")
+
+
+def test_wandb_under_fsdp_logs_every_step_without_per_layer_gradient_statistics(runs):
+    # Before: rank 0 took per-layer norms of sharded gradients alone, a collective the other process never joined,
+    # and the run aborted at its first step.
+    sharded, alone = runs
+    two, one = _read(sharded, "wandb"), _read(alone, "wandb", processes=1)
+    assert two["loss_history"] == pytest.approx(one["loss_history"], rel=1e-5)
+
+    def rows(folder):
+        files = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1  # one run: rank 0's
+        return history_and_config(files[0])[0]
+
+    sharded_rows, alone_rows = rows(sharded), rows(alone)
+    step_rows = [[r for r in found if "train/step_loss_excl_padding" in r] for found in (sharded_rows, alone_rows)]
+    assert len(step_rows[0]) == len(step_rows[1]) == len(two["loss_history"])
+    assert any(key.startswith("gradients/") for row in alone_rows for key in row)  # on for one process
+    assert not any(key.startswith("gradients/") for row in sharded_rows for key in row)
 
 
 def test_non_finite_step_never_reaches_sharded_weights(runs):

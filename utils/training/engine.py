@@ -87,8 +87,14 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
                           writes_checkpoints=settings.writes_checkpoints,
                           has_checkpoints=bool(ckpt.step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
     tracker, wandb = build_metrics(settings, ctx, hooks)
+    # Sharded, each process holds a slice of every gradient: rank 0 alone cannot take a layer's norm, and asking
+    # the others would put a collective into rank 0's step only (the processes then deadlock or abort).
+    gradient_stats = wandb.gradients if wandb and not settings.fsdp else None
+    if wandb and settings.fsdp:
+        tracker.message("fsdp=True: per-layer gradient norms and histograms are not logged to W&B (each process "
+                        "holds a shard of each gradient); train/grad_norm, the global norm, is.")
     trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
-                      on_evaluation=hooks.on_evaluation, gradient_stats=wandb.gradients if wandb else None)
+                      on_evaluation=hooks.on_evaluation, gradient_stats=gradient_stats)
     resumed = resume(trainer)
     _start_tracker(trainer, model)
     if resumed is not None:
