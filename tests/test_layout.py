@@ -21,3 +21,41 @@ def test_the_contributors_guide_lists_every_module():
     missing = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "utils").rglob("*.py"))
                if path.name != "__init__.py" and path.name not in layout]
     assert not missing, f"CLAUDE.md's layout does not name {missing}: add one sentence each"
+
+
+def _package_imports() -> dict:
+    """module -> the package's modules it imports, lazy imports inside functions included (packages' __init__
+    files are left out: they only re-export)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in sorted((ROOT / "utils").rglob("*.py"))
+               if p.name != "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        package = name.rsplit(".", 1)[0].split(".")
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("utils")):
+                continue
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module] if node.module else
+                            package[:len(package) - node.level + 1]) if node.level else node.module
+            targets |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph, state, cycles = _package_imports(), {}, []
+
+    def visit(name, trail):
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, f"import cycles: {cycles}"
+    assert "utils.training.trainer" in graph["utils.training.engine"]  # the graph is read at all
