@@ -19,6 +19,7 @@ import torch
 import seam_worker
 from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.batch_plans import PlanSettings
 from utils.training.source_contract import BatchSource
 from utils.training.sources import ExampleBatches, LoaderBatches, StreamBatches, batch_source
 
@@ -175,6 +176,28 @@ def test_a_loader_over_a_changed_dataset_is_refused_when_resumed_at_an_epoch_end
     assert row == 4 * (batch - 1) + in_batch  # its index in the epoch's reading: batches of 4 rows
 
 
+def test_replaying_a_finished_epoch_moves_no_random_state():
+    """A shuffling loader without generator= draws its order from torch's RNG (its sampler draws once more when the
+    pass ends): the replay of epoch 1 at a resume from its end leaves torch's RNG where the checkpoint put it, so
+    epoch 2 is drawn as in the uninterrupted run."""
+    def loader():
+        rows = [{"input_ids": torch.tensor(r)} for r in seam_worker.loader_rows()]
+        return torch.utils.data.DataLoader(rows, batch_size=4, shuffle=True, collate_fn=seam_worker.pad_rows)
+
+    spec = PlanSettings(4)
+    torch.manual_seed(3)
+    whole = LoaderBatches(loader(), PAD)
+    list(whole.steps(spec, 0, 0))
+    torch.rand(7)  # training's draws (dropout) after the epoch drew its order
+    state, rng = whole.state_dict(), torch.get_rng_state()
+    epoch_2 = [batches[0]["input_ids"].tolist() for _, batches in whole.steps(spec, 1, 0)]
+    resumed = LoaderBatches(loader(), PAD)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)  # as the resume sets it, after the sources took their state back
+    steps = resumed.steps(spec, 1, 0)  # epoch 1 is read again here, before epoch 2 draws its order
+    assert [batches[0]["input_ids"].tolist() for _, batches in steps] == epoch_2
+
+
 # -- checks of a stream's rows ---------------------------------------------------------------------------------
 LIMITED = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD, n_positions=40)
 
@@ -233,6 +256,14 @@ def test_every_source_implements_the_contract_and_nothing_else_asks_the_kind():
     for module in ("trainer.py", "engine.py", "evaluation.py", "checks.py"):
         text = (PACKAGE / module).read_text()
         assert not re.search(r"\.plannable|\.streamed|\"first_step\"|Batches\b|is_stream", text), module
+
+
+def test_no_source_class_is_over_250_lines():
+    modules = ("streaming.py", "loaders.py", "table_batches.py", "source_contract.py")
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for module in modules
+             for node in ast.parse((PACKAGE / module).read_text()).body if isinstance(node, ast.ClassDef)}
+    assert {"StreamBatches", "LoaderBatches", "ExampleBatches"} <= set(sizes)
+    assert max(sizes.values()) <= 250, sizes
 
 
 def test_no_module_imports_another_modules_private_names():
