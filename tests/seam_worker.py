@@ -110,7 +110,7 @@ EPOCH_END = dict(max_steps=22, checkpoint_every=None, resume_from_checkpoint=Tru
 
 
 def in_child(function, *args, **keywords) -> int:
-    """``function(*args, **keywords)`` in a forked child of this process; how the child ended (its exit code, -signal)."""
+    """``function(*args, **keywords)`` in a forked child of this process; how it ended (exit code, or -signal)."""
     pid = os.fork()
     if pid == 0:  # the child never returns into the caller's code
         code = 0

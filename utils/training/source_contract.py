@@ -180,7 +180,7 @@ class ReadLog:
             raise ValueError(f"Cannot resume: {place} differs from the one read before the interruption {CHANGED}")
         if self.expected is not None and index >= len(self.expected) and self.to_end:
             raise ValueError(f"Cannot resume: {place} was not there when that epoch was read to its end before the "
-                             f"interruption ({len(self.expected)} {self.unit}s) {CHANGED}")
+                             f"interruption: it had {len(self.expected)} {self.unit}s {CHANGED}")
         self.digests.append(value)
 
     def read(self, rows: Iterable, where: str = "") -> Iterator:
