@@ -1,10 +1,14 @@
 """Run by tests/test_data_seam.py: one run over a stream or a DataLoader, SIGKILLed at a chosen training forward
 (``kill_at``) or run to its end; the test then resumes it in its own process.
 
-``python seam_worker.py FORM OUT_DIR '{"kill_at": 7, ...}'`` writes OUT_DIR/<mode>.json and -weights.pt when it ends.
+``python seam_worker.py FORM OUT_DIR '{"kill_at": 7, ...}'`` writes OUT_DIR/<mode>.json and -weights.pt when it ends;
+``python seam_worker.py epoch-end ROOT '["datasets", ...]'`` runs :func:`epoch_end_runs`.
 """
 import json
+import os
+import shutil
 import sys
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,9 +77,13 @@ def val_rows():
     return lines(40, seed=9)
 
 
-def shuffling_loader():
+def loader_rows():
+    return lines(36, seed=5, low=3)
+
+
+def shuffling_loader(rows=None):
     """A map-style DataLoader with its own generator: its order depends on the generator's state."""
-    data = [{"input_ids": torch.tensor(r)} for r in lines(36, seed=5, low=3)]
+    data = [{"input_ids": torch.tensor(r)} for r in rows or loader_rows()]
     return torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, collate_fn=pad_rows,
                                        generator=torch.Generator().manual_seed(7))
 
@@ -93,9 +101,56 @@ def run(form, out_dir, kill_at=None, mode="run", **overrides):
     result = test_fine_tuning(model, CONFIG, train, val, **dict(settings, **overrides))
     torch.save(model.state_dict(), Path(out_dir) / f"{mode}-weights.pt")
     summary = {k: result[k] for k in ("loss_history", "final_val_loss", "global_step", "resumed_from_step")}
+    summary["epoch_ends"] = [int(step) for step in result["metrics_summary"]["global_step"]]  # an epoch's last step
     (Path(out_dir) / f"{mode}.json").write_text(json.dumps(summary))
     return result
 
 
+EPOCH_END = dict(max_steps=22, checkpoint_every=None, resume_from_checkpoint=True)  # checkpoints at epoch ends only
+
+
+def in_child(function, *args, **keywords) -> int:
+    """``function(*args, **keywords)`` in a forked child of this process; how it ended (exit code, or -signal)."""
+    pid = os.fork()
+    if pid == 0:  # the child never returns into the caller's code
+        code = 0
+        try:
+            function(*args, **keywords)
+        except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def epoch_end_runs(root: Path, forms: list) -> None:
+    """Per stream form: the run uninterrupted (``whole``), SIGKILLed at the first forward of epoch 2 (``cut``: its
+    newest checkpoint is epoch 1's end) and a copy of that resumed (``resumed``); the shuffling loader (9 steps an
+    epoch) SIGKILLed at forward 10. Each run is a forked child of this process: torch is imported once, every run
+    starts from the same state and runs the same kernels. Writes ROOT/report.json (how each run ended)."""
+    torch.set_num_threads(1)  # with OMP_NUM_THREADS=1: no thread pool exists when the runs are forked
+    import datasets  # noqa: F401 - imported once here, not in every forked run
+
+    report = {}
+    for form in forms:
+        folder = {run: root / form / run for run in ("whole", "cut", "resumed")}
+        for path in folder.values():
+            path.mkdir(parents=True)
+        report[f"{form} whole"] = in_child(run, form, folder["whole"], None, "whole", **EPOCH_END)
+        epoch_end = json.loads((folder["whole"] / "whole.json").read_text())["epoch_ends"][0]
+        report[f"{form} cut"] = in_child(run, form, folder["cut"], epoch_end + 1, "cut", **EPOCH_END)
+        shutil.rmtree(folder["resumed"])
+        shutil.copytree(folder["cut"], folder["resumed"])  # "cut" keeps its checkpoint at epoch 1's end
+        report[f"{form} resumed"] = in_child(run, form, folder["resumed"], None, "resume", **EPOCH_END)
+    (root / "loader").mkdir()
+    report["loader cut"] = in_child(run, "loader", root / "loader", 10, "cut")
+    (root / "report.json").write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
+    if sys.argv[1] == "epoch-end":
+        epoch_end_runs(Path(sys.argv[2]), json.loads(sys.argv[3]))
+    else:
+        run(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))

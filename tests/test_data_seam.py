@@ -19,6 +19,7 @@ import torch
 import seam_worker
 from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.batch_plans import PlanSettings
 from utils.training.source_contract import BatchSource
 from utils.training.sources import ExampleBatches, LoaderBatches, StreamBatches, batch_source
 
@@ -29,8 +30,8 @@ STREAM_FORMS = ["datasets", "iterable", "iterable-loader"]
 
 def _worker(form, out_dir, **arguments):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, str(Path(seam_worker.__file__)), form, str(out_dir), json.dumps(arguments)],
-                            cwd=out_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, str(Path(seam_worker.__file__)), form, str(out_dir), json.dumps(arguments)]
+    return subprocess.Popen(command, cwd=out_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _finished(process, code=0):
@@ -48,7 +49,8 @@ def killed(tmp_path_factory):
     """Each stream form and a validation stream, SIGKILLed at training forward 7 (checkpoints every 2 steps: the
     newest is step 6), and uninterrupted runs of the iterable loader and the shuffling loader to compare with; the
     processes run together."""
-    folders = {form: tmp_path_factory.mktemp(form) for form in STREAM_FORMS + ["val-stream", "whole-iterable-loader", "whole-loader"]}
+    forms = STREAM_FORMS + ["val-stream", "whole-iterable-loader", "whole-loader"]
+    folders = {form: tmp_path_factory.mktemp(form) for form in forms}
     processes = {form: _worker(form.replace("whole-", ""), folder, kill_at=None if "whole" in form else 7)
                  for form, folder in folders.items()}
     for form, process in processes.items():
@@ -56,18 +58,21 @@ def killed(tmp_path_factory):
     return folders
 
 
-def _resume(form, folder, train=None, val=None):
+def _resume(form, folder, train=None, val=None, **overrides):
     torch.manual_seed(1)  # other initial weights: the checkpoint replaces them
     common = dict(progress=False, save_plots=False, output_dir=str(folder / "run"), resume_from_checkpoint=True)
     if form == "val-stream":
         data = (seam_worker.train_rows(), seam_worker.Reiterable(val or seam_worker.val_rows()))
         settings = dict(seam_worker.STREAM, eval_every=2)
+    elif form == "loader":
+        data = (seam_worker.shuffling_loader(train), seam_worker.lines(12, seed=9))
+        settings = seam_worker.LOADER
     else:
         data = (seam_worker.stream(form, train or seam_worker.train_rows()), seam_worker.lines(12, seed=9))
         settings = seam_worker.STREAM
     model = StopAtForward(TinyCausalLM(vocab_size=VOCAB, dropout=0.1))  # the killed run's architecture
     return test_fine_tuning(model, seam_worker.CONFIG, *data,
-                            **dict(settings, **common))
+                            **dict(settings, **common, **{k: v for k, v in overrides.items() if k not in common}))
 
 
 @pytest.mark.parametrize("form", STREAM_FORMS)
@@ -111,6 +116,86 @@ def test_a_loaders_own_generator_is_restored_at_an_epoch_boundary_and_through_si
     whole, weights = torch.load(killed["whole-loader"] / "run-weights.pt"), torch.load(tmp_path / "resume-weights.pt")
     for key, value in whole.items():
         assert torch.equal(weights[key], value), key
+
+
+# -- resumes at an epoch boundary ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def epoch_end(tmp_path_factory):
+    """Runs killed at the first forward of epoch 2 and resumed from epoch 1's end (``seam_worker.epoch_end_runs``:
+    22 steps over the 60-row stream, whose first epoch is 18 steps; the shuffling loader, 9 steps an epoch)."""
+    root = tmp_path_factory.mktemp("epoch-end")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, str(Path(seam_worker.__file__)), "epoch-end", str(root),
+                           json.dumps(STREAM_FORMS)], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((root / "report.json").read_text())
+    for run, code in report.items():
+        assert code == (-signal.SIGKILL if run.endswith("cut") else 0), (run, code, done.stderr[-3000:])
+    return root
+
+
+@pytest.mark.parametrize("form", STREAM_FORMS)
+def test_a_stream_resumed_at_an_epoch_boundary_gives_the_uninterrupted_run(epoch_end, form):
+    """The replay of the finished epoch reads the stream once more and draws nothing: epoch 2 is the uninterrupted
+    run's, bit for bit (the runs are forked children of one worker process)."""
+    folder = epoch_end / form
+    whole = json.loads((folder / "whole" / "whole.json").read_text())
+    resumed = json.loads((folder / "resumed" / "resume.json").read_text())
+    ends, steps = whole["epoch_ends"], seam_worker.EPOCH_END["max_steps"]
+    assert ends[0] < steps and resumed["resumed_from_step"] == ends[0]  # resumed at epoch 1's end
+    assert resumed["global_step"] == whole["global_step"] == steps
+    assert resumed["loss_history"] == whole["loss_history"] and resumed["final_val_loss"] == whole["final_val_loss"]
+    weights = torch.load(folder / "resumed" / "resume-weights.pt")
+    for key, value in torch.load(folder / "whole" / "whole-weights.pt").items():
+        assert torch.equal(weights[key], value), key
+
+
+DIFFERS = "of epoch 1 of the training data differs from the one read"
+FINISHED_EPOCH_CHANGES = {  # a change to rows epoch 1 trained -> the refusal that names it
+    "row 20 changed": (lambda rows: _changed(rows, 20), f"row 20 {DIFFERS}"),
+    "row 47 changed": (lambda rows: _changed(rows, 47), f"row 47 {DIFFERS}"),
+    "a row appended": (lambda rows: rows + [rows[3]], "row 60 of epoch 1 of the training data was not there"),
+    "the last row gone": (lambda rows: rows[:-1], "the training data ended after 59 rows of epoch 1, but 60 were read"),
+}
+
+
+@pytest.mark.parametrize("form", STREAM_FORMS)
+@pytest.mark.parametrize("change", FINISHED_EPOCH_CHANGES)
+def test_a_stream_changed_in_its_finished_epoch_is_refused_when_resumed_at_its_end(epoch_end, form, change):
+    edit, message = FINISHED_EPOCH_CHANGES[change]
+    with pytest.raises(ValueError, match=rf"Cannot resume: {message}.*resume_from_checkpoint=False"):
+        _resume(form, epoch_end / form / "cut", train=edit(seam_worker.train_rows()), **seam_worker.EPOCH_END)
+
+
+def test_a_loader_over_a_changed_dataset_is_refused_when_resumed_at_an_epoch_end(epoch_end):
+    """Row 12 of the dataset is not in the loader's fingerprinted first batch: only the replay of epoch 1 sees it."""
+    with pytest.raises(ValueError, match=r"Cannot resume: row \d+ of epoch 1 of the training data \(in batch \d+ of "
+                                         r"this epoch as its row \d+\) differs") as error:
+        _resume("loader", epoch_end / "loader", train=_changed(seam_worker.loader_rows(), 12))
+    row, batch, in_batch = map(int, re.search(r"row (\d+) .* batch (\d+) .* row (\d+)\)", str(error.value)).groups())
+    assert row == 4 * (batch - 1) + in_batch  # its index in the epoch's reading: batches of 4 rows
+
+
+def test_replaying_a_finished_epoch_moves_no_random_state():
+    """A shuffling loader without generator= draws its order from torch's RNG (its sampler draws once more when the
+    pass ends): the replay of epoch 1 at a resume from its end leaves torch's RNG where the checkpoint put it, so
+    epoch 2 is drawn as in the uninterrupted run."""
+    def loader():
+        rows = [{"input_ids": torch.tensor(r)} for r in seam_worker.loader_rows()]
+        return torch.utils.data.DataLoader(rows, batch_size=4, shuffle=True, collate_fn=seam_worker.pad_rows)
+
+    spec = PlanSettings(4)
+    torch.manual_seed(3)
+    whole = LoaderBatches(loader(), PAD)
+    list(whole.steps(spec, 0, 0))
+    torch.rand(7)  # training's draws (dropout) after the epoch drew its order
+    state, rng = whole.state_dict(), torch.get_rng_state()
+    epoch_2 = [batches[0]["input_ids"].tolist() for _, batches in whole.steps(spec, 1, 0)]
+    resumed = LoaderBatches(loader(), PAD)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)  # as the resume sets it, after the sources took their state back
+    steps = resumed.steps(spec, 1, 0)  # epoch 1 is read again here, before epoch 2 draws its order
+    assert [batches[0]["input_ids"].tolist() for _, batches in steps] == epoch_2
 
 
 # -- checks of a stream's rows ---------------------------------------------------------------------------------
@@ -171,6 +256,14 @@ def test_every_source_implements_the_contract_and_nothing_else_asks_the_kind():
     for module in ("trainer.py", "engine.py", "evaluation.py", "checks.py"):
         text = (PACKAGE / module).read_text()
         assert not re.search(r"\.plannable|\.streamed|\"first_step\"|Batches\b|is_stream", text), module
+
+
+def test_no_source_class_is_over_250_lines():
+    modules = ("streaming.py", "loaders.py", "table_batches.py", "source_contract.py")
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for module in modules
+             for node in ast.parse((PACKAGE / module).read_text()).body if isinstance(node, ast.ClassDef)}
+    assert {"StreamBatches", "LoaderBatches", "ExampleBatches"} <= set(sizes)
+    assert max(sizes.values()) <= 250, sizes
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -21,7 +21,12 @@ CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 
 def _lines(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _listed(plan):
+    return [[(ex.input_ids.tolist(), c) for ex, c in m] for m in plan]
 
 
 class Reiterable:
@@ -74,7 +79,7 @@ def test_streamed_steps_hold_a_token_budget_and_cover_the_stream_once(form):
         lengths = [len(ex) for m in step for ex, counts in m if counts]
         assert max(lengths) * len(lengths) <= budget or len(lengths) == 1
     again = list(source.plan(spec, epoch=0))
-    assert [[(ex.input_ids.tolist(), c) for ex, c in m] for m in again] == [[(ex.input_ids.tolist(), c) for ex, c in m] for m in micro]
+    assert _listed(again) == _listed(micro)
     other = [[ex.input_ids.tolist() for ex, _ in m] for m in source.plan(spec, epoch=1)]
     assert other != [[ex.input_ids.tolist() for ex, _ in m] for m in micro]  # each epoch shuffles anew
     # A buffer, not a full pass: the first step is formed before the stream is read to its end.
@@ -122,7 +127,8 @@ def test_streamed_shards_under_torchrun(tmp_path):
     worker = Path(__file__).with_name("stream_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                           str(worker), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for form in ("datasets", "iterable"):
         ranks = [json.loads((tmp_path / f"{form}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -144,7 +150,8 @@ def test_a_dataloader_over_an_iterable_dataset_is_streamed(tmp_path):
     def pad(batch):  # a user's collated, right-padded batches: the stream splits them back into examples
         width = max(len(b["input_ids"]) for b in batch)
         ids = torch.stack([torch.nn.functional.pad(b["input_ids"], (0, width - len(b["input_ids"]))) for b in batch])
-        return {"input_ids": ids, "attention_mask": (torch.arange(width) < torch.tensor([[len(b["input_ids"])] for b in batch])).long()}
+        lengths = torch.tensor([[len(b["input_ids"])] for b in batch])
+        return {"input_ids": ids, "attention_mask": (torch.arange(width) < lengths).long()}
 
     source = batch_source(torch.utils.data.DataLoader(Lines(), batch_size=5, collate_fn=pad), PAD, buffer_size=16)
     seen = sorted(ex.input_ids.tolist() for m in source.plan(PlanSettings(4, shuffle=True), 0) for ex, c in m if c)

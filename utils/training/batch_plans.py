@@ -3,7 +3,8 @@
 A plan is recomputed, not stored: a resumed run gets the same plan from the same settings. Plans are numpy
 arrays over one array of lengths (no per-example Python objects: 2M examples plan in well under a second);
 the random draws are torch's (``randperm`` on a generator seeded ``seed + epoch``), as they always were, so
-the order of every earlier run is kept bit for bit (tests/test_large_data.py compares with the list code).
+the order of every earlier run is kept bit for bit (tests/test_large_data.py compares with the list code). A
+stream's buffer (:func:`buffer_steps`) is planned the same way, with numpy's generator seeded by its number too.
 """
 from __future__ import annotations
 
@@ -148,8 +149,8 @@ def token_budget_steps(lengths, *, step_budget: int, micro_batches_per_step: int
         return ordered, bounds
     starts, sizes = bounds[:-1], np.diff(bounds)
     permutation = _randperm(len(sizes), generator)
-    return (ordered[_segments(starts[permutation], sizes[permutation])],
-            np.concatenate([[0], np.cumsum(sizes[permutation])]))
+    shuffled = ordered[_segments(starts[permutation], sizes[permutation])]
+    return shuffled, np.concatenate([[0], np.cumsum(sizes[permutation])])
 
 
 def token_plan(indices: np.ndarray, bounds: np.ndarray, accumulation: int, world_size: int, rank: int) -> Plan:
@@ -180,3 +181,21 @@ def shard_batches(order, batch_size: int, world_size: int = 1, rank: int = 0) ->
     total = -(-len(order) // world_size) * world_size
     positions = np.arange(rank, total, world_size)
     return Plan.from_batches(order[positions % len(order)], positions < len(order), batch_size)
+
+
+def buffer_steps(lengths: np.ndarray, spec: PlanSettings, epoch: int, buffer: int, step_budget: int) -> list:
+    """The optimizer steps of one buffer of a stream, as arrays of positions in the buffer: a pure function of the
+    lengths, the settings, the epoch and the buffer's number (its generator is seeded ``(seed, epoch, buffer)``).
+    Token grouping sorts the shuffled buffer by length and cuts it by :func:`budget_step_bounds`; otherwise steps
+    are ``batch_size * accumulation`` consecutive rows. With ``shuffle`` the steps' order is shuffled too."""
+    if not len(lengths):
+        return []
+    rng = np.random.default_rng([spec.seed, epoch, buffer])
+    order = rng.permutation(len(lengths)) if spec.shuffle else np.arange(len(lengths))
+    if resolve_grouping(spec.group_by_length, spec.shuffle) == "tokens":
+        order = order[np.argsort(-lengths[order], kind="stable")]
+        bounds = budget_step_bounds(lengths[order], step_budget, len(order))
+    else:
+        bounds = np.append(np.arange(0, len(order), spec.batch_size * spec.accumulation), len(order))
+    steps = [order[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return [steps[i] for i in rng.permutation(len(steps))] if spec.shuffle else steps

@@ -4,8 +4,9 @@ Batches get the package's real-token rule as an attention mask when they carry n
 moved to the right (exact for a causal model, and the only form in which a model without
 ``attention_mask``/``position_ids`` arguments sees the positions of the unpadded text). A resumed epoch draws its
 order from the random state recorded at the epoch's start, replays the batches already trained (each row is
-compared with the digest recorded for it) and goes on; the loader's own generators (``generator=``, the
-sampler's) are restored from the checkpoint, so an epoch that starts after a resume draws the order it would have.
+compared with the digest recorded for it) and goes on; a resume at an epoch's end replays that epoch's pass the
+same way before the next one. The loader's own generators (``generator=``, the sampler's) are restored from the
+checkpoint, so an epoch that starts after a resume draws the order it would have.
 """
 from __future__ import annotations
 
@@ -49,14 +50,15 @@ class LoaderBatches(BatchSource):
 
     def steps(self, spec: PlanSettings, epoch: int, start: int):
         """One pass over the loader; a resumed epoch (``start`` > 0) replays the order recorded at its start."""
-        resumed = self.resume_at if self.resume_at and self.resume_at["epoch"] == epoch and start else None
-        self.resume_at = None
+        recorded, self.resume_at = self.resume_at, None
+        resumed = recorded if recorded and recorded["epoch"] == epoch else None
         if start and resumed is None:
             raise ValueError(f"Cannot resume the DataLoader given as {self.what} {start} steps into epoch {epoch + 1}: "
                              "the checkpoint holds no record of its order there. Start fresh with "
                              "resume_from_checkpoint=False.")
         self.epoch = epoch
-        self.log.start(epoch, resumed["read"] if resumed else None)
+        self.log.start(epoch, recorded and recorded["read"], to_end=True,  # an epoch reads the whole loader
+                       replay=lambda finished: self._replayed(recorded["order"], finished))
         self.order_state = resumed["order"] if resumed else self._order_state()
         batches = self._pass(self.order_state, restore_rng=resumed is not None)
         where = lambda k: f"batch {k + 1} of epoch {epoch + 1}, in its optimizer step {k // spec.accumulation + 1}"  # noqa: E731
@@ -73,6 +75,15 @@ class LoaderBatches(BatchSource):
         if restore_rng:
             torch.set_rng_state(current)
         return iter(()) if first is None else chain([first], iterator)
+
+    def _replayed(self, order_state: dict, epoch: int):
+        """A finished epoch's pass read again from the order state recorded at its start. The sampler draws again
+        when it ends (torch's ``RandomSampler``), so torch's RNG and the generators are set back only after it."""
+        current = self._order_state()
+        try:
+            yield from self._logged(self._pass(order_state, restore_rng=False), epoch)
+        finally:
+            self._set_order_state(current)
 
     def _logged(self, batches, epoch: int):
         where = f"epoch {epoch + 1}"
@@ -191,7 +202,8 @@ class LoaderBatches(BatchSource):
         if self.vocab_size is not None:
             check_batch_ids(batch, self.vocab_size, place)
         check_length(input_ids.shape[1], self.max_length, place)
-        batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id, self.pad_is_eos).long()
+        batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id,
+                                                  self.pad_is_eos).long()
         batch = self._left_padding_moved_right(batch)
         mask = batch["attention_mask"]
         batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all())  # on the CPU, before the device copy

@@ -83,8 +83,8 @@ class BatchSource(ABC):
 
     def split(self, val_fraction: float, seed: int) -> tuple["BatchSource", "BatchSource"]:
         """A seeded random hold-out for ``val_data=None``: training and validation sources."""
-        raise ValueError("val_data=None needs train_data as a list of examples or a Dataset to hold out from (a stream or "
-                         "a DataLoader cannot be split); pass val_data.")
+        raise ValueError("val_data=None needs train_data as a list of examples or a Dataset to hold out from (a stream "
+                         "or a DataLoader cannot be split); pass val_data.")
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:
@@ -127,24 +127,47 @@ def row_digest(row) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+CHANGED = ("(the data changed since the checkpoint). Pass the same data, or start fresh with "
+           "resume_from_checkpoint=False.")
+
+
 class ReadLog:
     """What a source has read in the current epoch (or validation pass): one 8-byte digest per example.
 
-    A checkpoint carries it; a resumed source reads from the epoch's start again and every example it replays
-    is compared with the digest recorded for it, so a changed, inserted or removed example is refused and named
-    (its index in the epoch's reading), wherever it lies. 8 bytes an example of the current epoch (8 MB a
-    million rows of a stream's epoch); data in memory or on disk is hashed whole up front instead and needs none.
+    A checkpoint carries it; a resume reads the source again and compares every example with the digest recorded
+    for it, so a changed, inserted or removed example is refused and named (its index in that epoch's reading),
+    wherever it lies. A checkpoint inside an epoch: the epoch is read again from its start to the position. A
+    checkpoint at an epoch's end (its position: that epoch read to its end): that epoch's pass is read again before
+    the next one starts (:meth:`start`), as a resume at its last step would. Epoch k+1's reading is never compared
+    with epoch k's: a stream may reshuffle each epoch. 8 bytes an example of an epoch (8 MB a million rows of a
+    stream's epoch); data in memory or on disk is hashed whole up front instead and needs none.
     """
 
     def __init__(self, what: str, unit: str = "example"):
         self.what, self.unit = what, unit
-        self.epoch, self.digests, self.expected = None, array("Q"), None
+        self.epoch, self.digests, self.expected, self.to_end = None, array("Q"), None, False
 
-    def start(self, epoch: int, recorded: dict | None = None) -> None:
-        """A new epoch's reading; ``recorded`` (from a checkpoint of this epoch) is what the replay must match."""
-        self.epoch, self.digests = epoch, array("Q")
-        self.expected = None
-        if recorded is not None and recorded.get("epoch") == epoch:
+    def start(self, epoch: int, recorded: dict | None = None, replay=None, to_end: bool = False) -> None:
+        """A new epoch's reading. ``recorded`` is the log a checkpoint carries. Of this epoch: what the rows read
+        again must match. Of an earlier epoch (the checkpoint at its end): ``replay(that epoch)`` reads that epoch's
+        pass again now, through this log (:meth:`read`, or :meth:`note` per row and :meth:`replay_ended` at the
+        data's end), drawing nothing; every recorded row must come back. ``to_end``: that epoch read its data to
+        the end, so a row after the recorded ones is a change too (not so for a shard that stopped with the
+        others)."""
+        if recorded is not None and recorded.get("epoch") is not None and recorded["epoch"] < epoch:
+            if replay is None:
+                raise TypeError("ReadLog.start: a record of a finished epoch needs replay, the epoch's pass read again")
+            self._expect(recorded["epoch"], recorded)
+            self.to_end = to_end
+            for _ in replay(recorded["epoch"]):
+                if not (to_end or self.replaying):
+                    break  # every recorded row compared; the rows after them were not read in that epoch
+            self.replay_ended()
+        self._expect(epoch, recorded if recorded is not None and recorded.get("epoch") == epoch else None)
+
+    def _expect(self, epoch: int, recorded: dict | None) -> None:
+        self.epoch, self.digests, self.expected, self.to_end = epoch, array("Q"), None, False
+        if recorded is not None:
             self.expected = array("Q")
             self.expected.frombytes(recorded["digests"])
 
@@ -152,20 +175,27 @@ class ReadLog:
         """Record one example as it is read; during a replay, compare it with the recorded one (``detail``: where
         else it stands, e.g. its batch)."""
         value, index = row_digest(row), len(self.digests)
+        place = f"{self.unit} {index} of {where or 'this epoch'} of the {self.what}{detail}"
         if self.expected is not None and index < len(self.expected) and self.expected[index] != value:
-            raise ValueError(
-                f"Cannot resume: {self.unit} {index} of {where or 'this epoch'} of the {self.what}{detail} differs from the one "
-                "read before the interruption (the data changed since the checkpoint). Pass the same data, or start "
-                "fresh with resume_from_checkpoint=False.")
+            raise ValueError(f"Cannot resume: {place} differs from the one read before the interruption {CHANGED}")
+        if self.expected is not None and index >= len(self.expected) and self.to_end:
+            raise ValueError(f"Cannot resume: {place} was not there when that epoch was read to its end before the "
+                             f"interruption: it had {len(self.expected)} {self.unit}s {CHANGED}")
         self.digests.append(value)
+
+    def read(self, rows: Iterable, where: str = "") -> Iterator:
+        """``rows`` as they are read, each noted; at their end, a replay must have reached every recorded one."""
+        for row in rows:
+            self.note(row, where)
+            yield row
+        self.replay_ended(where)
 
     def replay_ended(self, where: str = "") -> None:
         """The reading ended: a replay must have reached every recorded example."""
         if self.expected is not None and len(self.digests) < len(self.expected):
-            raise ValueError(
-                f"Cannot resume: the {self.what} ended after {len(self.digests)} {self.unit}s of {where or 'this epoch'}, "
-                f"but {len(self.expected)} were read there before the interruption (the data changed since the "
-                "checkpoint). Pass the same data, or start fresh with resume_from_checkpoint=False.")
+            raise ValueError(f"Cannot resume: the {self.what} ended after {len(self.digests)} {self.unit}s of "
+                             f"{where or 'this epoch'}, but {len(self.expected)} were read there before the "
+                             f"interruption {CHANGED}")
         self.expected = None
 
     @property

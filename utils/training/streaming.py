@@ -2,13 +2,15 @@
 
 A stream (a ``datasets.IterableDataset``, any iterable of examples that can be iterated again, a DataLoader over
 an ``IterableDataset``) has no length, so ``max_steps`` sets the run's length and the schedule; an epoch ends
-when the stream does. ``buffer_size`` examples are read at a time, shuffled with a generator seeded by
-``(seed, epoch, buffer number)``, sorted by length and cut into steps of about the same number of tokens (the
-rule of :func:`batch_plans.budget_step_bounds`), whose order is shuffled too. A checkpoint records where the
-current buffer starts in the stream and how many of its steps ran: the same buffer is read again and the same
-steps come out, so a resumed run equals an uninterrupted one. The position is reached by reading the stream up
-to it again (exact for any source; it costs the reading). Under torchrun each process reads its own shard
-(``split_dataset_by_node`` for a ``datasets`` stream, every k-th example otherwise); before each step the
+when the stream does. ``buffer_size`` examples are read at a time and planned by :func:`batch_plans.buffer_steps`
+(shuffled with a generator seeded by ``(seed, epoch, buffer number)``, sorted by length, cut into steps of about
+the same number of tokens, whose order is shuffled too). A checkpoint records where the current buffer starts in
+the stream and how many of its steps ran: the same buffer is read again and the same steps come out, so a resumed
+run equals an uninterrupted one. The position is reached by reading the stream up to it again (exact for any
+source; it costs the reading); at an epoch's end it is that epoch read to its end, so a resume there reads that
+epoch's pass again (rows compared, nothing trained) before the next one. Every row read again is compared with
+the one the checkpoint recorded (:class:`source_contract.ReadLog`). Under torchrun each process reads its own
+shard (``split_dataset_by_node`` for a ``datasets`` stream, every k-th example otherwise); before each step the
 processes agree that each still has one, so they stop together when the first shard ends.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .batch_plans import PlanSettings, budget_step_bounds, resolve_grouping
+from .batch_plans import PlanSettings, buffer_steps
 from .collate import PaddingCollator, padded_probe
 from .example_checks import RowChecks, check_loader_batch
 from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
@@ -31,7 +33,7 @@ DEFAULT_BUFFER_SIZE = 4096
 
 
 def is_stream(data) -> bool:
-    """An iterable without a length: a ``datasets.IterableDataset``, a torch ``IterableDataset`` or a loader over one."""
+    """An iterable without a length: a ``datasets.IterableDataset``, a torch ``IterableDataset``, a loader over one."""
     if isinstance(data, DataLoader):
         return isinstance(data.dataset, torch.utils.data.IterableDataset)
     if isinstance(data, (torch.utils.data.IterableDataset, torch.utils.data.Dataset, Mapping, str, bytes, list, tuple)):
@@ -110,12 +112,10 @@ class StreamBatches(BatchSource):
             check_loader_batch(item, self.what)
         return _rows(item)
 
-    def _logged(self, rows, log: ReadLog, where: str):
-        """Every row noted as it is read (compared with the record during a replay)."""
-        for row in rows:
-            log.note(row, where)
-            yield row
-        log.replay_ended(where)
+    def _logged(self, spec: PlanSettings, epoch: int, order_state, replay: bool):
+        """This process's rows of ``epoch``, each noted in the epoch's log as it is read (see :meth:`_shard`)."""
+        where = f"epoch {epoch + 1}" + ("" if spec.world_size == 1 else f" of process {spec.rank}'s shard")
+        return self.log.read(self._shard(spec.world_size, spec.rank, epoch, order_state, replay), where)
 
     def _examples(self, rows: list, first: int, where: str) -> list:
         """Rows cut to their real span and checked (``bad_examples``); rows without a real target are dropped
@@ -140,23 +140,6 @@ class StreamBatches(BatchSource):
         total, count = sums.tolist()
         return max(1, round(spec.batch_size * spec.accumulation * total / max(count, 1.0)))
 
-    def _buffer_steps(self, examples: list, spec: PlanSettings, epoch: int, buffer: int, budget: int) -> list:
-        """The steps of one buffer: a pure function of its examples, the seed, the epoch and the buffer's number."""
-        if not examples:
-            return []
-        rng = np.random.default_rng([spec.seed, epoch, buffer])
-        order = rng.permutation(len(examples)) if spec.shuffle else np.arange(len(examples))
-        if resolve_grouping(spec.group_by_length, spec.shuffle) == "tokens":
-            lengths = np.fromiter(map(len, examples), np.int64, len(examples))
-            order = order[np.argsort(-lengths[order], kind="stable")]
-            bounds = budget_step_bounds(lengths[order], budget, len(order))
-        else:
-            bounds = np.append(np.arange(0, len(order), spec.batch_size * spec.accumulation), len(order))
-        steps = [order[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-        if spec.shuffle:
-            steps = [steps[i] for i in rng.permutation(len(steps))]
-        return [[examples[i] for i in step] for step in steps]
-
     @staticmethod
     def _micro_batches(step: list, accumulation: int) -> list:
         """A step split into ``accumulation`` micro-batches; an empty one is a non-counting repeat."""
@@ -166,21 +149,22 @@ class StreamBatches(BatchSource):
 
     def plan(self, spec: PlanSettings, epoch: int):
         """This process's micro-batches of ``(Example, counts)`` of one epoch, read lazily (from the position a
-        checkpoint recorded, when one was loaded for this epoch)."""
-        start = self.resume_at if self.resume_at and self.resume_at["epoch"] == epoch else None
-        self.resume_at = None
-        return self._epoch(spec, epoch, start)
+        checkpoint recorded, when one was loaded: in this epoch, or at the end of the one before)."""
+        recorded, self.resume_at = self.resume_at, None
+        return self._epoch(spec, epoch, recorded)
 
-    def _epoch(self, spec: PlanSettings, epoch: int, start: dict | None):
+    def _epoch(self, spec: PlanSettings, epoch: int, recorded: dict | None):
+        start = recorded if recorded and recorded["epoch"] == epoch else None
         read, buffer, step = (start["read"], start["buffer"], start["step"]) if start else (0, 0, 0)
         skip, budget = (start["steps_done"], start["budget"]) if start else (0, None)
-        self.log.start(epoch, start and start["read_log"])
+        shard = "" if spec.world_size == 1 else f" of process {spec.rank}'s shard"
+        # One shard's epoch ends with its data; under torchrun the others stop with it, their data not read to the end.
+        self.log.start(epoch, recorded and recorded["read_log"], to_end=spec.world_size == 1,
+                       replay=lambda finished: self._logged(spec, finished, recorded.get("order"), replay=True))
         if start:
             self.checks.counts = dict(start["counts"])  # as they were before the buffer is read again
-        shard = "" if spec.world_size == 1 else f" of process {spec.rank}'s shard"
         order_state = start["order"] if start and start.get("order") is not None else torch.get_rng_state()
-        rows = self._logged(self._shard(spec.world_size, spec.rank, epoch, order_state, replay=bool(start)), self.log,
-                            f"epoch {epoch + 1}{shard}")
+        rows = self._logged(spec, epoch, order_state, replay=bool(start))
         for _ in islice(rows, read):  # to the buffer's start: reading again is exact for any source
             pass
         while True:
@@ -189,7 +173,8 @@ class StreamBatches(BatchSource):
             where = f"a stream{shard}; read in epoch {epoch + 1} after its optimizer step {step}"
             examples = self._examples(raw, read, where)
             budget = budget if budget is not None else self._budget(spec, examples)
-            for done, step_examples in enumerate(self._buffer_steps(examples, spec, epoch, buffer, budget), start=1):
+            lengths = np.fromiter(map(len, examples), np.int64, len(examples))
+            for done, positions in enumerate(buffer_steps(lengths, spec, epoch, buffer, budget), start=1):
                 if done <= skip:
                     continue
                 if not _all_agree(True):
@@ -197,7 +182,7 @@ class StreamBatches(BatchSource):
                 step += 1
                 self.position = {"epoch": epoch, "read": read, "buffer": buffer, "steps_done": done, "step": step,
                                  "budget": budget, "counts": counts, "order": order_state}
-                yield from self._micro_batches(step_examples, spec.accumulation)
+                yield from self._micro_batches([examples[i] for i in positions], spec.accumulation)
             skip, read, buffer = 0, read + len(raw), buffer + 1
             if len(raw) < self.buffer_size:
                 break
@@ -210,21 +195,21 @@ class StreamBatches(BatchSource):
     def steps(self, spec: PlanSettings, epoch: int, start: int):
         resumes = bool(self.resume_at and self.resume_at["epoch"] == epoch)
         if start and not (resumes and self.resume_at["step"] == start):
-            raise ValueError(f"Cannot resume the {self.what} {start} steps into epoch {epoch + 1}: the checkpoint holds "
-                             "no stream position there. Start fresh with resume_from_checkpoint=False.")
+            raise ValueError(f"Cannot resume the {self.what} {start} steps into epoch {epoch + 1}: the checkpoint "
+                             "holds no stream position there. Start fresh with resume_from_checkpoint=False.")
         steps = group_into_steps(self.plan(spec, epoch), spec.accumulation, 0, self.collate)
         for index, (_, micro_batches) in enumerate(steps):
             yield start + index, micro_batches
         if not start and (self.position is None or self.position["epoch"] != epoch):
-            raise ValueError(f"The {self.what} yielded no optimizer step in epoch {epoch + 1}: a stream must start again "
-                             "from its beginning when iterated again (and, under torchrun, give every process a shard). "
-                             "Pass a re-iterable source, e.g. a datasets.IterableDataset.")
+            raise ValueError(f"The {self.what} yielded no optimizer step in epoch {epoch + 1}: a stream must start "
+                             "again from its beginning when iterated again (and, under torchrun, give every process a "
+                             "shard). Pass a re-iterable source, e.g. a datasets.IterableDataset.")
 
     def eval_plan(self, batch_size, world_size=1, rank=0):
         """Validation: each process's shard once, sorted by length inside each buffer (least padding)."""
         self.checks.counts = dict.fromkeys(self.checks.counts, 0)  # the counts of the last pass are reported
         self.eval_log.start(0)
-        rows = self._logged(self._shard(world_size, rank, 0), self.eval_log, "a validation pass")
+        rows = self.eval_log.read(self._shard(world_size, rank, 0), "a validation pass")
         read = 0
         while raw := list(islice(rows, self.buffer_size)):
             examples = sorted(self._examples(raw, read, "a stream; read for validation"), key=len, reverse=True)
@@ -305,8 +290,7 @@ class StreamBatches(BatchSource):
         if state["eval_pass"]:  # read the validation stream now: a changed row is named before any training
             recorded = state["eval_pass"]
             self.eval_log.start(0, recorded["read"])
-            rows = self._logged(self._shard(recorded["world_size"], recorded["rank"], 0), self.eval_log, "a validation pass")
-            for _ in rows:
+            for _ in self.eval_log.read(self._shard(recorded["world_size"], recorded["rank"], 0), "a validation pass"):
                 pass
             self.eval_pass = recorded
 
