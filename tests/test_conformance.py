@@ -61,8 +61,12 @@ PENDING: dict = {}  # (form, check) -> the issue that still owes it; those check
 # -- the data, in every form --------------------------------------------------------------------------
 def texts(n, seed, changed=False):
     g = torch.Generator().manual_seed(seed)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(2, 9, (1,), generator=g)),),
-                                                            generator=g)) for _ in range(n)]
+
+    def line():  # its length, then its words, from one generator
+        size = int(torch.randint(2, 9, (1,), generator=g))
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (size,), generator=g))
+
+    lines = [line() for _ in range(n)]
     if changed:
         lines[-1] = lines[-1] + " cat"  # the last line only: beyond any head a source may sample
     return lines
@@ -253,7 +257,8 @@ def reference_loss(model, lines, precision):
     under the run's autocast (validation runs under it)."""
     total, count = 0.0, 0
     model.eval()
-    autocast = torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST
+                else torch.autocast("cpu", enabled=False))
     with torch.no_grad(), autocast:
         for line in lines:
             ids = torch.tensor(line)[None]
