@@ -22,6 +22,7 @@ import shutil
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -171,6 +172,7 @@ class CheckpointWriter:
         self.asynchronous, self.note = asynchronous, note
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
+        self.hasher_id: int | None = None  # the thread hashing the files of the write in flight
         self.error: str | None = None
         self.writing_step: int | None = None
         if staging_dir is not None:
@@ -202,7 +204,7 @@ class CheckpointWriter:
         ``KeyboardInterrupt``; the write then goes on in the background."""
         if self.thread is not None:
             if self.thread.is_alive():  # training waits for it now: back to training's priority (where allowed)
-                _set_niceness(self.thread.native_id, os.getpriority(os.PRIO_PROCESS, 0))
+                self._set_niceness(os.getpriority(os.PRIO_PROCESS, 0), self.thread.native_id)
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
             self.thread, self.writing_step = None, None
@@ -217,10 +219,15 @@ class CheckpointWriter:
                   f"{needed / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB of memory available.")
         return False
 
+    def _set_niceness(self, niceness: int, writer_id: int) -> None:
+        for thread_id in (writer_id, self.hasher_id):
+            if thread_id is not None:
+                _set_niceness(thread_id, niceness)
+
     def _write_in_background(self, step, files, meta, best, on_written) -> None:
         try:
             self.snapshot.ready()  # at training's priority: the next update waits for these copies
-            _set_niceness(threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
+            self._set_niceness(os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS, threading.get_native_id())
             self._write(step, files, meta, best, on_written)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
@@ -229,7 +236,15 @@ class CheckpointWriter:
 
     def _write(self, step, files, meta, best, on_written) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
-        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best)
+        # A second thread hashes each file while this one writes it: on a spare core a write then takes about as
+        # long as its serialisation, not that plus the sha256 (the run's end and a waiting checkpoint feel it).
+        # Started by this thread, it runs at this thread's priority.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{WRITER_THREAD_PREFIX}-hash") as hasher:
+            self.hasher_id = hasher.submit(threading.get_native_id).result()
+            try:
+                step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, hasher)
+            finally:
+                self.hasher_id = None
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
             if best_folder is not None:
                 best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
