@@ -243,3 +243,30 @@ def test_the_hashing_thread_runs_at_the_writers_priority(tmp_path):
     waiting.join(timeout=60)
     assert not waiting.is_alive() and writer.error is None
     assert checkpoint.verify_folder(tmp_path / "step-1")["step"] == 1
+
+
+def _may_raise_priority(niceness):
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - niceness
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities: Linux")
+def test_a_write_waited_for_while_it_copies_the_weights_keeps_trainings_priority(tmp_path):
+    # The run's end waits for its last checkpoint at once, while the writer is still copying the weights (at
+    # training's priority). It then gave way to training for the whole write, which training was waiting for.
+    blocked, training = BlockedPickle(), _niceness(threading.get_native_id())
+    if not _may_raise_priority(training):  # a writer that gave way first could not be brought back
+        pytest.skip("this process may not raise a thread's priority again")
+    weights = torch.ones(32 << 20)  # 128 MB, copied by the writer thread: the wait below comes during the copy
+    writer = CheckpointWriter(tmp_path, keep=2, note=lambda message: None)
+    writer.submit(1, {"model.pt": {"w": weights}, "trainer_state.pt": blocked}, {}, False,
+                  lambda step_folder, best_folder: None, {weights.untyped_storage().data_ptr()})
+    waiting = threading.Thread(target=writer.wait)
+    waiting.start()
+    assert blocked.pickling.wait(timeout=60)
+    assert _niceness(writer.thread.native_id) == _niceness(writer.hasher_id) == training
+    blocked.release.set()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and writer.error is None
+    assert torch.equal(checkpoint.load_checkpoint(tmp_path / "step-1")["model.pt"]["w"], weights)

@@ -4,9 +4,10 @@ At a checkpoint the training thread only copies what ``Trainer.state_dict()`` re
 buffers kept from one checkpoint to the next (no fresh allocation, no page faults after the first), pinned on
 CUDA so that the device-to-host copies queue on the stream and the thread does not wait for them. On CPU the copy
 is required: training updates the weights and the optimizer's moments in place. One thread then does the rest
-(serialisation, sha256, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy to
-``output_dir``), in the order :mod:`checkpoint` defines, so a kill at any moment leaves the newest complete
-checkpoint as it was.
+(serialisation, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy to ``output_dir``) with
+a second one taking each file's sha256 while it is written, in the order :mod:`checkpoint` defines, so a kill at
+any moment leaves the newest complete checkpoint as it was. Both give way to training (``WRITER_NICENESS``) until
+training waits for them.
 
 At most one write is in flight: the next checkpoint first waits for the previous one (its buffers are reused).
 When the first snapshot would take more than half the memory still available, checkpoints are written
@@ -139,11 +140,21 @@ def _tensors(value, path):
             yield from _tensors(item, path + (i,))
 
 
-def _set_niceness(thread_id: int, niceness: int) -> None:
+def _set_niceness(thread_id: int, niceness: int | None) -> None:
+    if niceness is None:
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, thread_id, niceness)  # Linux: per thread
     except (AttributeError, OSError, TypeError):
         pass  # not Linux, or not allowed to raise a priority again: the write just goes on as it is
+
+
+def _own_niceness() -> int | None:
+    """The calling thread's nice value (Linux: per thread), None where there is none."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return None
 
 
 def available_memory_bytes() -> int | None:
@@ -173,6 +184,9 @@ class CheckpointWriter:
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
         self.hasher_id: int | None = None  # the thread hashing the files of the write in flight
+        # Whether training waits for the write in flight, and its priority: the writer gives way to training
+        # only until then (the lock orders that decision against the wait's).
+        self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
         self.error: str | None = None
         self.writing_step: int | None = None
         if staging_dir is not None:
@@ -189,7 +203,7 @@ class CheckpointWriter:
             self._write(step, files, meta, best, on_written)  # errors raise here, as a synchronous write does
             return
         files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
-        self.writing_step = step
+        self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
         self.thread.start()
@@ -203,8 +217,12 @@ class CheckpointWriter:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
         ``KeyboardInterrupt``; the write then goes on in the background."""
         if self.thread is not None:
-            if self.thread.is_alive():  # training waits for it now: back to training's priority (where allowed)
-                self._set_niceness(os.getpriority(os.PRIO_PROCESS, 0), self.thread.native_id)
+            with self.priority:  # training waits for it now: back to training's priority (where allowed)
+                self.waited = True
+                if self.thread.is_alive():
+                    for thread_id in (self.thread.native_id, self.hasher_id):
+                        if thread_id is not None:
+                            _set_niceness(thread_id, self.training_niceness)
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
             self.thread, self.writing_step = None, None
@@ -219,15 +237,12 @@ class CheckpointWriter:
                   f"{needed / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB of memory available.")
         return False
 
-    def _set_niceness(self, niceness: int, writer_id: int) -> None:
-        for thread_id in (writer_id, self.hasher_id):
-            if thread_id is not None:
-                _set_niceness(thread_id, niceness)
-
     def _write_in_background(self, step, files, meta, best, on_written) -> None:
         try:
             self.snapshot.ready()  # at training's priority: the next update waits for these copies
-            self._set_niceness(os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS, threading.get_native_id())
+            with self.priority:  # the run's end waits at once, often while the copies above are still running
+                if not self.waited and self.training_niceness is not None:
+                    _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
             self._write(step, files, meta, best, on_written)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
@@ -240,7 +255,11 @@ class CheckpointWriter:
         # long as its serialisation, not that plus the sha256 (the run's end and a waiting checkpoint feel it).
         # Started by this thread, it runs at this thread's priority.
         with ThreadPoolExecutor(1, thread_name_prefix=f"{WRITER_THREAD_PREFIX}-hash") as hasher:
-            self.hasher_id = hasher.submit(threading.get_native_id).result()
+            hasher_id = hasher.submit(threading.get_native_id).result()
+            with self.priority:
+                self.hasher_id = hasher_id
+                if self.waited:  # started before a wait() that could not see it yet
+                    _set_niceness(hasher_id, self.training_niceness)
             try:
                 step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, hasher)
             finally:
