@@ -160,14 +160,21 @@ def _torch_save_bytes(obj) -> bytes:
 
 
 def test_streamed_files_hold_torch_saves_bytes_and_their_sha256(tmp_path, monkeypatch):
-    # Files are written in chunks, each hashed by a helper thread while it is written and handed to the disk:
-    # small chunks put many boundaries inside every record. best/model.pt is written from the same stream.
-    monkeypatch.setattr(checkpoint, "WRITEBACK_CHUNK", 4096)
-    monkeypatch.setattr(checkpoint, "PARALLEL_HASH_BYTES", 1024)
-    payload = _payload()
-    with ThreadPoolExecutor(1) as helper:
+    # Files are written in pieces, hashed by a helper thread (every other piece here) or just before their write,
+    # and handed to the disk in chunks: small sizes put many boundaries inside every record. best/model.pt is
+    # written from the same stream.
+    monkeypatch.setattr(checkpoint, "WRITE_PIECE", 1000)
+    monkeypatch.setattr(checkpoint, "HASH_PIECE", 4096)
+    monkeypatch.setattr(checkpoint, "WRITEBACK_CHUNK", 8192)
+    payload, asked = _payload(), []
+    with ThreadPoolExecutor(1) as pool:
+        def helper():
+            asked.append(len(asked) % 2 == 0)
+            return pool if asked[-1] else None
+
         step_folder, best_folder = checkpoint.save_step(tmp_path, 3, payload, {"run_id": "r"}, best=True,
                                                         helper=helper)
+    assert sum(asked) > 10 and len(asked) - sum(asked) > 10
     meta = json.loads((step_folder / "meta.json").read_text())
     for name, obj in payload.items():
         written = (step_folder / name).read_bytes()

@@ -16,6 +16,7 @@ import warnings
 from concurrent.futures import Executor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -30,7 +31,14 @@ try:
 except (AttributeError, OSError, TypeError):  # not Linux: the final fsync does all the writing
     _sync_file_range = None
 WRITEBACK_CHUNK = 64 << 20  # bytes handed to the disk at a time while the rest is still being serialised
-PARALLEL_HASH_BYTES = 1 << 20  # below this a chunk is hashed at once (a thread hand-over costs more)
+# One write() call, hashed just before it while still in the CPU's cache: on ext4, 64 MiB calls took twice the
+# CPU time of 256 KiB ones for the same bytes (1 GiB: 2.6-2.9 s against 1.3-1.45 s, hash included).
+WRITE_PIECE = 256 << 10
+HASH_PIECE = 4 << 20  # what a helper thread hashes while this one writes it (fewer, larger hand-overs)
+
+# The helper of a write: asked before each HASH_PIECE for a thread that hashes it beside the write, or None
+# (hash it here: the helper's core is better left to training).
+HashHelper = Callable[[], Optional[Executor]]
 
 
 class _HashingWriter:
@@ -38,30 +46,30 @@ class _HashingWriter:
 
     Each ``WRITEBACK_CHUNK`` is handed to the disk once written: the kernel would otherwise keep a checkpoint's
     gigabytes in memory until the fsync and write them only then, so the disk's time would add to the
-    serialisation's instead of running beside it. With a ``helper`` thread, a chunk is hashed while it is
-    written (both run without the GIL). Every handle receives the same bytes (a step's ``model.pt`` and
-    ``best/model.pt``: one serialisation, one hash)."""
+    serialisation's instead of running beside it. Every handle receives the same bytes (a step's ``model.pt``
+    and ``best/model.pt``: one serialisation, one hash)."""
 
-    def __init__(self, handles, helper: Executor | None = None):
+    def __init__(self, handles, helper: HashHelper | None = None):
         self.handles, self.helper, self.digest = handles, helper, hashlib.sha256()
         self.written = self.handed = 0  # bytes written; bytes of them handed to the disk
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), WRITEBACK_CHUNK):
-            chunk = view[start:start + WRITEBACK_CHUNK]
-            hashing = None
-            if self.helper is not None and len(chunk) >= PARALLEL_HASH_BYTES:
-                hashing = self.helper.submit(self.digest.update, chunk)
+        for start in range(0, len(view), HASH_PIECE):
+            piece = view[start:start + HASH_PIECE]
+            pool = self.helper() if self.helper is not None else None
+            hashing = pool.submit(self.digest.update, piece) if pool is not None else None
             try:
-                for handle in self.handles:
-                    handle.write(chunk)
-            finally:  # one update at a time, in the file's order
-                if hashing is None:
-                    self.digest.update(chunk)
-                else:
+                for offset in range(0, len(piece), WRITE_PIECE):
+                    part = piece[offset:offset + WRITE_PIECE]
+                    if hashing is None:
+                        self.digest.update(part)
+                    for handle in self.handles:
+                        handle.write(part)
+            finally:  # one update at a time, in the file's order; the piece stays untouched until hashed
+                if hashing is not None:
                     hashing.result()
-            self.written += len(chunk)
+            self.written += len(piece)
             if self.written - self.handed >= WRITEBACK_CHUNK:
                 self.start_writeback()
         return len(view)
@@ -80,9 +88,9 @@ class _HashingWriter:
             handle.flush()
 
 
-def _save_file(obj, path: Path, copy_to: Path | None = None, helper: Executor | None = None) -> str:
+def _save_file(obj, path: Path, copy_to: Path | None = None, helper: HashHelper | None = None) -> str:
     """``torch.save`` into ``path`` (and the same bytes into ``copy_to``), fsynced; returns the file's sha256.
-    ``helper``: a thread that hashes while this one writes."""
+    ``helper``: see ``HashHelper``."""
     with ExitStack() as files:
         handles = [files.enter_context(open(target, "wb")) for target in (path, copy_to) if target is not None]
         writer = _HashingWriter(handles, helper)
@@ -167,10 +175,10 @@ def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -
 
 
 def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
-              best: bool = False, helper: Executor | None = None) -> tuple[Path, Path | None]:
+              best: bool = False, helper: HashHelper | None = None) -> tuple[Path, Path | None]:
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
-    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``. ``helper``: a
-    thread that hashes the files while they are written."""
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``. ``helper``: see
+    ``HashHelper``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
     tmp = start_folder(final)
     best_tmp = start_folder(checkpoints_dir / "best") if best else None

@@ -200,7 +200,7 @@ class CheckpointWriter:
         if self.asynchronous and not self._snapshot_fits(files):
             self.asynchronous = False
         if not self.asynchronous:
-            self._write(step, files, meta, best, on_written)  # errors raise here, as a synchronous write does
+            self._write(step, files, meta, best, on_written, background=False)  # errors raise here
             return
         files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
@@ -243,17 +243,19 @@ class CheckpointWriter:
             with self.priority:  # the run's end waits at once, often while the copies above are still running
                 if not self.waited and self.training_niceness is not None:
                     _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
-            self._write(step, files, meta, best, on_written)
+            self._write(step, files, meta, best, on_written, background=True)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
             warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
 
-    def _write(self, step, files, meta, best, on_written) -> None:
+    def _write(self, step, files, meta, best, on_written, background: bool) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
-        # A second thread hashes each file while this one writes it: on a spare core a write then takes about as
-        # long as its serialisation, not that plus the sha256 (the run's end and a waiting checkpoint feel it).
-        # Started by this thread, it runs at this thread's priority.
+        # While training waits for the write, a second thread hashes each piece of a file as this one writes it:
+        # the write then takes about as long as its serialisation, not that plus the sha256. While training
+        # runs, the hashing stays in this thread: a second busy thread would take CPU time from training
+        # (these 2 cores are not independent: a bare loop on one slowed a training step on the other by 53-80%).
+        # Started by this thread, the helper runs at this thread's priority.
         with ThreadPoolExecutor(1, thread_name_prefix=f"{WRITER_THREAD_PREFIX}-hash") as hasher:
             hasher_id = hasher.submit(threading.get_native_id).result()
             with self.priority:
@@ -261,7 +263,8 @@ class CheckpointWriter:
                 if self.waited:  # started before a wait() that could not see it yet
                     _set_niceness(hasher_id, self.training_niceness)
             try:
-                step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, hasher)
+                step_folder, best_folder = ckpt.save_step(
+                    local, step, files, meta, best, lambda: hasher if self.waited or not background else None)
             finally:
                 self.hasher_id = None
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
