@@ -4,16 +4,18 @@
 
 Models: GPT-2 built from a ``GPT2Config`` (no download), 17M parameters (5 layers of 256) and GPT-2 small (124M).
 Data: random token lines of ``--seq`` tokens (32; no padding), batch ``--batch`` (4), ``--steps`` optimizer steps
-(``max_steps``), one epoch; AdamW's moments make a checkpoint 12 bytes a parameter. Each measurement is a fresh process, the kinds
-alternate within a repeat:
+(``max_steps``), one epoch; AdamW's moments make a checkpoint 12 bytes a parameter. Each measurement is a fresh
+process, the kinds alternate within a repeat:
   none    no checkpoint
   async   checkpoint_every=--every (plus the epoch-end one): the background writer (the default)
   sync    the same with async_checkpoints=False: training waits for every write (the previous behaviour)
   save    one torch.save of the model's and AdamW's state_dicts into one file on the same disk, then fsync
 Stall per checkpoint = (run time with checkpoints - run time without) / checkpoints written, run time being the
 whole ``test_fine_tuning`` call (its end waits for the last write). Also shown: what the training thread itself
-spent per checkpoint inside ``Trainer.save_checkpoint`` and waiting, before the next update, for the writer's copy
-of the weights, and the run's final wait (the rest of the stall is the writer slowing the steps down, e.g.
+spent per checkpoint inside ``Trainer.save_checkpoint`` (and how much of it waiting for the previous write: a
+writer that has not finished when the next checkpoint comes is backlogged, space the checkpoints further apart)
+and waiting, before the next update, for the writer's copy of the weights, and the run's final wait, which comes
+once a run however many checkpoints it writes (the rest of the stall is the writer slowing the steps down, e.g.
 sharing the CPU cores). ``--root DIR`` imports the package from DIR (a checkout before a change; ``sync`` there
 runs its default). Medians over repeats. State the machine's load with the figures: on shared cores they vary.
 """
@@ -68,8 +70,8 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
     from utils.training import trainer as trainer_module
     from utils.training.settings import FineTuneSettings
 
-    spent = {"in_save_checkpoint": 0.0, "final_wait": 0.0, "update_waits": 0.0}
-    calls = {"in_save_checkpoint": 0, "final_wait": 0, "update_waits": 0}
+    spent = {"in_save_checkpoint": 0.0, "final_wait": 0.0, "update_waits": 0.0, "writer_waits": 0.0}
+    calls = {"in_save_checkpoint": 0, "final_wait": 0, "update_waits": 0, "writer_waits": 0}
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -87,6 +89,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
 
         trainer_module.Trainer.finish_checkpoints = timed("final_wait", trainer_module.Trainer.finish_checkpoints)
         CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)
+        CheckpointWriter.wait = timed("writer_waits", CheckpointWriter.wait)  # at each checkpoint and the end
     g = torch.Generator().manual_seed(1)
     lines = lambda n: [torch.randint(0, 50000, (seq,), generator=g) for _ in range(n)]  # noqa: E731
     options = dict(n_epochs=1, max_steps=steps, batch_size=batch, progress=False, save_plots=False,
@@ -149,10 +152,17 @@ def main() -> None:
                 count = runs[kind][0]["checkpoints"]
                 stall = (median(kind, "run_s") - median("none", "run_s")) / count
                 ratio = f" = {stall / save:.2f}x one torch.save" if save else ""
+                final = median(kind, "final_wait")
+                backlog = statistics.median(r["writer_waits"] - r["final_wait"] for r in runs[kind]) / count
                 print(f"  {kind}: stall per checkpoint {stall:.3f} s{ratio} (runs {median(kind, 'run_s'):.2f} s vs "
                       f"{median('none', 'run_s'):.2f} s without, {count} checkpoints; inside save_checkpoint "
-                      f"{median(kind, 'in_save_checkpoint') / count:.3f} s each, the updates waited for the copy "
-                      f"{median(kind, 'update_waits') / count:.3f} s each, final wait {median(kind, 'final_wait'):.3f} s)")
+                      f"{median(kind, 'in_save_checkpoint') / count:.3f} s each, of which waiting for the previous "
+                      f"write {backlog:.3f} s; the updates waited for the copy "
+                      f"{median(kind, 'update_waits') / count:.3f} s each, final wait {final:.3f} s)")
+                rest = stall - final / count
+                print(f"    without the run's final wait: {rest:.3f} s per checkpoint"
+                      + (f" = {rest / save:.2f}x" if save else "") + f"; the final wait spread over the "
+                      f"{count} checkpoints: {final / count:.3f} s each")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
 """Checkpoints written in the background (issue 37): the snapshot is the state of its step, failures are not
-silent, staging copies complete folders into output_dir, and checkpoint_every_minutes writes by the clock.
+silent, staging copies complete folders into output_dir, and checkpoint_every_minutes writes by the clock; files
+are streamed (hashed while written, handed to the disk in chunks) and still checked on every load.
 Kills during background writes and staging copies: tests/test_random_kills.py."""
+import hashlib
+import io
+import json
 import math
+import os
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +20,7 @@ import torch
 from models import TinyCausalLM, random_lines
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training import checkpoint
-from utils.training.checkpoint_writer import CheckpointWriteError
+from utils.training.checkpoint_writer import WRITER_NICENESS, CheckpointWriteError, CheckpointWriter
 from utils.training.settings import FineTuneSettings
 
 CONFIG = SimpleNamespace(vocab_size=50, pad_token_id=0)
@@ -22,7 +30,8 @@ TRAIN, VAL = random_lines(32), random_lines(8, seed=1)
 def _run(output_dir, model=None, **kwargs):
     torch.manual_seed(0)
     options = dict(n_epochs=1, batch_size=4, progress=False, save_plots=False, output_dir=str(output_dir))
-    return test_fine_tuning(model or TinyCausalLM(vocab_size=50, dropout=0.1), CONFIG, TRAIN, VAL, **dict(options, **kwargs))
+    return test_fine_tuning(model or TinyCausalLM(vocab_size=50, dropout=0.1), CONFIG, TRAIN, VAL,
+                            **dict(options, **kwargs))
 
 
 def _steps(checkpoints_dir):
@@ -84,7 +93,8 @@ def test_staging_copies_complete_folders_into_output_dir(tmp_path):
         checkpoint.verify_folder(folder)
     assert sorted(p.name for p in checkpoints_dir.iterdir()) == sorted(["best"] + [f"step-{s}" for s in steps])
     assert not any(staging.rglob("*.pt"))  # the local copies are gone once published
-    again = _run(output, checkpoint_every=2, checkpoint_staging_dir=str(staging), n_epochs=3, resume_from_checkpoint=True)
+    again = _run(output, checkpoint_every=2, checkpoint_staging_dir=str(staging), n_epochs=3,
+                 resume_from_checkpoint=True)
     assert again["resumed_from_step"] == result["global_step"] < again["global_step"]
 
 
@@ -95,8 +105,8 @@ def test_staging_is_on_by_default_for_google_drive_only(tmp_path):
     assert FineTuneSettings(output_dir=str(tmp_path)).checkpoint_staging_folder() is None
     other = FineTuneSettings(output_dir=str(tmp_path / "b"), checkpoint_staging_dir=str(tmp_path / "s"))
     assert other.checkpoint_staging_folder().parent == tmp_path / "s"
-    assert other.checkpoint_staging_folder() != FineTuneSettings(output_dir=str(tmp_path / "c"),
-                                                                 checkpoint_staging_dir=str(tmp_path / "s")).checkpoint_staging_folder()
+    third = FineTuneSettings(output_dir=str(tmp_path / "c"), checkpoint_staging_dir=str(tmp_path / "s"))
+    assert other.checkpoint_staging_folder() != third.checkpoint_staging_folder()
 
 
 class SlowLM(TinyCausalLM):
@@ -133,3 +143,137 @@ def test_checkpoint_every_minutes_with_checkpoint_every(tmp_path):
     assert set(range(6, result["global_step"], 6)) <= steps
     assert steps - set(range(6, result["global_step"] + 1, 6)) - {result["global_step"]}  # and some by the clock
     assert math.isfinite(result["final_val_loss"])
+
+
+def _payload():
+    g = torch.Generator().manual_seed(0)
+    # Sizes that are no multiple of the chunk: writes end mid-chunk and chunks straddle the zip records.
+    return {"model.pt": {"w": torch.randn(10_001, generator=g), "b": torch.randn(333, generator=g)},
+            "optimizer.pt": {"state": {0: {"exp_avg": torch.randn(7_777, generator=g)}}},
+            "trainer_state.pt": {"step": 3}}
+
+
+def _torch_save_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_streamed_files_hold_torch_saves_bytes_and_their_sha256(tmp_path, monkeypatch):
+    # Files are written in pieces, hashed by a helper thread (every other piece here) or just before their write,
+    # and handed to the disk in chunks: small sizes put many boundaries inside every record. best/model.pt is
+    # written from the same stream.
+    monkeypatch.setattr(checkpoint, "WRITE_PIECE", 1000)
+    monkeypatch.setattr(checkpoint, "HASH_PIECE", 4096)
+    monkeypatch.setattr(checkpoint, "WRITEBACK_CHUNK", 8192)
+    payload, asked = _payload(), []
+    with ThreadPoolExecutor(1) as pool:
+        def helper():
+            asked.append(len(asked) % 2 == 0)
+            return pool if asked[-1] else None
+
+        step_folder, best_folder = checkpoint.save_step(tmp_path, 3, payload, {"run_id": "r"}, best=True,
+                                                        helper=helper)
+    assert sum(asked) > 10 and len(asked) - sum(asked) > 10
+    meta = json.loads((step_folder / "meta.json").read_text())
+    for name, obj in payload.items():
+        written = (step_folder / name).read_bytes()
+        assert written == _torch_save_bytes(obj), name
+        assert meta["sha256"][name] == hashlib.sha256(written).hexdigest() and meta["files"][name] == len(written)
+    assert (best_folder / "model.pt").read_bytes() == (step_folder / "model.pt").read_bytes()
+    assert json.loads((best_folder / "meta.json").read_text())["sha256"] == {"model.pt": meta["sha256"]["model.pt"]}
+    loaded = checkpoint.load_checkpoint(step_folder)
+    assert torch.equal(loaded["model.pt"]["w"], payload["model.pt"]["w"])
+    assert checkpoint.verify_folder(best_folder)["run_id"] == "r"
+
+
+def test_a_file_changed_after_its_streamed_hash_is_refused_on_load(tmp_path):
+    # The sha256 recorded while writing is checked against the file's bytes on every load, also in the process
+    # that wrote it: a changed byte with the size and modification time put back is still found.
+    step_folder, best_folder = checkpoint.save_step(tmp_path, 3, _payload(), {}, best=True)
+    model_file = step_folder / "model.pt"
+    stat = model_file.stat()
+    raw = bytearray(model_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    with open(model_file, "r+b") as handle:  # in place, as a disk or another program would change it
+        handle.write(raw)
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_file.stat().st_size == stat.st_size
+    with pytest.raises(OSError, match="does not match its sha256"):
+        checkpoint.load_checkpoint(step_folder)
+    with pytest.warns(UserWarning, match=f"Skipping checkpoint {step_folder}.*sha256"):
+        assert checkpoint.find_resumable(tmp_path) is None
+    checkpoint.verify_folder(best_folder)  # its own file, not a second name of the step's: still intact
+
+
+class BlockedPickle:
+    """Pickling waits for ``release``: a write held inside its serialisation (a real pickle, nothing replaced)."""
+
+    def __init__(self):
+        self.pickling, self.release = threading.Event(), threading.Event()
+
+    def __deepcopy__(self, memo):
+        return self  # the snapshot keeps it as it is
+
+    def __reduce__(self):
+        self.pickling.set()
+        assert self.release.wait(timeout=60)
+        return (dict, ())
+
+
+def _niceness(thread_id):
+    return os.getpriority(os.PRIO_PROCESS, thread_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities: Linux")
+def test_the_hashing_thread_runs_at_the_writers_priority(tmp_path):
+    # The writer and its hashing helper give way to training (WRITER_NICENESS); once training waits for the
+    # write, both go back to training's priority (where the process may raise it again).
+    blocked, training = BlockedPickle(), _niceness(threading.get_native_id())
+    writer = CheckpointWriter(tmp_path, keep=2, note=lambda message: None)
+    writer.submit(1, {"model.pt": {"w": torch.ones(4)}, "trainer_state.pt": blocked}, {}, False,
+                  lambda step_folder, best_folder: None)
+    assert blocked.pickling.wait(timeout=60)
+    writer_id, hasher_id = writer.thread.native_id, writer.hasher_id
+    assert hasher_id is not None and hasher_id != writer_id
+    assert _niceness(writer_id) == _niceness(hasher_id) == min(training + WRITER_NICENESS, 19)
+    waiting = threading.Thread(target=writer.wait)
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while _niceness(writer_id) != training and time.monotonic() < deadline:
+        time.sleep(0.01)
+    restored = _niceness(writer_id) == training
+    assert _niceness(hasher_id) == _niceness(writer_id)  # restored together, or (not allowed) neither
+    if os.geteuid() == 0:
+        assert restored
+    blocked.release.set()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and writer.error is None
+    assert checkpoint.verify_folder(tmp_path / "step-1")["step"] == 1
+
+
+def _may_raise_priority(niceness):
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - niceness
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities: Linux")
+def test_a_write_waited_for_while_it_copies_the_weights_keeps_trainings_priority(tmp_path):
+    # The run's end waits for its last checkpoint at once, while the writer is still copying the weights (at
+    # training's priority). It then gave way to training for the whole write, which training was waiting for.
+    blocked, training = BlockedPickle(), _niceness(threading.get_native_id())
+    if not _may_raise_priority(training):  # a writer that gave way first could not be brought back
+        pytest.skip("this process may not raise a thread's priority again")
+    weights = torch.ones(32 << 20)  # 128 MB, copied by the writer thread: the wait below comes during the copy
+    writer = CheckpointWriter(tmp_path, keep=2, note=lambda message: None)
+    writer.submit(1, {"model.pt": {"w": weights}, "trainer_state.pt": blocked}, {}, False,
+                  lambda step_folder, best_folder: None, {weights.untyped_storage().data_ptr()})
+    waiting = threading.Thread(target=writer.wait)
+    waiting.start()
+    assert blocked.pickling.wait(timeout=60)
+    assert _niceness(writer.thread.native_id) == _niceness(writer.hasher_id) == training
+    blocked.release.set()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and writer.error is None
+    assert torch.equal(checkpoint.load_checkpoint(tmp_path / "step-1")["model.pt"]["w"], weights)

@@ -7,39 +7,97 @@ there. What goes into a checkpoint is the trainer's business (``Trainer.state_di
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
 import warnings
+from concurrent.futures import Executor
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 STEP_PREFIX = "step-"
 
 
-class _HashingWriter:
-    """A file that hashes what passes through it: the sha256 comes with the write, not from reading it back."""
+# Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk, do not wait for it.
+_START_WRITEBACK = 2
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (AttributeError, OSError, TypeError):  # not Linux: the final fsync does all the writing
+    _sync_file_range = None
+WRITEBACK_CHUNK = 64 << 20  # bytes handed to the disk at a time while the rest is still being serialised
+# One write() call, hashed just before it while still in the CPU's cache: on ext4, 64 MiB calls took twice the
+# CPU time of 256 KiB ones for the same bytes (1 GiB: 2.6-2.9 s against 1.3-1.45 s, hash included).
+WRITE_PIECE = 256 << 10
+HASH_PIECE = 4 << 20  # what a helper thread hashes while this one writes it (fewer, larger hand-overs)
 
-    def __init__(self, handle):
-        self.handle, self.digest = handle, hashlib.sha256()
+# The helper of a write: asked before each HASH_PIECE for a thread that hashes it beside the write, or None
+# (hash it here: the helper's core is better left to training).
+HashHelper = Callable[[], Optional[Executor]]
+
+
+class _HashingWriter:
+    """Files that hash what passes through them: the sha256 comes with the write, not from reading it back.
+
+    Each ``WRITEBACK_CHUNK`` is handed to the disk once written: the kernel would otherwise keep a checkpoint's
+    gigabytes in memory until the fsync and write them only then, so the disk's time would add to the
+    serialisation's instead of running beside it. Every handle receives the same bytes (a step's ``model.pt``
+    and ``best/model.pt``: one serialisation, one hash)."""
+
+    def __init__(self, handles, helper: HashHelper | None = None):
+        self.handles, self.helper, self.digest = handles, helper, hashlib.sha256()
+        self.written = self.handed = 0  # bytes written; bytes of them handed to the disk
 
     def write(self, data) -> int:
-        self.digest.update(data)
-        return self.handle.write(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), HASH_PIECE):
+            piece = view[start:start + HASH_PIECE]
+            pool = self.helper() if self.helper is not None else None
+            hashing = pool.submit(self.digest.update, piece) if pool is not None else None
+            try:
+                for offset in range(0, len(piece), WRITE_PIECE):
+                    part = piece[offset:offset + WRITE_PIECE]
+                    if hashing is None:
+                        self.digest.update(part)
+                    for handle in self.handles:
+                        handle.write(part)
+            finally:  # one update at a time, in the file's order; the piece stays untouched until hashed
+                if hashing is not None:
+                    hashing.result()
+            self.written += len(piece)
+            if self.written - self.handed >= WRITEBACK_CHUNK:
+                self.start_writeback()
+        return len(view)
+
+    def start_writeback(self) -> None:
+        if _sync_file_range is None:
+            return
+        for handle in self.handles:
+            handle.flush()  # the buffered tail reaches the kernel first
+            # A hint only (its result is not checked): the fsync after the last write makes the file durable.
+            _sync_file_range(handle.fileno(), self.handed, self.written - self.handed, _START_WRITEBACK)
+        self.handed = self.written
 
     def flush(self) -> None:
-        self.handle.flush()
+        for handle in self.handles:
+            handle.flush()
 
 
-def _save_file(obj, path: Path) -> str:
-    """``torch.save`` into ``path``, fsynced; returns the file's sha256."""
-    with open(path, "wb") as handle:
-        writer = _HashingWriter(handle)
+def _save_file(obj, path: Path, copy_to: Path | None = None, helper: HashHelper | None = None) -> str:
+    """``torch.save`` into ``path`` (and the same bytes into ``copy_to``), fsynced; returns the file's sha256.
+    ``helper``: see ``HashHelper``."""
+    with ExitStack() as files:
+        handles = [files.enter_context(open(target, "wb")) for target in (path, copy_to) if target is not None]
+        writer = _HashingWriter(handles, helper)
         torch.save(obj, writer)
-        handle.flush()
-        os.fsync(handle.fileno())
+        for handle in handles:
+            handle.flush()
+            os.fsync(handle.fileno())
     return writer.digest.hexdigest()
 
 
@@ -117,16 +175,18 @@ def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -
 
 
 def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
-              best: bool = False) -> tuple[Path, Path | None]:
+              best: bool = False, helper: HashHelper | None = None) -> tuple[Path, Path | None]:
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
-    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``. ``helper``: see
+    ``HashHelper``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
     tmp = start_folder(final)
-    hashes = {name: _save_file(obj, tmp / name) for name, obj in payload.items()}
+    best_tmp = start_folder(checkpoints_dir / "best") if best else None
+    # The step's weights go into best/ as they are written: one serialisation and one hash serve both folders.
+    hashes = {name: _save_file(obj, tmp / name, best_tmp / name if best and name == "model.pt" else None, helper)
+              for name, obj in payload.items()}
     best_folder = None
-    if best:  # the step's serialised weights, copied: one serialisation serves both folders
-        best_tmp = start_folder(checkpoints_dir / "best")
-        _copy_file_synced(tmp / "model.pt", best_tmp / "model.pt")
+    if best:
         best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})
     return _finish_folder(tmp, final, dict(meta, step=step), hashes), best_folder
 
@@ -225,6 +285,6 @@ def find_resumable(checkpoints_dir: Path) -> dict | None:
         try:
             return load_checkpoint(folder)
         except Exception as error:  # noqa: BLE001 - any damage means: try the next one
-            warnings.warn(f"Skipping checkpoint {folder}: it is incomplete or unreadable ({type(error).__name__}: {error}).",
-                          UserWarning, stacklevel=2)
+            warnings.warn(f"Skipping checkpoint {folder}: it is incomplete or unreadable "
+                          f"({type(error).__name__}: {error}).", UserWarning, stacklevel=2)
     return None

@@ -4,9 +4,10 @@ At a checkpoint the training thread only copies what ``Trainer.state_dict()`` re
 buffers kept from one checkpoint to the next (no fresh allocation, no page faults after the first), pinned on
 CUDA so that the device-to-host copies queue on the stream and the thread does not wait for them. On CPU the copy
 is required: training updates the weights and the optimizer's moments in place. One thread then does the rest
-(serialisation, sha256, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy to
-``output_dir``), in the order :mod:`checkpoint` defines, so a kill at any moment leaves the newest complete
-checkpoint as it was.
+(serialisation, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy to ``output_dir``) with
+a second one taking each file's sha256 while it is written, in the order :mod:`checkpoint` defines, so a kill at
+any moment leaves the newest complete checkpoint as it was. Both give way to training (``WRITER_NICENESS``) until
+training waits for them.
 
 At most one write is in flight: the next checkpoint first waits for the previous one (its buffers are reused).
 When the first snapshot would take more than half the memory still available, checkpoints are written
@@ -22,6 +23,7 @@ import shutil
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -138,11 +140,21 @@ def _tensors(value, path):
             yield from _tensors(item, path + (i,))
 
 
-def _set_niceness(thread_id: int, niceness: int) -> None:
+def _set_niceness(thread_id: int, niceness: int | None) -> None:
+    if niceness is None:
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, thread_id, niceness)  # Linux: per thread
     except (AttributeError, OSError, TypeError):
         pass  # not Linux, or not allowed to raise a priority again: the write just goes on as it is
+
+
+def _own_niceness() -> int | None:
+    """The calling thread's nice value (Linux: per thread), None where there is none."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return None
 
 
 def available_memory_bytes() -> int | None:
@@ -171,6 +183,10 @@ class CheckpointWriter:
         self.asynchronous, self.note = asynchronous, note
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
+        self.hasher_id: int | None = None  # the thread hashing the files of the write in flight
+        # Whether training waits for the write in flight, and its priority: the writer gives way to training
+        # only until then (the lock orders that decision against the wait's).
+        self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
         self.error: str | None = None
         self.writing_step: int | None = None
         if staging_dir is not None:
@@ -184,10 +200,10 @@ class CheckpointWriter:
         if self.asynchronous and not self._snapshot_fits(files):
             self.asynchronous = False
         if not self.asynchronous:
-            self._write(step, files, meta, best, on_written)  # errors raise here, as a synchronous write does
+            self._write(step, files, meta, best, on_written, background=False)  # errors raise here
             return
         files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
-        self.writing_step = step
+        self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
         self.thread.start()
@@ -201,8 +217,12 @@ class CheckpointWriter:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
         ``KeyboardInterrupt``; the write then goes on in the background."""
         if self.thread is not None:
-            if self.thread.is_alive():  # training waits for it now: back to training's priority (where allowed)
-                _set_niceness(self.thread.native_id, os.getpriority(os.PRIO_PROCESS, 0))
+            with self.priority:  # training waits for it now: back to training's priority (where allowed)
+                self.waited = True
+                if self.thread.is_alive():
+                    for thread_id in (self.thread.native_id, self.hasher_id):
+                        if thread_id is not None:
+                            _set_niceness(thread_id, self.training_niceness)
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
             self.thread, self.writing_step = None, None
@@ -220,16 +240,33 @@ class CheckpointWriter:
     def _write_in_background(self, step, files, meta, best, on_written) -> None:
         try:
             self.snapshot.ready()  # at training's priority: the next update waits for these copies
-            _set_niceness(threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS)
-            self._write(step, files, meta, best, on_written)
+            with self.priority:  # the run's end waits at once, often while the copies above are still running
+                if not self.waited and self.training_niceness is not None:
+                    _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
+            self._write(step, files, meta, best, on_written, background=True)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
             warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
 
-    def _write(self, step, files, meta, best, on_written) -> None:
+    def _write(self, step, files, meta, best, on_written, background: bool) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
-        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best)
+        # While training waits for the write, a second thread hashes each piece of a file as this one writes it:
+        # the write then takes about as long as its serialisation, not that plus the sha256. While training
+        # runs, the hashing stays in this thread: a second busy thread would take CPU time from training
+        # (these 2 cores are not independent: a bare loop on one slowed a training step on the other by 53-80%).
+        # Started by this thread, the helper runs at this thread's priority.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{WRITER_THREAD_PREFIX}-hash") as hasher:
+            hasher_id = hasher.submit(threading.get_native_id).result()
+            with self.priority:
+                self.hasher_id = hasher_id
+                if self.waited:  # started before a wait() that could not see it yet
+                    _set_niceness(hasher_id, self.training_niceness)
+            try:
+                step_folder, best_folder = ckpt.save_step(
+                    local, step, files, meta, best, lambda: hasher if self.waited or not background else None)
+            finally:
+                self.hasher_id = None
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
             if best_folder is not None:
                 best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
