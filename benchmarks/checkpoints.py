@@ -12,7 +12,7 @@ process, the kinds alternate within a repeat:
   save    one torch.save of the model's and AdamW's state_dicts into one file on the same disk, then fsync
 Stall per checkpoint = (run time with checkpoints - run time without) / checkpoints written, run time being the
 whole ``test_fine_tuning`` call (its end waits for the last write). Also shown: what the training thread itself
-spent per checkpoint inside ``Trainer.save_checkpoint`` (and how much of it waiting for the previous write: a
+spent per checkpoint inside ``RunCheckpoints.save`` (and how much of it waiting for the previous write: a
 writer that has not finished when the next checkpoint comes is backlogged, space the checkpoints further apart)
 and waiting, before the next update, for the writer's copy of the weights, and the run's final wait, which comes
 once a run however many checkpoints it writes (the rest of the stall is the writer slowing the steps down, e.g.
@@ -83,11 +83,17 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
                 calls[name] += 1
         return wrapper
 
-    trainer_module.Trainer.save_checkpoint = timed("in_save_checkpoint", trainer_module.Trainer.save_checkpoint)
-    if hasattr(trainer_module.Trainer, "finish_checkpoints"):
+    try:  # the checkpoint hand-off's own class (after the Trainer split); a --root before it: the Trainer's methods
+        from utils.training.run_checkpoints import RunCheckpoints
+
+        hand_off, save, finish = RunCheckpoints, "save", "finish"
+    except ImportError:
+        hand_off, save, finish = trainer_module.Trainer, "save_checkpoint", "finish_checkpoints"
+    setattr(hand_off, save, timed("in_save_checkpoint", getattr(hand_off, save)))
+    if hasattr(hand_off, finish):
         from utils.training.checkpoint_writer import CheckpointWriter
 
-        trainer_module.Trainer.finish_checkpoints = timed("final_wait", trainer_module.Trainer.finish_checkpoints)
+        setattr(hand_off, finish, timed("final_wait", getattr(hand_off, finish)))
         CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)
         CheckpointWriter.wait = timed("writer_waits", CheckpointWriter.wait)  # at each checkpoint and the end
     g = torch.Generator().manual_seed(1)
