@@ -16,8 +16,11 @@ spent per checkpoint inside ``RunCheckpoints.save`` (and how much of it waiting 
 writer that has not finished when the next checkpoint comes is backlogged, space the checkpoints further apart)
 and waiting, before the next update, for the writer's copy of the weights, and the run's final wait, which comes
 once a run however many checkpoints it writes (the rest of the stall is the writer slowing the steps down, e.g.
-sharing the CPU cores). ``--root DIR`` imports the package from DIR (a checkout before a change; ``sync`` there
-runs its default). Medians over repeats. State the machine's load with the figures: on shared cores they vary.
+sharing the CPU cores). Fresh processes on this 2-core VM differ by up to ~10% in speed, which at a few
+checkpoints a run is more than the stall itself; so the stall is also measured inside each run: the training
+thread's time in ``save``, the extra time of the optimizer steps that ran beside a background write against
+the same run's other steps, and the final wait. ``--root DIR`` imports the package from DIR (a checkout before a
+change; ``sync`` there runs its default). Medians over repeats. State the machine's load with the figures.
 """
 from __future__ import annotations
 
@@ -96,6 +99,24 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
         setattr(hand_off, finish, timed("final_wait", getattr(hand_off, finish)))
         CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)
         CheckpointWriter.wait = timed("writer_waits", CheckpointWriter.wait)  # at each checkpoint and the end
+    # Every optimizer step timed, and whether a background write ran during it: the steps a write slowed down,
+    # against the same run's other steps (so the process's own speed, which varies ~10% between fresh processes
+    # on this VM, cancels out). On CPU the step's work is done when the call returns.
+    step_seconds, step_writing = [], []
+    optimizer_step = trainer_module.Trainer.optimizer_step
+
+    def timed_step(self, batches):
+        writer = self.checkpoints.writer
+        busy = lambda: writer is not None and writer.thread is not None and writer.thread.is_alive()  # noqa: E731
+        writing, started = busy(), time.perf_counter()
+        try:
+            return optimizer_step(self, batches)
+        finally:
+            step_seconds.append(time.perf_counter() - started)
+            step_writing.append(writing or busy())
+
+    if hand_off is not trainer_module.Trainer:
+        trainer_module.Trainer.optimizer_step = timed_step
     g = torch.Generator().manual_seed(1)
     lines = lambda n: [torch.randint(0, 50000, (seq,), generator=g) for _ in range(n)]  # noqa: E731
     options = dict(n_epochs=1, max_steps=steps, batch_size=batch, progress=False, save_plots=False,
@@ -109,8 +130,11 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
     result = test_fine_tuning(model, model.config, train, val, **options)
     seconds = time.perf_counter() - started
     written = calls["in_save_checkpoint"]  # every --every steps but the epoch's last, and the epoch's end
+    quiet = [t for t, writing in zip(step_seconds[2:], step_writing[2:]) if not writing]  # the first two: warm-up
+    quiet_step = statistics.median(quiet) if quiet else float("nan")
+    slowed = sum(t - quiet_step for t, writing in zip(step_seconds, step_writing) if writing)
     return {"parameters": parameters, "run_s": seconds, "checkpoints": written, "global_step": result["global_step"],
-            **spent}
+            "quiet_step_s": quiet_step, "steps_beside_a_write": sum(step_writing), "slowed_steps_s": slowed, **spent}
 
 
 def main() -> None:
@@ -169,6 +193,18 @@ def main() -> None:
                 print(f"    without the run's final wait: {rest:.3f} s per checkpoint"
                       + (f" = {rest / save:.2f}x" if save else "") + f"; the final wait spread over the "
                       f"{count} checkpoints: {final / count:.3f} s each")
+                if "slowed_steps_s" in runs[kind][0]:
+                    # The same stall from inside each run: the training thread's time in save, the extra time of
+                    # the steps that ran beside a write (against that run's other steps), and the final wait.
+                    inside = [(r["in_save_checkpoint"] + r["slowed_steps_s"] + r["final_wait"]) / r["checkpoints"]
+                              for r in runs[kind]]
+                    slowed = median(kind, "slowed_steps_s") / count
+                    print(f"    measured inside the runs: {statistics.median(inside):.3f} s per checkpoint"
+                          + (f" = {statistics.median(inside) / save:.2f}x" if save else "")
+                          + f" (runs: {', '.join(f'{x:.3f}' for x in inside)}); of it the steps beside a write "
+                          f"({median(kind, 'steps_beside_a_write'):.0f} of {args.steps}) were slower by "
+                          f"{slowed:.3f} s per checkpoint than the run's other steps "
+                          f"(median {median(kind, 'quiet_step_s'):.3f} s a step)")
 
 
 if __name__ == "__main__":

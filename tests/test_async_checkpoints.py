@@ -10,7 +10,6 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,21 +159,12 @@ def _torch_save_bytes(obj) -> bytes:
 
 
 def test_streamed_files_hold_torch_saves_bytes_and_their_sha256(tmp_path, monkeypatch):
-    # Files are written in pieces, hashed by a helper thread (every other piece here) or just before their write,
-    # and handed to the disk in chunks: small sizes put many boundaries inside every record. best/model.pt is
-    # written from the same stream.
+    # Files are written in pieces, each hashed just before its write, and handed to the disk in chunks: small
+    # sizes put many boundaries inside every record. best/model.pt is written from the same stream.
     monkeypatch.setattr(checkpoint, "WRITE_PIECE", 1000)
-    monkeypatch.setattr(checkpoint, "HASH_PIECE", 4096)
     monkeypatch.setattr(checkpoint, "WRITEBACK_CHUNK", 8192)
-    payload, asked = _payload(), []
-    with ThreadPoolExecutor(1) as pool:
-        def helper():
-            asked.append(len(asked) % 2 == 0)
-            return pool if asked[-1] else None
-
-        step_folder, best_folder = checkpoint.save_step(tmp_path, 3, payload, {"run_id": "r"}, best=True,
-                                                        helper=helper)
-    assert sum(asked) > 10 and len(asked) - sum(asked) > 10
+    payload = _payload()
+    step_folder, best_folder = checkpoint.save_step(tmp_path, 3, payload, {"run_id": "r"}, best=True)
     meta = json.loads((step_folder / "meta.json").read_text())
     for name, obj in payload.items():
         written = (step_folder / name).read_bytes()
@@ -226,24 +216,22 @@ def _niceness(thread_id):
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities: Linux")
-def test_the_hashing_thread_runs_at_the_writers_priority(tmp_path):
-    # The writer and its hashing helper give way to training (WRITER_NICENESS); once training waits for the
-    # write, both go back to training's priority (where the process may raise it again).
+def test_the_writer_gives_way_to_training_until_training_waits_for_it(tmp_path):
+    # The writer gives way to training (WRITER_NICENESS); once training waits for the write, it goes back to
+    # training's priority (where the process may raise it again).
     blocked, training = BlockedPickle(), _niceness(threading.get_native_id())
     writer = CheckpointWriter(tmp_path, keep=2, note=lambda message: None)
     writer.submit(1, {"model.pt": {"w": torch.ones(4)}, "trainer_state.pt": blocked}, {}, False,
                   lambda step_folder, best_folder: None)
     assert blocked.pickling.wait(timeout=60)
-    writer_id, hasher_id = writer.thread.native_id, writer.hasher_id
-    assert hasher_id is not None and hasher_id != writer_id
-    assert _niceness(writer_id) == _niceness(hasher_id) == min(training + WRITER_NICENESS, 19)
+    writer_id = writer.thread.native_id
+    assert _niceness(writer_id) == min(training + WRITER_NICENESS, 19)
     waiting = threading.Thread(target=writer.wait)
     waiting.start()
     deadline = time.monotonic() + 10
     while _niceness(writer_id) != training and time.monotonic() < deadline:
         time.sleep(0.01)
     restored = _niceness(writer_id) == training
-    assert _niceness(hasher_id) == _niceness(writer_id)  # restored together, or (not allowed) neither
     if os.geteuid() == 0:
         assert restored
     blocked.release.set()
@@ -272,7 +260,7 @@ def test_a_write_waited_for_while_it_copies_the_weights_keeps_trainings_priority
     waiting = threading.Thread(target=writer.wait)
     waiting.start()
     assert blocked.pickling.wait(timeout=60)
-    assert _niceness(writer.thread.native_id) == _niceness(writer.hasher_id) == training
+    assert _niceness(writer.thread.native_id) == training
     blocked.release.set()
     waiting.join(timeout=60)
     assert not waiting.is_alive() and writer.error is None

@@ -13,10 +13,8 @@ import json
 import os
 import shutil
 import warnings
-from concurrent.futures import Executor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -32,13 +30,10 @@ except (AttributeError, OSError, TypeError):  # not Linux: the final fsync does 
     _sync_file_range = None
 WRITEBACK_CHUNK = 64 << 20  # bytes handed to the disk at a time while the rest is still being serialised
 # One write() call, hashed just before it while still in the CPU's cache: on ext4, 64 MiB calls took twice the
-# CPU time of 256 KiB ones for the same bytes (1 GiB: 2.6-2.9 s against 1.3-1.45 s, hash included).
+# CPU time of 256 KiB ones for the same bytes (1 GiB: 2.6-2.9 s against 1.3-1.45 s, hash included). Hashing in a
+# second thread beside the write did not pay: 17M's AdamW state took 0.31 s that way against 0.22 s, 124M's 1.70
+# against 1.80 s (medians of 7 and 4 alternating writes).
 WRITE_PIECE = 256 << 10
-HASH_PIECE = 4 << 20  # what a helper thread hashes while this one writes it (fewer, larger hand-overs)
-
-# The helper of a write: asked before each HASH_PIECE for a thread that hashes it beside the write, or None
-# (hash it here: the helper's core is better left to training).
-HashHelper = Callable[[], Optional[Executor]]
 
 
 class _HashingWriter:
@@ -49,27 +44,18 @@ class _HashingWriter:
     serialisation's instead of running beside it. Every handle receives the same bytes (a step's ``model.pt``
     and ``best/model.pt``: one serialisation, one hash)."""
 
-    def __init__(self, handles, helper: HashHelper | None = None):
-        self.handles, self.helper, self.digest = handles, helper, hashlib.sha256()
+    def __init__(self, handles):
+        self.handles, self.digest = handles, hashlib.sha256()
         self.written = self.handed = 0  # bytes written; bytes of them handed to the disk
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), HASH_PIECE):
-            piece = view[start:start + HASH_PIECE]
-            pool = self.helper() if self.helper is not None else None
-            hashing = pool.submit(self.digest.update, piece) if pool is not None else None
-            try:
-                for offset in range(0, len(piece), WRITE_PIECE):
-                    part = piece[offset:offset + WRITE_PIECE]
-                    if hashing is None:
-                        self.digest.update(part)
-                    for handle in self.handles:
-                        handle.write(part)
-            finally:  # one update at a time, in the file's order; the piece stays untouched until hashed
-                if hashing is not None:
-                    hashing.result()
-            self.written += len(piece)
+        for offset in range(0, len(view), WRITE_PIECE):
+            part = view[offset:offset + WRITE_PIECE]
+            self.digest.update(part)
+            for handle in self.handles:
+                handle.write(part)
+            self.written += len(part)
             if self.written - self.handed >= WRITEBACK_CHUNK:
                 self.start_writeback()
         return len(view)
@@ -88,12 +74,11 @@ class _HashingWriter:
             handle.flush()
 
 
-def _save_file(obj, path: Path, copy_to: Path | None = None, helper: HashHelper | None = None) -> str:
-    """``torch.save`` into ``path`` (and the same bytes into ``copy_to``), fsynced; returns the file's sha256.
-    ``helper``: see ``HashHelper``."""
+def _save_file(obj, path: Path, copy_to: Path | None = None) -> str:
+    """``torch.save`` into ``path`` (and the same bytes into ``copy_to``), fsynced; returns the file's sha256."""
     with ExitStack() as files:
         handles = [files.enter_context(open(target, "wb")) for target in (path, copy_to) if target is not None]
-        writer = _HashingWriter(handles, helper)
+        writer = _HashingWriter(handles)
         torch.save(obj, writer)
         for handle in handles:
             handle.flush()
@@ -175,15 +160,14 @@ def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -
 
 
 def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
-              best: bool = False, helper: HashHelper | None = None) -> tuple[Path, Path | None]:
+              best: bool = False) -> tuple[Path, Path | None]:
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
-    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``. ``helper``: see
-    ``HashHelper``."""
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
     tmp = start_folder(final)
     best_tmp = start_folder(checkpoints_dir / "best") if best else None
     # The step's weights go into best/ as they are written: one serialisation and one hash serve both folders.
-    hashes = {name: _save_file(obj, tmp / name, best_tmp / name if best and name == "model.pt" else None, helper)
+    hashes = {name: _save_file(obj, tmp / name, best_tmp / name if best and name == "model.pt" else None)
               for name, obj in payload.items()}
     best_folder = None
     if best:

@@ -4,10 +4,9 @@ At a checkpoint the training thread only copies what ``Trainer.state_dict()`` re
 buffers kept from one checkpoint to the next (no fresh allocation, no page faults after the first), pinned on
 CUDA so that the device-to-host copies queue on the stream and the thread does not wait for them. On CPU the copy
 is required: training updates the weights and the optimizer's moments in place. One thread then does the rest
-(serialisation, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy to ``output_dir``) with
-a second one taking each file's sha256 while it is written, in the order :mod:`checkpoint` defines, so a kill at
-any moment leaves the newest complete checkpoint as it was. Both give way to training (``WRITER_NICENESS``) until
-training waits for them.
+(serialisation with each file's sha256, fsyncs, renames, ``best/``, pruning; with a staging folder also the copy
+to ``output_dir``) in the order :mod:`checkpoint` defines, so a kill at any moment leaves the newest complete
+checkpoint as it was. It gives way to training (``WRITER_NICENESS``) until training waits for it.
 
 At most one write is in flight: the next checkpoint first waits for the previous one (its buffers are reused).
 When the first snapshot would take more than half the memory still available, checkpoints are written
@@ -23,7 +22,6 @@ import shutil
 import threading
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -183,7 +181,6 @@ class CheckpointWriter:
         self.asynchronous, self.note = asynchronous, note
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
-        self.hasher_id: int | None = None  # the thread hashing the files of the write in flight
         # Whether training waits for the write in flight, and its priority: the writer gives way to training
         # only until then (the lock orders that decision against the wait's).
         self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
@@ -200,7 +197,7 @@ class CheckpointWriter:
         if self.asynchronous and not self._snapshot_fits(files):
             self.asynchronous = False
         if not self.asynchronous:
-            self._write(step, files, meta, best, on_written, background=False)  # errors raise here
+            self._write(step, files, meta, best, on_written)  # errors raise here
             return
         files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
@@ -220,9 +217,7 @@ class CheckpointWriter:
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
                 if self.thread.is_alive():
-                    for thread_id in (self.thread.native_id, self.hasher_id):
-                        if thread_id is not None:
-                            _set_niceness(thread_id, self.training_niceness)
+                    _set_niceness(self.thread.native_id, self.training_niceness)
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
             self.thread, self.writing_step = None, None
@@ -243,30 +238,15 @@ class CheckpointWriter:
             with self.priority:  # the run's end waits at once, often while the copies above are still running
                 if not self.waited and self.training_niceness is not None:
                     _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
-            self._write(step, files, meta, best, on_written, background=True)
+            self._write(step, files, meta, best, on_written)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
             warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
 
-    def _write(self, step, files, meta, best, on_written, background: bool) -> None:
+    def _write(self, step, files, meta, best, on_written) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
-        # While training waits for the write, a second thread hashes each piece of a file as this one writes it:
-        # the write then takes about as long as its serialisation, not that plus the sha256. While training
-        # runs, the hashing stays in this thread: a second busy thread would take CPU time from training
-        # (these 2 cores are not independent: a bare loop on one slowed a training step on the other by 53-80%).
-        # Started by this thread, the helper runs at this thread's priority.
-        with ThreadPoolExecutor(1, thread_name_prefix=f"{WRITER_THREAD_PREFIX}-hash") as hasher:
-            hasher_id = hasher.submit(threading.get_native_id).result()
-            with self.priority:
-                self.hasher_id = hasher_id
-                if self.waited:  # started before a wait() that could not see it yet
-                    _set_niceness(hasher_id, self.training_niceness)
-            try:
-                step_folder, best_folder = ckpt.save_step(
-                    local, step, files, meta, best, lambda: hasher if self.waited or not background else None)
-            finally:
-                self.hasher_id = None
+        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best)
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
             if best_folder is not None:
                 best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
