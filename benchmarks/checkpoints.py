@@ -131,7 +131,8 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
     seconds = time.perf_counter() - started
     written = calls["in_save_checkpoint"]  # every --every steps but the epoch's last, and the epoch's end
     quiet = [t for t, writing in zip(step_seconds[2:], step_writing[2:]) if not writing]  # the first two: warm-up
-    quiet_step = statistics.median(quiet) if quiet else float("nan")
+    # The mean, not the median: step times are skewed (a few slow ones), and any set of steps exceeds the median.
+    quiet_step = statistics.fmean(quiet) if quiet else float("nan")
     slowed = sum(t - quiet_step for t, writing in zip(step_seconds, step_writing) if writing)
     return {"parameters": parameters, "run_s": seconds, "checkpoints": written, "global_step": result["global_step"],
             "quiet_step_s": quiet_step, "steps_beside_a_write": sum(step_writing), "slowed_steps_s": slowed, **spent}
@@ -204,7 +205,7 @@ def main() -> None:
                           + f" (runs: {', '.join(f'{x:.3f}' for x in inside)}); of it the steps beside a write "
                           f"({median(kind, 'steps_beside_a_write'):.0f} of {args.steps}) were slower by "
                           f"{slowed:.3f} s per checkpoint than the run's other steps "
-                          f"(median {median(kind, 'quiet_step_s'):.3f} s a step)")
+                          f"(their mean {median(kind, 'quiet_step_s'):.3f} s a step)")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,14 @@ def _payload():
 
 
 def _torch_save_bytes(obj) -> bytes:
+    """What torch.save writes without the zip records' CRC32 (checkpoint files leave it out: sha256 covers them)."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(obj, buffer)
+    finally:
+        torch.serialization.set_crc32_options(before)
     return buffer.getvalue()
 
 
@@ -175,6 +181,7 @@ def test_streamed_files_hold_torch_saves_bytes_and_their_sha256(tmp_path, monkey
     loaded = checkpoint.load_checkpoint(step_folder)
     assert torch.equal(loaded["model.pt"]["w"], payload["model.pt"]["w"])
     assert checkpoint.verify_folder(best_folder)["run_id"] == "r"
+    assert torch.serialization.get_crc32_options()  # the process's own torch.save still writes CRC32s
 
 
 def test_a_file_changed_after_its_streamed_hash_is_refused_on_load(tmp_path):

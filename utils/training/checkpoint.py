@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -74,12 +75,34 @@ class _HashingWriter:
             handle.flush()
 
 
+@contextmanager
+def _without_zip_crc32():
+    """``torch.save`` without the zip format's CRC32 of every record: the file's sha256, taken as it is written and
+    checked before every load, already covers each byte, and the CRC32 was a fifth of a checkpoint's write (17M:
+    0.326 s against 0.258 s, 124M: 2.05 against 1.64 s, medians of 7 and 3). torch.load reads such files as any.
+    torch keeps the option process-wide: a ``torch.save`` of another thread meanwhile also leaves it out."""
+    if not hasattr(torch.serialization, "set_crc32_options"):  # before torch 2.6: always computed
+        yield
+        return
+    with _CRC32_OPTION:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            yield
+        finally:
+            torch.serialization.set_crc32_options(before)
+
+
+_CRC32_OPTION = threading.Lock()
+
+
 def _save_file(obj, path: Path, copy_to: Path | None = None) -> str:
     """``torch.save`` into ``path`` (and the same bytes into ``copy_to``), fsynced; returns the file's sha256."""
     with ExitStack() as files:
         handles = [files.enter_context(open(target, "wb")) for target in (path, copy_to) if target is not None]
         writer = _HashingWriter(handles)
-        torch.save(obj, writer)
+        with _without_zip_crc32():
+            torch.save(obj, writer)
         for handle in handles:
             handle.flush()
             os.fsync(handle.fileno())
