@@ -16,7 +16,7 @@ spent per checkpoint inside ``RunCheckpoints.save`` (and how much of it waiting 
 writer that has not finished when the next checkpoint comes is backlogged, space the checkpoints further apart)
 and waiting, before the next update, for the writer's copy of the weights, and the run's final wait, which comes
 once a run however many checkpoints it writes (the rest of the stall is the writer slowing the steps down, e.g.
-sharing the CPU cores). Fresh processes on this 2-core VM differ by up to ~10% in speed, which at a few
+sharing the CPU cores). Fresh processes on this 2-core VM differ by up to ~20% in speed, which at a few
 checkpoints a run is more than the stall itself; so the stall is also measured inside each run: the training
 thread's time in ``save``, the extra time of the optimizer steps that ran beside a background write against
 the same run's other steps, and the final wait. ``--root DIR`` imports the package from DIR (a checkout before a
@@ -100,7 +100,7 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
         CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)
         CheckpointWriter.wait = timed("writer_waits", CheckpointWriter.wait)  # at each checkpoint and the end
     # Every optimizer step timed, and whether a background write ran during it: the steps a write slowed down,
-    # against the same run's other steps (so the process's own speed, which varies ~10% between fresh processes
+    # against the same run's other steps (so the process's own speed, which varied up to ~20% between fresh processes
     # on this VM, cancels out). On CPU the step's work is done when the call returns.
     step_seconds, step_writing = [], []
     optimizer_step = trainer_module.Trainer.optimizer_step

@@ -75,6 +75,9 @@ class _HashingWriter:
             handle.flush()
 
 
+_CRC32_OPTION = threading.Lock()  # one save at a time switches torch's process-wide option
+
+
 @contextmanager
 def _without_zip_crc32():
     """``torch.save`` without the zip format's CRC32 of every record: the file's sha256, taken as it is written and
@@ -91,9 +94,6 @@ def _without_zip_crc32():
             yield
         finally:
             torch.serialization.set_crc32_options(before)
-
-
-_CRC32_OPTION = threading.Lock()
 
 
 def _save_file(obj, path: Path, copy_to: Path | None = None) -> str:
