@@ -20,7 +20,7 @@ from .distributed import DistContext, broadcast_object
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",
-    "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity",
+    "train/loss_excl_padding", "val/loss_excl_padding", "val/perplexity", "val/bits_per_byte",
     "train/accuracy_excl_padding", "val/accuracy_excl_padding", "learning_rate",
     "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
     "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s", "train/distinct_batch_shapes",
@@ -43,7 +43,7 @@ def step_row(step: int, epoch: int, sums, learning_rate: float, grad_norm: float
 def eval_row(step: int, epoch: int, val: dict) -> dict:
     """The row of a validation inside an epoch (``eval_every``)."""
     return {"step": step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
-            "val/accuracy_excl_padding": val["accuracy"]}
+            "val/accuracy_excl_padding": val["accuracy"], "val/bits_per_byte": val.get("bits_per_byte")}
 
 
 def epoch_row(epoch: int, state, val: dict, *, epoch_seconds: float, learning_rate: float | None) -> dict:
@@ -52,6 +52,7 @@ def epoch_row(epoch: int, state, val: dict, *, epoch_seconds: float, learning_ra
     return {
         "epoch": epoch + 1, "global_step": state.global_step,
         "train/loss_excl_padding": sums.loss, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
+        "val/bits_per_byte": val.get("bits_per_byte"),  # None: no tokenizer or token_bytes says what a token weighs
         "train/accuracy_excl_padding": sums.accuracy, "val/accuracy_excl_padding": val["accuracy"],
         "learning_rate": learning_rate,  # the rate the epoch's last step used
         "train/real_tokens": int(sums.real_targets), "train/padded_tokens": int(sums.padded_positions),
