@@ -160,10 +160,19 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
 def test_hyperparameter_search(model_factory=None, config=None, train_data=None, val_data=None,
                                n_trials=N_TRIALS_DEFAULT, *legacy_positionals, search_space=None, n_epochs=1,
                                timeout=None, storage=None, study_name=None, pruning=True, eval_every=None,
-                               random_seed=42, use_wandb=False, tokenizer=None, model=None,
+                               random_seed=42, use_wandb=False, tokenizer=None, model=None, model_space=None,
+                               model_constraints=None, objectives=None, token_bytes=None,
                                **fine_tuning_kwargs) -> dict:
     """Optuna search over ``test_fine_tuning`` keywords; each trial's objective is its final validation loss
-    excluding padding. ``storage`` with ``study_name`` keeps the study across calls and disconnects: a ``*.db``
+    excluding padding. ``model_space`` searches the model too (``{"n_layer": ("int", 1, 4), "n_embd": [64, 128]}``):
+    ``model_factory(params)`` is then called with the trial's model parameters as a dict, and the trial's config is a
+    copy of ``config`` with them set; ``model_constraints(params) -> bool`` skips points no model can be built from.
+    ``objectives`` (default ``"val_loss"``; ``"val_bits_per_byte"``, ``"n_parameters"``, ``"train_seconds"``,
+    ``"flops_estimate"``; a tuple for a multi-objective study) are minimised; ``results["pareto"]`` holds the
+    non-dominated trials. Rebuild the best model with ``model_factory(results["best_model_params"])`` and train it
+    with ``test_fine_tuning(model, results["best_config"], ..., **results["best_params"])``.
+
+    ``storage`` with ``study_name`` keeps the study across calls and disconnects: a ``*.db``
     SQLite file for one process at a time, a ``*.log`` journal file for several processes on one machine or a
     shared disk, a database URL ("postgresql://...") for several machines. A study records its set-up and refuses
     trials under another one. ``n_trials`` counts this call's trials; ``n_trials_in_study`` the study's. The
