@@ -62,3 +62,65 @@ def test_final_loss_scale_is_the_last_applied_steps_whatever_log_every():
         stopped = _fp16_run(nan_from, log_every=log_every)
         assert stopped["non_finite"] and stopped["global_step"] == nan_from - 1, log_every
         assert stopped["final_loss_scale"] == planned["final_loss_scale"], log_every
+
+
+def _train_tiny(output_dir, **options):
+    torch.manual_seed(0)
+    return test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, TRAIN, VAL,
+                            **dict(dict(n_epochs=1, batch_size=4, learning_rate=3e-3, checkpoint_every=2,
+                                        keep_checkpoints=3, output_dir=str(output_dir)), **QUIET, **options))
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("made") / "run"
+    _train_tiny(folder)
+    return folder
+
+
+def _newest(run_dir):
+    return max((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _edit_meta(folder, seal, **changes):
+    path = folder / "meta.json"
+    meta = json.loads(path.read_text())
+    if not seal:
+        meta.pop("meta_sha256", None)  # as meta.json was before it was sealed (format 2 and older)
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            meta[key] = dict(meta[key], **value)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta, indent=1))
+
+
+@pytest.mark.parametrize("change", [{"format_version": None}, {"format_version": "abc"}, {"best_val_loss": 0.5},
+                                    {"settings": {"n_epochs": 3}}])
+def test_an_edited_meta_json_is_named_as_tampered(made_run, tmp_path, change):
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    folder = _newest(run)
+    _edit_meta(folder, seal=True, **change)
+    with pytest.raises(ValueError, match=r"meta\.json.*tampered"):
+        _train_tiny(run, resume_from_checkpoint=str(folder))
+
+
+@pytest.mark.parametrize("value", [None, "abc"])
+def test_an_unreadable_format_version_of_an_unsealed_meta_json_is_named(made_run, tmp_path, value):
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    folder = _newest(run)
+    _edit_meta(folder, seal=False, format_version=value)
+    with pytest.raises(ValueError, match=rf"{folder}/meta\.json records format_version={value!r}.*tampered"):
+        _train_tiny(run, resume_from_checkpoint=True)
+
+
+def test_a_format_2_checkpoint_still_resumes(made_run, tmp_path):
+    """Format 3 only added meta.json's seal: a format 2 meta.json (unsealed) is read as before."""
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    folder = _newest(run)
+    _edit_meta(folder, seal=False, format_version=2)
+    result = _train_tiny(run, resume_from_checkpoint=str(folder), n_epochs=2)
+    assert result["resumed_from_checkpoint"] == str(folder) and result["completed"]
