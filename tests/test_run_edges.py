@@ -2,7 +2,6 @@
 named as such, a deleted output_dir recreated with a warning, a damaged only checkpoint named and kept aside."""
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

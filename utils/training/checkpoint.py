@@ -279,7 +279,7 @@ def sealed_meta(meta: dict) -> dict:
 
 def _check_seal(meta: dict, path: Path) -> None:
     version = meta.get(META_KEY)
-    known_sealed = isinstance(version, int) and not isinstance(version, bool) and SEALED_FROM <= version <= FORMAT_VERSION
+    known_sealed = type(version) is int and SEALED_FROM <= version <= FORMAT_VERSION
     if META_SEAL not in meta:
         if known_sealed:  # written by a version that seals every meta.json: the key was removed
             raise OSError(f"{path} was edited or damaged (tampered meta.json): format {version} records {META_SEAL}, "
