@@ -192,11 +192,12 @@ class Trainer:
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
         self.checkpoints.before_update()  # a checkpoint's copy of the weights and moments completes before they change
+        loss_scale = self.amp.scale_in_effect()  # before this step's update changes it
         self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sums": sums, "grad_norm": grad_norm.detach().double(), "not_finite": not_finite,
-                "learning_rate": learning_rate}
+                "learning_rate": learning_rate, "loss_scale": loss_scale}
 
     def apply_update(self, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
@@ -216,6 +217,7 @@ class Trainer:
         for k, (step_sums, (grad_norm, not_finite)) in enumerate(zip(map(TokenSums.from_tensor, sums), extras)):
             if not_finite:
                 self.tracker.log_steps(rows)
+                self.amp.scale_at_stop = pending[k].get("loss_scale")  # what the last applied step left
                 self.stop_non_finite(first_step + k, step_sums, grad_norm, pending[k]["learning_rate"],
                                      skipped=len(pending) - k)
             self.state.epoch_sums += step_sums
