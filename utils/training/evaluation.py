@@ -5,13 +5,10 @@ import contextlib
 
 import torch
 
-from .distributed import DistContext, all_reduce_sum
-from .examples import to_device
-from .fsdp import is_sharded
-from .loss import TokenSums, count_real_target_bytes
+from .distributed import DistContext, all_reduce_sum, is_sharded
+from .data import to_device
+from .loss import ModelCaller, TokenSums, bits_per_byte, count_real_target_bytes, eval_mode, unwrap
 from .metrics import safe_exp
-from .model_call import ModelCaller, eval_mode, unwrap
-from .token_bytes import bits_per_byte
 
 
 def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, caller: ModelCaller | None = None,

@@ -18,21 +18,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .distributed import launched_by_torchrun
-from .engine import RunHooks
-from .metrics import safe_exp
-from .model_call import unwrap
-from .outcome import OutcomeKind
-from .pad_id import detect_pad_token_id, pad_is_eos
-from .previous_interface import DefaultInt, settings_from_call
-from .search_objectives import (OBJECTIVES, canonical_objectives, cost_of, objective_values, pareto_columns,
-                                pareto_front, trials_frame)
+from ..distributed import launched_by_torchrun
+from ..engine import RunHooks
+from ..metrics import safe_exp
+from ..loss import unwrap
+from ..outcome import OutcomeKind
+from ..model import detect_pad_token_id, pad_is_eos
+from ..previous_interface import DefaultInt, settings_from_call
+from .objectives import (OBJECTIVES, canonical_objectives, cost_of, objective_values, pareto_columns, pareto_front,
+                         trials_frame)
 from .search_space import (DEFAULT_SEARCH_SPACE, accepted, parse_model_space, parse_search_space,  # noqa: F401
                            reference_point, suggest)  # DEFAULT_SEARCH_SPACE: API
 from .search_study import (SETUP_ATTR, family_record, first_try_of, join_model, model_differences, model_record,
                            open_study, setup_record, shapes_fingerprint)
-from .settings import FineTuneSettings
-from .sources import train_and_val_sources
+from ..settings import FineTuneSettings
+from ..data import train_and_val_sources
 
 N_TRIALS_DEFAULT = DefaultInt(10)
 # Points the model constraints refuse are not trained and not counted in n_trials; past this many in one call the
@@ -505,7 +505,7 @@ def _plots(study, n_completed: int, output_dir: Path, front: tuple) -> dict[str,
     objective, importances once enough trials completed, and the Pareto front of the costs against the loss."""
     if n_completed == 0:
         return {}
-    from .plots import save_search_plots
+    from ..metrics import save_search_plots
 
     try:
         return save_search_plots(study, output_dir, front)
