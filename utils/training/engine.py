@@ -193,7 +193,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
         "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
         # None when no tokenizer (or token_bytes) says how many bytes each token stands for
-        "val_bits_per_byte": None if last is None else _finite_or_none(last["val/bits_per_byte"]),
+        "val_bits_per_byte": None if last is None else _finite_or_none(last.get("val/bits_per_byte")),
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
