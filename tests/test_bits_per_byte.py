@@ -89,7 +89,10 @@ class ByteTokenizer:
         return list(text.encode("utf-8")) + [self.eos_token_id]
 
 
-def test_bits_per_byte_equals_an_independent_computation_for_a_byte_tokenizer(shipped, tmp_path):
+def test_bits_per_byte_equals_an_independent_computation_for_a_byte_tokenizer(shipped, tmp_path, monkeypatch):
+    from wandb_reader import history_and_config
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     _, train_lines, val_lines = shipped
     tokenizer = ByteTokenizer()
     train = [tokenizer.encode(text)[:96] for text in train_lines]
@@ -98,10 +101,14 @@ def test_bits_per_byte_equals_an_independent_computation_for_a_byte_tokenizer(sh
     model = _model(257)
     model.config.pad_token_id = tokenizer.pad_token_id
     result = test_fine_tuning(model, None, train, val, n_epochs=1, batch_size=4, token_bytes=tokenizer.token_bytes,
-                              output_dir=str(tmp_path), progress=False, save_plots=False)
+                              output_dir=str(tmp_path), progress=False, save_plots=False, use_wandb=True,
+                              wandb_mode="offline", eval_every=3)
     # Every target but the EOS is one byte: the bytes are the line's bytes after its first.
     expected = _independent_bits_per_byte(model, [(ids, len(ids) - 2) for ids in val])
     assert result["val_bits_per_byte"] == pytest.approx(expected, rel=RELATIVE)
+    rows, _ = history_and_config(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    logged = [float(row["val/bits_per_byte"]) for row in rows if "val/bits_per_byte" in row]
+    assert len(logged) >= 2 and logged[-1] == pytest.approx(result["val_bits_per_byte"], rel=1e-12)  # eval_every too
 
 
 def test_without_a_tokenizer_there_are_no_bits_per_byte_and_bad_byte_counts_are_refused(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 from ..distributed import launched_by_torchrun
 from ..engine import RunHooks
 from ..metrics import safe_exp
-from ..loss import unwrap
+from ..loss import check_token_bytes, unwrap
 from ..outcome import OutcomeKind
 from ..model import detect_pad_token_id, pad_is_eos
 from ..previous_interface import DefaultInt, settings_from_call
@@ -89,6 +89,8 @@ class SearchRequest:
         if constraints is not None and (not callable(constraints) or not model_space):
             raise ValueError("model_constraints must be a function of the model_space parameters (a dict) returning "
                              "True for the points a model can be built from, and needs model_space.")
+        if arguments["token_bytes"] is not None:
+            check_token_bytes(arguments["token_bytes"])  # before any trial
         objectives = canonical_objectives(arguments["objectives"],
                                           bytes_known=arguments["tokenizer"] is not None
                                           or arguments["token_bytes"] is not None)

@@ -98,9 +98,9 @@ def reference_point(model_space: dict, constraints) -> dict:
 
 def _accepts(constraints, point: dict) -> bool:
     verdict = constraints(dict(point))
-    if not isinstance(verdict, (bool, int)):
+    if verdict is None:  # a forgotten return would refuse every point
         raise TypeError(f"model_constraints must return True or False for a dict of model parameters; it returned "
-                        f"{verdict!r} for {point}.")
+                        f"None for {point}.")
     return bool(verdict)
 
 
