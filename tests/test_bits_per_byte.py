@@ -122,3 +122,22 @@ def test_without_a_tokenizer_there_are_no_bits_per_byte_and_bad_byte_counts_are_
         with pytest.raises(ValueError, match="token_bytes must be"):
             test_fine_tuning(model, None, lines, lines[:3], n_epochs=1, token_bytes=bad,
                              output_dir=str(tmp_path / "bad"), progress=False, save_plots=False)
+
+
+def test_a_search_can_minimise_bits_per_byte(shipped, tmp_path):
+    from utils.tier3_training_utilities import test_hyperparameter_search
+
+    tokenizer, train_lines, val_lines = shipped
+    train = prepare_lm_dataset(train_lines[:16], tokenizer, max_length=128)
+    val = prepare_lm_dataset(val_lines[:8], tokenizer, max_length=128)
+    result = test_hyperparameter_search(lambda: _model(len(tokenizer)), None, train, val, n_trials=2,
+                                        objectives="bits_per_byte",
+                                        search_space={"learning_rate": ("log", 1e-4, 1e-2)}, tokenizer=tokenizer,
+                                        output_dir=str(tmp_path), progress=False)
+    trials = result["trials"]
+    assert result["objectives"] == ("val_bits_per_byte",) and list(trials["state"]) == ["COMPLETE", "COMPLETE"]
+    assert list(trials["value"]) == list(trials["val_bits_per_byte"])  # the objective is the trial's bits per byte
+    assert result["best_value"] == trials["val_bits_per_byte"].min()
+    # Bits per byte over the same validation text is the loss rescaled by one constant (tokens / bytes / ln 2).
+    ratios = trials["val_bits_per_byte"] / trials["val_loss"]
+    assert ratios.iloc[0] == pytest.approx(ratios.iloc[1], rel=1e-12)
