@@ -53,8 +53,13 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         outcome = trainer.fit()
-        trainer.checkpoints.finish(outcome)  # the last background write is complete (or its failure reported)
-        return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+        # The metrics files first, then the wait for the last background write: a write that stalls (a hung mount)
+        # must not hold back the metrics, and Ctrl-C during that wait still returns the results.
+        trainer.checkpoints.before_update()  # the snapshot's copy of the weights is complete before the best model's
+        results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+        trainer.checkpoints.finish(outcome)  # the last write is complete, its failure reported, or Ctrl-C said
+        results.update(trainer.checkpoints.result_keys())
+        return results
 
 
 def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHooks):
@@ -212,8 +217,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
-        "best_checkpoint": trainer.checkpoints.best_checkpoint, "last_checkpoint": trainer.checkpoints.last_checkpoint,
-        "checkpoint_error": trainer.checkpoints.error,  # a failed last write when the run ended for another reason
+        **trainer.checkpoints.result_keys(),  # completed by fine_tune once the last write ended
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
