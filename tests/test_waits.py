@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.training import checkpoint
-from utils.training.checkpoint_writer import WAIT_NOTICE_AFTER_S
+from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint
 
 HERE = Path(__file__).parent
 NOTICE_DEADLINE_S = 10  # the target: a stalled write is named within 10 s
@@ -94,6 +93,6 @@ def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stall
     assert result["checkpoint_error"] is None and "step-8" in result["checkpoint_pending"]
     # The newest complete checkpoint is named, and it loads; the stalled one is not named.
     assert result["last_checkpoint"] == str(out / "run" / "checkpoints" / "step-6")
-    checkpoint.load_checkpoint(Path(result["last_checkpoint"]))
+    load_checkpoint(Path(result["last_checkpoint"]))
     history = json.loads((out / "run" / "metrics_history.json").read_text())
     assert [row["step"] for row in history["steps"]] == list(range(1, 9)) and len(history["epochs"]) == 1
