@@ -1,9 +1,11 @@
 """Waits that say what they wait for (issue 47): a checkpoint write that stalls is named within seconds, Ctrl-C
 during the run's end returns the results (metrics files written first), and under torchrun a stopped process is
 named, with its step, within ``process_timeout_minutes``."""
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint
+from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint, step_folders
 
 HERE = Path(__file__).parent
 NOTICE_DEADLINE_S = 10  # the issue's target: a stalled write is named within 10 s
@@ -96,3 +98,53 @@ def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stall
     load_checkpoint(Path(result["last_checkpoint"]))
     history = json.loads((out / "run" / "metrics_history.json").read_text())
     assert [row["step"] for row in history["steps"]] == list(range(1, 9)) and len(history["epochs"]) == 1
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_file(path, process, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not path.exists() and process.poll() is None:
+        time.sleep(0.1)
+    return path.exists()
+
+
+def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
+    timeout_minutes = 0.05  # 3 s
+    limit = 60 * timeout_minutes
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                f"--master_port={_free_port()}", str(HERE / "stalled_rank_worker.py"), str(tmp_path),
+                                str(timeout_minutes)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = Lines(process)
+    try:
+        # On code without the watch rank 0 waits for torch's own timeout (30 min on gloo): 60 s is a failure.
+        assert _wait_for_file(tmp_path / "rank0.json", process, timeout=60), lines.text()
+    finally:
+        if (tmp_path / "rank1.json").exists():  # the stopped process: torchrun's SIGTERM cannot end it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(json.loads((tmp_path / "rank1.json").read_text())["pid"], signal.SIGKILL)
+        try:
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    report, stopped = (json.loads((tmp_path / name).read_text()) for name in ("rank0.json", "rank1.json"))
+    assert report["error"] == "ProcessStalledError", (report, lines.text())
+    assert "rank 1 " in report["message"] and "after optimizer step 6:" in report["message"], report["message"]
+    assert str(tmp_path / "run" / "checkpoints") in report["message"]
+    # Named after the limit (the heartbeat's silence), and within it plus the group timeout's three heartbeat
+    # periods (0.3 s each here) and 5 s for two loaded cores.
+    waited = report["time"] - stopped["stopped_at"]
+    assert limit <= waited <= limit + 3 * 0.3 + 5, waited
+    assert "stopped responding after optimizer step 6" in lines.text()  # said at once on stderr, too
+    # The checkpoints completed before the stop are intact: step 6's needed rank 1 (its state is gathered).
+    folders = step_folders(tmp_path / "run" / "checkpoints")
+    assert sorted(f.name for f in folders) == ["step-2", "step-4"]
+    for folder in folders:
+        load_checkpoint(folder)
