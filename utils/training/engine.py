@@ -47,8 +47,10 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
             try:
                 return train_and_finish(trainer, resumed, hooks)
             except Exception as error:
+                newest = trainer.checkpoints.last_checkpoint  # rank 0's: the others do not write
                 stalled = watch.error_for(error, f"The checkpoints written before are intact under "
-                                                 f"{trainer.checkpoints.folder}.")
+                                                 f"{trainer.checkpoints.folder}"
+                                                 + (f" (newest: {Path(newest).name})." if newest else "."))
                 if stalled is not None:
                     raise stalled from error
                 raise
