@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -177,6 +178,11 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+# Checkpoints folder -> the last writer of this process there; weak: a writer (and its snapshot's host buffers)
+# lives on only while its thread runs.
+_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class CheckpointWriter:
     """Writes checkpoints of one run (rank 0 only), in a background thread unless ``asynchronous=False``.
 
@@ -198,6 +204,12 @@ class CheckpointWriter:
         self.writing_step: int | None = None
         # What the write in flight is doing now (set by the writer thread) and since when it was handed over.
         self.activity, self.submitted_at = "", 0.0
+        # A write that Ctrl-C left running in this process (a notebook's earlier call) into the same folder ends
+        # first: two writers would share the staging folder and prune each other's checkpoints.
+        previous = _WRITERS.get(self.checkpoints_dir.resolve())
+        if previous is not None and previous.in_flight():
+            previous.wait("This run's start")
+        _WRITERS[self.checkpoints_dir.resolve()] = self
         if staging_dir is not None:
             shutil.rmtree(staging_dir, ignore_errors=True)  # a killed run's half-written folders: never published
 

@@ -157,11 +157,10 @@ class ProcessWatch:
                 "process_timeout_minutes if the processes are slow but alive.")
         if not _timed_out(error):
             return None
+        states = {rank: (step, waiting) for rank, (_, step, waiting, _) in self.seen.items()}
+        states[self.ctx.rank] = (self.progress(), self.waiting_for())
         waits = [f"rank {rank} at optimizer step {step}" + (f", waiting for {waiting}" if waiting else "")
-                 for rank, (_, step, waiting, _) in sorted(self.seen.items())]
-        own = self.waiting_for()
-        waits.insert(self.ctx.rank, f"rank {self.ctx.rank} at optimizer step {self.progress()}"
-                     + (f", waiting for {own}" if own else ""))
+                 for rank, (step, waiting) in sorted(states.items())]
         return ProcessStalledError(
             f"A collective between the processes timed out (process_timeout_minutes={self.limit_minutes:g}) while "
             f"every process still sent heartbeats: {'; '.join(waits)}. {checkpoints} A process that waits for a slow "
