@@ -130,6 +130,7 @@ class RunCheckpoints:
                 "checkpoint_error": self.error,  # a failed last write when the run ended for another reason
                 "checkpoint_pending": self.pending}
 
+
 def load_model_and_optimizer(model, optimizer, files: dict) -> None:
     """A loaded checkpoint's weights and AdamW state into this run's model and optimizer."""
     try:
