@@ -186,15 +186,19 @@ def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -
 
 
 def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
-              best: bool = False) -> tuple[Path, Path | None]:
+              best: bool = False, before_publish=None) -> tuple[Path, Path | None]:
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
-    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``.
+    ``before_publish()`` runs once the files are written, before either folder is renamed into place; an error it
+    raises leaves only ``.tmp-`` folders."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
     tmp = start_folder(final)
     best_tmp = start_folder(checkpoints_dir / "best") if best else None
     # The step's weights go into best/ as they are written: one serialisation and one hash serve both folders.
     hashes = {name: _save_file(obj, tmp / name, best_tmp / name if best and name == "model.pt" else None)
               for name, obj in payload.items()}
+    if before_publish is not None:
+        before_publish()
     best_folder = None
     if best:
         best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})

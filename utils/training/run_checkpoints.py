@@ -72,10 +72,11 @@ class RunCheckpoints:
             raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
                                        f"free space and access under {self.settings.output_dir}, then resume.")
         if self.writer:
-            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
+            # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
             optimizer = trainer.optimizer
-            updated = list(trainer.model.parameters()) + [t for s in optimizer.state.values()
-                                                          for t in s.values() if torch.is_tensor(t)]
+            updated = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad] + [
+                t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             self.writer.submit(trainer.state.global_step, files, trainer.checkpoint_meta(), best, self.written,
                                {t.untyped_storage().data_ptr() for t in updated})
 
