@@ -11,7 +11,7 @@ from models import TinyCausalLM, random_lines
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.outcome import Outcome, OutcomeKind
 
-META_KEY = "format_version"  # utils.training.checkpoint_format.META_KEY (spelled out: the test must run on older code)
+META_KEY = "format_version"  # utils.training.checkpoints.META_KEY (spelled out: the test must run on older code)
 
 VOCAB = 50
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .linear_loss import linear_masked_lm_loss
-from .loss import TokenSums, masked_lm_loss
+from .masked import TokenSums, masked_lm_loss
 
 
 def unwrap(model: nn.Module) -> nn.Module:

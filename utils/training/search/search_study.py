@@ -17,7 +17,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from .model_call import unwrap
+from ..loss import unwrap
 from .search_space import NOT_SEARCHABLE
 
 SETUP_ATTR = "tier3_setup"
