@@ -49,6 +49,7 @@ def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
 def wait_for_checkpoint_writes():
     for thread in threading.enumerate():
         if thread.name.startswith(WRITER_THREAD_PREFIX):
+            getattr(thread, "before_join", lambda: None)()  # the training thread's verdict the write waits for
             thread.join()
 
 

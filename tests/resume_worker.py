@@ -30,8 +30,8 @@ def run(mode: str, out_dir: str, model_kind: str = "plain", **overrides) -> dict
         model = StopAtForward(ForwardWritesLM(vocab_size=VOCAB, ballast=1 << 20, dropout=0.1), kill_at, kill=True)
     else:
         model = KillableLM(kill_at=kill_at, vocab_size=VOCAB, dropout=0.1)
-    settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume",
-                    **overrides)
+    settings = dict(dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume"),
+                    **overrides)  # a folder given as resume_from_checkpoint replaces True
     train = overrides.pop("train", None) or data()
     settings.pop("train", None)
     result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, data(seed=2, n=10),

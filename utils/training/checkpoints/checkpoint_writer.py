@@ -239,6 +239,10 @@ class CheckpointWriter:
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
+        # The write is published once the training thread judged the snapshot (before the next update, or in
+        # wait()): a caller that joins this thread from the training thread otherwise (a test's forward that
+        # waits for writes before it changes anything) gives that verdict first.
+        self.thread.before_join = self.snapshot.judge
         self.thread.start()
 
     def before_update(self) -> None:
