@@ -47,10 +47,10 @@ def test_a_resume_from_an_older_checkpoint_starts_a_line_that_pruning_and_resume
     start_from = str(checkpoints / f"step-{FROM_STEP}")
     killed = _run("killed", lines, resume_from_checkpoint=start_from, **NEW_LINE)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert "new line of training" in killed.stdout
     kept = step_folders(checkpoints)
     # keep_checkpoints=2 kept the new line's two newest: none of them was pruned for the abandoned line's.
     assert len(kept) == 2 and all((f / "meta.json").stat().st_mtime >= started for f in kept), _steps(checkpoints)
+    assert "new line of training" in killed.stdout
     new_line_newest = _steps(checkpoints)[-1]
     aside = [p for p in checkpoints.iterdir() if p.name.startswith("abandoned-after-step-2")]
     assert len(aside) == 1 and sorted(int(p.name.split("-")[1]) for p in aside[0].glob("step-*")) == old_steps[1:]
