@@ -209,3 +209,22 @@ def test_an_output_dir_deleted_under_the_run_is_warned_when_recreated(tmp_path):
     said = [str(w.message) for w in caught if "was deleted while this run" in str(w.message)]
     assert len(said) == 1 and f"output_dir {run} " in said[0], [str(w.message) for w in caught]
     assert result["completed"] and Path(result["last_checkpoint"]).is_dir()
+
+
+def test_a_damaged_only_checkpoint_is_named_as_damaged_and_kept_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_tiny(run, keep_checkpoints=1, max_steps=2)
+    (only,) = (run / "checkpoints").glob("step-*")
+    model_bytes = (only / "model.pt").read_bytes()
+    with open(only / "optimizer.pt", "r+b") as handle:  # the disk lost the end of one file
+        handle.truncate(100)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=rf"Skipping checkpoint {only}: it is damaged"):
+        result = _train_tiny(run, keep_checkpoints=1, max_steps=4, resume_from_checkpoint=True)
+    said = capsys.readouterr().out
+    assert f"every checkpoint under {run / 'checkpoints'} is damaged ({only.name}: " in said, said
+    assert "no checkpoint" not in said and result["resumed_from_step"] is None
+    # The new run saved and pruned (keep_checkpoints=1) without deleting it: its intact files are kept aside.
+    (aside,) = (run / "checkpoints").glob(f"damaged-*/{only.name}")
+    assert (aside / "model.pt").read_bytes() == model_bytes
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-4"]
