@@ -12,6 +12,11 @@ At most one write is in flight: the next checkpoint first waits for the previous
 When the first snapshot would take more than half the memory still available, checkpoints are written
 synchronously instead (a note says so): a snapshot may double the state in host memory, and running out of it
 would end the run. A failed write warns when it fails and is raised at the next checkpoint or at the run's end.
+
+A wait for the write in flight (the run's end, or the next checkpoint) that lasts says so: after
+``WAIT_NOTICE_AFTER_S`` and then every ``WAIT_NOTICE_EVERY_S`` a message names the checkpoint, what the writer is
+doing and where (writing files, copying from staging into ``output_dir``, pruning), and for how long, and that
+Ctrl-C stops the wait (a hung network mount, e.g. Google Drive, otherwise shows nothing but a still progress bar).
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import ctypes
 import os
 import shutil
 import threading
+import time
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,6 +40,10 @@ from . import checkpoint as ckpt
 WRITER_NICENESS = 10
 WRITER_THREAD_PREFIX = "checkpoint-writer"  # the writer thread's name: checkpoint-writer-step-<N>
 _ATOMS = (int, float, str, bool, bytes, type(None))
+# A checkpoint's write usually ends within a second or two here (README: the stall table); one still running after
+# this long is slow storage or a hung mount, and whoever waits for it is told, then again at this interval.
+WAIT_NOTICE_AFTER_S = 5.0
+WAIT_NOTICE_EVERY_S = 30.0
 
 
 class CheckpointWriteError(RuntimeError):
@@ -202,6 +213,11 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+# Checkpoints folder -> the last writer of this process there; weak: a writer (and its snapshot's host buffers)
+# lives on only while its thread runs.
+_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class CheckpointWriter:
     """Writes checkpoints of one run (rank 0 only), in a background thread unless ``asynchronous=False``.
 
@@ -222,6 +238,14 @@ class CheckpointWriter:
         self.error: str | None = None
         self.writing_step: int | None = None
         self.forward_written: set[int] = set()  # storages a forward changed in place: copied at once from then on
+        # What the write in flight is doing now (set by the writer thread) and since when it was handed over.
+        self.activity, self.submitted_at = "", 0.0
+        # A write that Ctrl-C left running in this process (a notebook's earlier call) into the same folder ends
+        # first: two writers would share the staging folder and prune each other's checkpoints.
+        previous = _WRITERS.get(self.checkpoints_dir.resolve())
+        if previous is not None and previous.in_flight():
+            previous.wait("This run's start")
+        _WRITERS[self.checkpoints_dir.resolve()] = self
         if staging_dir is not None:
             shutil.rmtree(staging_dir, ignore_errors=True)  # a killed run's half-written folders: never published
 
@@ -237,6 +261,7 @@ class CheckpointWriter:
             return
         files, meta = self.snapshot.take(files, set(deferrable) - self.forward_written), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
+        self.activity, self.submitted_at = "copying its tensors into host memory", time.monotonic()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
         # The write is published once the training thread judged the snapshot (before the next update, or in
@@ -250,20 +275,34 @@ class CheckpointWriter:
         if self.thread is not None:
             self.snapshot.judge()
 
-    def wait(self) -> str | None:
+    def wait(self, waiter: str = "The run's end") -> str | None:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
-        ``KeyboardInterrupt``; the write then goes on in the background."""
+        ``KeyboardInterrupt``; the write then goes on in the background (:meth:`in_flight` describes it).
+
+        ``waiter`` names who waits, in the notices a long wait prints (``WAIT_NOTICE_AFTER_S``)."""
         if self.thread is not None:
             self.snapshot.judge()  # no forward runs any more before this write: the writer may publish
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
                 if self.thread.is_alive():
                     _set_niceness(self.thread.native_id, self.training_niceness)
+            notice_at = time.monotonic() + WAIT_NOTICE_AFTER_S
             while self.thread.is_alive():
                 self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
+                if time.monotonic() >= notice_at and self.thread.is_alive():
+                    self.note(f"{waiter} waits for {self.in_flight()}. A stalled disk or network mount (e.g. Google "
+                              "Drive) holds it; Ctrl-C stops waiting (the checkpoints before it are intact).")
+                    notice_at = time.monotonic() + WAIT_NOTICE_EVERY_S
             self.thread, self.writing_step = None, None
         error, self.error = self.error, None
         return error
+
+    def in_flight(self) -> str | None:
+        """The write in flight in words (which checkpoint, what it is doing where, for how long), or None."""
+        if self.thread is None or not self.thread.is_alive():
+            return None
+        return (f"checkpoint step-{self.writing_step}, {self.activity} "
+                f"({time.monotonic() - self.submitted_at:.0f} s since it was handed to the writer)")
 
     def _snapshot_fits(self, files) -> bool:
         needed, available = self.snapshot.new_bytes(files), available_memory_bytes()
@@ -299,11 +338,14 @@ class CheckpointWriter:
 
     def _write(self, step, files, meta, best, on_written, before_publish=None) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
+        self.activity = f"writing its files into {local}"
         step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, before_publish=before_publish)
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
+            self.activity = f"copying it from {local} into {self.checkpoints_dir}"
             if best_folder is not None:
                 best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
             step_folder = ckpt.publish_folder(step_folder, self.checkpoints_dir)
             shutil.rmtree(local, ignore_errors=True)
+        self.activity = f"removing older checkpoints from {self.checkpoints_dir} (keep_checkpoints={self.keep})"
         ckpt.prune_checkpoints(self.checkpoints_dir, self.keep)
         on_written(step_folder, best_folder)
