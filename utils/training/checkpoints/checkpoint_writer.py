@@ -50,12 +50,22 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the checkpoints written before it are intact."""
 
 
+class SnapshotChanged(Exception):
+    """The model's forward changed a deferred tensor in place while the snapshot was being taken."""
+
+    def __init__(self, changed: list[tuple[tuple, torch.Tensor]]):
+        super().__init__(", ".join("/".join(map(str, path)) for path, _ in changed))
+        self.storages = {value.untyped_storage().data_ptr() for _, value in changed}
+
+
 class HostSnapshot:
     """Copies of a nested state (dicts, lists, tuples of tensors and plain values) in reusable host buffers."""
 
     def __init__(self, pin: bool):
         self.pin = pin
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.judged, self.changed, self.versions = threading.Event(), [], []
+        self.judged.set()
 
     def new_bytes(self, state) -> int:
         """Host memory a snapshot of ``state`` would allocate beyond the buffers it already has."""
@@ -65,23 +75,29 @@ class HostSnapshot:
     def take(self, state, deferrable=frozenset()):
         """A copy of ``state`` that training can no longer change, once :meth:`ready` returned.
 
-        Host tensors whose storage is in ``deferrable`` (the weights and the optimizer's moments: only the
+        Host tensors whose storage is in ``deferrable`` (the trained weights and the optimizer's moments: only the
         optimizer update changes them) are copied later by :meth:`copy_deferred`, in the writer thread while the
-        next step's forward and backward run; the update first calls :meth:`wait_copied`. On CUDA the copies are
+        next step's forward and backward run; the update first calls :meth:`wait_copied`. A forward that changes
+        one of them in place (an embedding's ``max_norm``, a hand-written EMA) is found by its version counter
+        (:meth:`judge`): that snapshot may hold the next step's value and is not published. On CUDA the copies are
         queued on the stream (pinned buffers): later kernels, the update's too, run after them."""
         shared: dict[tuple, torch.Tensor] = {}  # tied weights (one storage, two names) stay one tensor
         self.event, self.deferred, self.copied = None, [], threading.Event()
+        self.judged, self.changed = threading.Event(), []
         copied = self._copy(state, (), shared, deferrable)
         if any(t.is_cuda for _, t in _tensors(state, ())):
             self.event = torch.cuda.Event()
             self.event.record()  # after every copy on the current stream
+        # Version counters as the step left them: an in-place write after this (the next forward's) bumps them.
+        self.versions = [(path, value, value._version) for path, _, value in self.deferred]
         if not self.deferred:
             self.copied.set()
+            self.judged.set()
         return copied
 
     def copy_deferred(self) -> None:
         try:
-            for buffer, value in self.deferred:
+            for _, buffer, value in self.deferred:
                 _memcpy(buffer, value)
         finally:
             self.deferred = []
@@ -89,6 +105,25 @@ class HostSnapshot:
 
     def wait_copied(self) -> None:
         self.copied.wait()
+
+    def judge(self) -> None:
+        """In the training thread, once the deferred copies are complete and before the update: which deferred
+        tensors changed since :meth:`take` (the forward and backward in between are complete, so every in-place
+        write of theirs has bumped its counter). A change during the copy cannot be told from one after it, so
+        any change counts. The writer publishes the snapshot only after this verdict (:meth:`unchanged`)."""
+        if self.judged.is_set():
+            return
+        self.wait_copied()
+        self.changed = [(path, value) for path, value, version in self.versions if value._version != version]
+        self.versions = []
+        self.judged.set()
+
+    def unchanged(self) -> None:
+        """In the writer thread, before the snapshot is published: wait for the verdict; raise
+        :class:`SnapshotChanged` naming what the forward changed."""
+        self.judged.wait()
+        if self.changed:
+            raise SnapshotChanged(self.changed)
 
     def ready(self) -> None:
         self.copy_deferred()
@@ -107,7 +142,7 @@ class HostSnapshot:
                 self.buffers[path] = buffer
             if value.device.type == "cpu" and value.is_contiguous():
                 if value.untyped_storage().data_ptr() in deferrable:
-                    self.deferred.append((buffer, value))
+                    self.deferred.append((path, buffer, value))
                 else:
                     _memcpy(buffer, value)
             else:
@@ -205,6 +240,7 @@ class CheckpointWriter:
         self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
         self.error: str | None = None
         self.writing_step: int | None = None
+        self.forward_written: set[int] = set()  # storages a forward changed in place: copied at once from then on
         # What the write in flight is doing now (set by the writer thread) and since when it was handed over.
         self.activity, self.submitted_at = "", 0.0
         # A write that Ctrl-C left running in this process (a notebook's earlier call) into the same folder ends
@@ -226,18 +262,22 @@ class CheckpointWriter:
         if not self.asynchronous:
             self._write(step, files, meta, best, on_written)  # errors raise here
             return
-        files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
+        files, meta = self.snapshot.take(files, set(deferrable) - self.forward_written), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
         self.activity, self.submitted_at = "copying its tensors into host memory", time.monotonic()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
+        # The write is published once the training thread judged the snapshot (before the next update, or in
+        # wait()): a caller that joins this thread from the training thread otherwise (a test's forward that
+        # waits for writes before it changes anything) gives that verdict first.
+        self.thread.before_join = self.snapshot.judge
         self.thread.start()
 
     def before_update(self) -> None:
         """The snapshot's deferred copies of the weights and moments are complete (they are about to change)."""
         if self.thread is not None:
-            self.snapshot.wait_copied()
+            self.snapshot.judge()
 
     def wait(self, waiter: str = "The run's end") -> str | None:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
@@ -245,6 +285,7 @@ class CheckpointWriter:
 
         ``waiter`` names who waits, in the notices a long wait prints (``WAIT_NOTICE_AFTER_S``)."""
         if self.thread is not None:
+            self.snapshot.judge()  # no forward runs any more before this write: the writer may publish
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
                 if not self.done.is_set():
@@ -280,7 +321,14 @@ class CheckpointWriter:
             with self.priority:  # the run's end waits at once, often while the copies above are still running
                 if not self.waited and self.training_niceness is not None:
                     _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
-            self._write(step, files, meta, best, on_written)
+            self._write(step, files, meta, best, on_written, before_publish=self.snapshot.unchanged)
+        except SnapshotChanged as changed:
+            self._drop_unpublished(step)
+            self.forward_written |= changed.storages
+            warnings.warn(f"Checkpoint step-{step} was not written: the model's forward changed {changed} in place "
+                          "while the step's snapshot was being copied, so it could hold the next step's values. "
+                          "These tensors are copied at once from now on; the next checkpoint holds them.",
+                          UserWarning, stacklevel=1)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
@@ -288,10 +336,15 @@ class CheckpointWriter:
         finally:
             self.done.set()
 
-    def _write(self, step, files, meta, best, on_written) -> None:
+    def _drop_unpublished(self, step: int) -> None:
+        local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
+        for name in (f"{ckpt.STEP_PREFIX}{step}", "best"):
+            shutil.rmtree(local / (".tmp-" + name), ignore_errors=True)
+
+    def _write(self, step, files, meta, best, on_written, before_publish=None) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
         self.activity = f"writing its files into {local}"
-        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best)
+        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, before_publish=before_publish)
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
             self.activity = f"copying it from {local} into {self.checkpoints_dir}"
             if best_folder is not None:

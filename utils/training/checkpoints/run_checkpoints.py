@@ -15,6 +15,7 @@ import torch
 
 from . import sharded_checkpoint
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
+from .ownership import OutputDirTaken, lost_ownership
 from ..distributed import DistContext, any_rank, barrier, is_sharded, local_weights_of
 from ..outcome import Outcome, OutcomeKind
 from ..settings import FineTuneSettings
@@ -60,6 +61,7 @@ class RunCheckpoints:
     def save(self, trainer, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's
         RNG state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
+        self.check_ownership()
         trainer.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         self.last_clock = time.monotonic()
         if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
@@ -75,12 +77,22 @@ class RunCheckpoints:
             raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
                                        f"free space and access under {self.settings.output_dir}, then resume.")
         if self.writer:
-            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
+            # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
             optimizer = trainer.optimizer
-            updated = list(trainer.model.parameters()) + [t for s in optimizer.state.values()
-                                                          for t in s.values() if torch.is_tensor(t)]
+            updated = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad] + [
+                t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             self.writer.submit(step, files, trainer.checkpoint_meta(), best, self.written,
                                {t.untyped_storage().data_ptr() for t in updated})
+
+    def check_ownership(self) -> None:
+        """Stop (all ranks) before writing when another process took ``output_dir``'s lock (it was removed under
+        this run and someone started there): two runs would overwrite each other's checkpoints and metrics."""
+        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main and self.writer else None
+        if any_rank(lost is not None, self.ctx, self.device):
+            raise OutputDirTaken(f"Training stopped: {lost or 'rank 0 lost the lock of output_dir'}. Its checkpoints "
+                                 "written before are intact; resume there (resume_from_checkpoint=True) once the "
+                                 "other run has ended, or let that run go on alone.")
 
     def written(self, step_folder: Path, best_folder: Path | None) -> None:
         """Called by the writer once a checkpoint is complete: only then do results name it."""
