@@ -39,6 +39,7 @@ class RunData:
     pad_token_id: int
     pad_source: str
     vocab_size: int
+    token_bytes: torch.Tensor | None = None  # bytes of text per token id on the run's device (bits per byte), or None
 
 
 def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
@@ -234,7 +235,8 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
-                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast)
+                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast,
+                        token_bytes=self.data.token_bytes)
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
