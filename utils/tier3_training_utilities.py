@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import types
 
 import torch
 
@@ -26,21 +25,13 @@ from .training.trainer import forward_backward
 __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
 
 
-def __getattr__(name):
-    # ``wandb`` as a module attribute, imported on first use: callers patch
-    # ``utils.tier3_training_utilities.wandb`` with a mock, and the import stays lazy otherwise.
-    if name == "wandb":
-        return importlib.import_module("wandb")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The W&B module runs log to. The previous module imported ``wandb`` here, and its callers set or patch
+# ``utils.tier3_training_utilities.wandb``; None: ``import wandb`` when a run logs (importing it costs seconds).
+wandb = None
 
 
 def _wandb_module():
-    """A caller's mock of ``utils.tier3_training_utilities.wandb`` if there is one, else ``import wandb``
-    (which honours a mock placed in ``sys.modules``)."""
-    patched = globals().get("wandb")
-    if patched is not None and not isinstance(patched, types.ModuleType):
-        return patched
-    return importlib.import_module("wandb")
+    return wandb if wandb is not None else importlib.import_module("wandb")
 
 
 # ----------------------------------------------------------------------------------------------

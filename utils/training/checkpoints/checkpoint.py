@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint_format import FORMAT_VERSION, META_KEY, SEALED_FROM
+from ..warn import caller_stacklevel
 
 STEP_PREFIX = "step-"
+CHECKPOINTS = "checkpoints"  # a run's checkpoints: output_dir/checkpoints/step-N (and best/)
 META_SEAL = "meta_sha256"  # meta.json's own sha256, over its content without this key (canonical JSON)
 
 
@@ -79,6 +81,17 @@ class _HashingWriter:
 
 
 _CRC32_OPTION = threading.Lock()  # one save at a time switches torch's process-wide option
+
+
+def checkpoints_folder(output_dir) -> Path:
+    """Where a run writing into ``output_dir`` keeps its checkpoints (the one place the layout is spelled)."""
+    return Path(output_dir) / CHECKPOINTS
+
+
+def run_folder_of(checkpoint_folder) -> Path:
+    """The output_dir a checkpoint folder (``.../checkpoints/step-N``) belongs to: the inverse of
+    :func:`checkpoints_folder`."""
+    return Path(checkpoint_folder).parent.parent
 
 
 @contextmanager
@@ -325,5 +338,5 @@ def find_resumable(checkpoints_dir: Path) -> dict | None:
             return load_checkpoint(folder)
         except Exception as error:  # noqa: BLE001 - any damage means: try the next one
             warnings.warn(f"Skipping checkpoint {folder}: it is incomplete or unreadable "
-                          f"({type(error).__name__}: {error}).", UserWarning, stacklevel=2)
+                          f"({type(error).__name__}: {error}).", UserWarning, stacklevel=caller_stacklevel())
     return None

@@ -242,7 +242,8 @@ class CheckpointWriter:
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
-            warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
+            # From the writer thread: no caller of the run on its stack, so the warning names this line.
+            warnings.warn(f"Background write failed: {self.error}.", UserWarning)
 
     def _write(self, step, files, meta, best, on_written) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir

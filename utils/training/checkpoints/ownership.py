@@ -10,6 +10,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from ..warn import caller_stacklevel
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -47,7 +48,8 @@ def _recorded_run_id(path: Path) -> str | None:
         return json.loads(path.read_text()).get("run_id")
     except (OSError, ValueError, AttributeError) as error:
         warnings.warn(f"{path} is damaged ({type(error).__name__}: {error}); it is rewritten with a new run id. The "
-                      "checkpoints in this folder are still used when resuming.", UserWarning, stacklevel=4)
+                      "checkpoints in this folder are still used when resuming.",
+                      UserWarning, stacklevel=caller_stacklevel())
         return None
 
 
@@ -140,7 +142,8 @@ class OutputDirLock:
             if self._read_owner()[2] == text:
                 if owner.get("pid") != me["pid"]:
                     warnings.warn(f"Taking over the lock of a run that is no longer alive (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}) in {self.path.parent}.", UserWarning, stacklevel=4)
+                                  f"{owner.get('host')}) in {self.path.parent}.",
+                                  UserWarning, stacklevel=caller_stacklevel())
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .rows import STEP_COLUMNS, RowSink
+from ..warn import caller_stacklevel
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -142,7 +143,7 @@ class MetricsFiles(RowSink):
         if len(rows) < count:
             warnings.warn(f"{path} holds {len(rows)} of the {count} rows the checkpoint counts (it was changed or "
                           "lost since); the results and the files hold only those. Keep the metrics files beside "
-                          "the checkpoints to resume with every row.", UserWarning, stacklevel=4)
+                          "the checkpoints to resume with every row.", UserWarning, stacklevel=caller_stacklevel())
         if cut and len(data) > end:
             if count == 0 and path.name == "metrics_evals.csv":
                 path.unlink()  # an uninterrupted run has no evals file before its first evaluation

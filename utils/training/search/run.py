@@ -24,10 +24,11 @@ from ..metrics import safe_exp
 from ..outcome import OutcomeKind
 from ..model import detect_pad_token_id, pad_is_eos
 from ..previous_interface import DefaultInt, settings_from_call
-from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
+from .search_space import parse_search_space, suggest
 from .search_study import first_try_of, join_model, model_record, open_study, setup_record
 from ..settings import FineTuneSettings
-from ..data import train_and_val_sources
+from ..data import source_options, train_and_val_sources
+from ..warn import caller_stacklevel
 
 N_TRIALS_DEFAULT = DefaultInt(10)
 
@@ -106,10 +107,8 @@ class SearchRequest:
         eos_is_pad = pad_is_eos(pad_token_id, self.config, self.tokenizer)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
-        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id,
-                                              settings.padding_multiple(device), eos_is_pad, settings.val_fraction,
-                                              settings.random_seed, settings.stream_buffer_size,
-                                              settings.bad_examples)
+        self.prepared = train_and_val_sources(self.train_data, self.val_data,
+                                              source_options(settings, device, pad_token_id, eos_is_pad))
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -160,7 +159,8 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
         try:
             _optimize(study, lambda trial: _objective(fine_tune, request, study, trial), request, bar)
         except KeyboardInterrupt:
-            warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
+            warnings.warn("Search interrupted; returning the trials so far.",
+                          UserWarning, stacklevel=caller_stacklevel())
         finally:
             bar.close()
     finally:
@@ -196,7 +196,7 @@ def _optimize(study, objective, request: SearchRequest, bar) -> None:
             bar.update(study, taken[0])  # it ran in this call (Optuna skipped the callbacks)
             warnings.warn(f"Trial {started[-1]} was marked failed by another process while this one still ran it (its "
                           "heartbeat stalled past the grace period); the study retries its parameters. Going on.",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=caller_stacklevel())
 
 
 def _first_model_record(request: SearchRequest):
@@ -337,7 +337,7 @@ def _results(study, trials_run: int, output_dir: Path) -> dict:
     best = min(completed, key=lambda t: t.value) if completed else None
     if best is None:
         warnings.warn("No trial of the search completed; see the 'reason' column of results['trials'].", UserWarning,
-                      stacklevel=3)
+                      stacklevel=caller_stacklevel())
     return {
         "best_params": dict(best.params) if best else None,
         "best_value": best.value if best else None,
@@ -362,5 +362,5 @@ def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
         return save_search_plots(study, output_dir)
     except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
         warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning,
-                      stacklevel=4)
+                      stacklevel=caller_stacklevel())
         return {}
