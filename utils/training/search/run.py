@@ -27,6 +27,7 @@ from ..previous_interface import DefaultInt, settings_from_call
 from .search_space import parse_search_space, suggest
 from .search_study import first_try_of, join_model, model_record, open_study, setup_record
 from ..settings import FineTuneSettings
+from ..checkpoints import checkpoints_folder
 from ..data import source_options, train_and_val_sources
 from ..warn import caller_stacklevel
 
@@ -219,7 +220,7 @@ def _check_study_folder(folder: Path, study) -> None:
     (in memory, or a deleted database): new trials would start there and be refused one by one."""
     known = {trial.number for trial in study.get_trials(deepcopy=False)}
     foreign = sorted(path.name for path in folder.glob("trial-*")
-                     if (path / "checkpoints").is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
+                     if checkpoints_folder(path).is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
     if foreign:
         raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have "
                          f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): they are from an earlier "
