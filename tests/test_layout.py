@@ -145,3 +145,12 @@ def test_every_name_has_one_import_path():
             relayed += [f"{name} imports {alias.name} from {target}" for alias in node.names
                         if alias.name not in defined and f"{target}.{alias.name}" not in paths]
     assert not relayed, f"names imported from a module that only passes them on: {relayed}"
+
+
+def test_no_warning_counts_its_stack_levels():
+    """A counted ``stacklevel=N`` breaks when a call is added between the user and the warning:
+    ``warn.caller_stacklevel()`` walks the stack to the user's line instead."""
+    counted = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sorted((ROOT / "utils").rglob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.keyword) and node.arg == "stacklevel" and isinstance(node.value, ast.Constant)]
+    assert not counted, f"counted stacklevels: {counted}; pass stacklevel=caller_stacklevel()"
