@@ -25,13 +25,18 @@ from .training.trainer import forward_backward
 __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
 
 
-# The W&B module runs log to. The previous module imported ``wandb`` here, and its callers set or patch
-# ``utils.tier3_training_utilities.wandb``; None: ``import wandb`` when a run logs (importing it costs seconds).
-wandb = None
+def __getattr__(name):
+    # The previous module imported ``wandb`` here and its callers use (and patch) this attribute; it is imported
+    # when first asked for, since importing wandb costs seconds and W&B is optional.
+    if name == "wandb":
+        return importlib.import_module("wandb")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _wandb_module():
-    return wandb if wandb is not None else importlib.import_module("wandb")
+    """The W&B module a run logs to: what a caller assigned to this module's ``wandb`` (or patched it with), else
+    ``import wandb`` (which honours a module placed in ``sys.modules``)."""
+    return globals().get("wandb") or importlib.import_module("wandb")
 
 
 # ----------------------------------------------------------------------------------------------
