@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, tokenizer_size
-from .distributed import require_launch, restore_weights, setup_distributed
+from .distributed import ProcessWatch, group_timeout_s, require_launch, restore_weights, setup_distributed
 from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
 from .loss import vocab_size_of
 from .outcome import Outcome
@@ -41,9 +41,30 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
-        outcome = trainer.fit()
-        trainer.checkpoints.finish(outcome)  # the last background write is complete (or its failure reported)
-        return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+        # Under torchrun a process that stops is named (rank and step) within process_timeout_minutes.
+        with ProcessWatch(trainer.ctx, settings.process_timeout_minutes, progress=lambda: trainer.state.global_step,
+                          waiting_for=trainer.checkpoints.waiting_for) as watch:
+            try:
+                return train_and_finish(trainer, resumed, hooks)
+            except Exception as error:
+                newest = trainer.checkpoints.last_checkpoint  # rank 0's: the others do not write
+                stalled = watch.error_for(error, f"The checkpoints written before are intact under "
+                                                 f"{trainer.checkpoints.folder}"
+                                                 + (f" (newest: {Path(newest).name})." if newest else "."))
+                if stalled is not None:
+                    raise stalled from error
+                raise
+
+
+def train_and_finish(trainer: Trainer, resumed: dict | None, hooks: RunHooks) -> dict:
+    """Train, then end the run: the metrics files first, then the wait for the last background write (a write that
+    stalls, e.g. on a hung mount, must not hold back the metrics, and Ctrl-C during that wait returns the results)."""
+    outcome = trainer.fit()
+    trainer.checkpoints.before_update()  # the snapshot's copy of the weights is complete before the best model's
+    results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+    trainer.checkpoints.finish(outcome)  # the last write is complete, its failure reported, or Ctrl-C said
+    results.update(trainer.checkpoints.result_keys())
+    return results
 
 
 def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHooks):
@@ -53,7 +74,8 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
                          "runtime (Colab: Runtime > Change runtime type).")
     if settings.fsdp:
         require_launch()  # before any work: a plain process is refused with the launch command
-    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp,
+                                    timeout_s=group_timeout_s(60 * settings.process_timeout_minutes))
     if settings.requested_precision and settings.autocast_dtype(device) is None:
         if settings.precision_from_previous_keyword:
             warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
@@ -198,8 +220,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
-        "best_checkpoint": trainer.checkpoints.best_checkpoint, "last_checkpoint": trainer.checkpoints.last_checkpoint,
-        "checkpoint_error": trainer.checkpoints.error,  # a failed last write when the run ended for another reason
+        **trainer.checkpoints.result_keys(),  # completed by fine_tune once the last write ended
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),

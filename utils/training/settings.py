@@ -211,6 +211,14 @@ class FineTuneSettings:
     # Free on resume: a sharded checkpoint loads into an unsharded model and back (DCP reshards); the world-size
     # rule (sharded_checkpoint.py) decides whether the steps stay the same.
     fsdp: bool = setting(False, check=_check_bool, resume=FREE, setup=True, search=True, group="distributed")
+    # Under torchrun: a process that gives no sign of life (heartbeat) for this many minutes stops the run, named
+    # with its rank and step, instead of the others waiting silently in a collective (torch's default: 30 min on
+    # gloo). Also the process group's timeout when the package starts the group (utils/training/distributed/watch.py).
+    # Free on resume: a watch's limit, not part of what is trained.
+    process_timeout_minutes: float = setting(
+        10.0, check=_number(0.0, low_open=True, hint=" Pass minutes as a number, e.g. process_timeout_minutes=10 "
+                            "(or 0.5 for 30 seconds)."),
+        resume=FREE, setup=False, search=True, group="distributed")
     # Held out of train_data when val_data is None: another fraction is other training data (must match then).
     val_fraction: float = setting(0.2, check=_number(0.0, high=1.0, low_open=True), resume=MATCH, setup=True,
                                   search=True, group="data", when="held_out")

@@ -125,8 +125,8 @@ class Trainer:
             self.tracker.message(stop.outcome.reason)
             return stop.outcome
         except Exception as error:
+            self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run, first
             self.checkpoints.finish(None)  # the write in flight completes; a failure of it is warned about
-            self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
             if isinstance(error, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(out_of_memory_message(
                     state.global_step, settings.batch_size, settings.gradient_accumulation_steps)) from error
