@@ -52,11 +52,12 @@ class Lines:
 @pytest.fixture(scope="module")
 def stalled_writes(tmp_path_factory):
     """One run (8 steps, checkpoints every 2): the write of step-2 stalls 8 s, so checkpoint step-4 waits for it;
-    the write of the epoch's end (step-8) stalls 120 s, so the run's end waits for it until a SIGINT (Ctrl-C)
-    comes once the wait was named (or after the deadline, on code that names nothing)."""
+    the write of the epoch's end (step-8) stalls 10 s, so the run's end waits for it until a SIGINT (Ctrl-C)
+    comes once the wait was named (or after the deadline, on code that names nothing). The worker then calls again
+    with resume_from_checkpoint=True in the same process, while step-8's write is still stalled."""
     out = tmp_path_factory.mktemp("stalls")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, str(HERE / "stall_worker.py"), str(out), "2=8", "8=120"], cwd=out,
+    process = subprocess.Popen([sys.executable, str(HERE / "stall_worker.py"), str(out), "2=8", "8=10"], cwd=out,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = Lines(process), {}
     try:
@@ -69,16 +70,18 @@ def stalled_writes(tmp_path_factory):
         seen["history before Ctrl-C"] = (out / "run" / "metrics_history.json").exists()
         process.send_signal(signal.SIGINT)
         lines.wait_for("RESULT WRITTEN", timeout=60)
+        lines.wait_for("RESUMED WRITTEN", timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
-    result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
-    return out, seen, result, lines.text()
+    result, resumed = (json.loads((out / name).read_text()) if (out / name).exists() else {}
+                       for name in ("result.json", "resumed.json"))
+    return out, seen, result, resumed, lines.text()
 
 
 def test_a_checkpoint_waiting_for_a_stalled_write_says_so(stalled_writes):
-    out, seen, _, text = stalled_writes
+    out, seen, _, _, text = stalled_writes
     assert seen["notice 2"] is not None, text
     waited = seen["notice 2"] - seen["stall 2"]
     assert WAIT_NOTICE_AFTER_S <= waited <= NOTICE_DEADLINE_S, text
@@ -87,7 +90,7 @@ def test_a_checkpoint_waiting_for_a_stalled_write_says_so(stalled_writes):
 
 
 def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stalled_writes):
-    out, seen, result, text = stalled_writes
+    out, seen, result, _, text = stalled_writes
     assert seen["notice 8"] is not None, text
     assert seen["notice 8"] - seen["stall 8"] <= NOTICE_DEADLINE_S, text
     assert seen["history before Ctrl-C"], "metrics_history.json must be written before waiting for the write"
@@ -99,6 +102,15 @@ def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stall
     load_checkpoint(Path(result["last_checkpoint"]))
     history = json.loads((out / "run" / "metrics_history.json").read_text())
     assert [row["step"] for row in history["steps"]] == list(range(1, 9)) and len(history["epochs"]) == 1
+
+
+def test_the_next_call_in_the_process_waits_for_the_write_ctrl_c_left_running(stalled_writes):
+    # The write goes on after Ctrl-C, as the results say; the next call into the same folder waits for it (without
+    # that it resumed from step-6 while step-8 was still being written) and resumes from it (step-8 completed the
+    # run: nothing left to train).
+    out, _, _, resumed, text = stalled_writes
+    assert resumed.get("resumed_from_step") == 8 and resumed["global_step"] == 8, resumed
+    load_checkpoint(out / "run" / "checkpoints" / "step-8")
 
 
 def _free_port():
