@@ -15,7 +15,7 @@ import torch
 from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, tokenizer_size
 from .distributed import ProcessWatch, group_timeout_s, require_launch, restore_weights, setup_distributed
 from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
-from .loss import vocab_size_of
+from .loss import byte_lengths_tensor, vocab_size_of
 from .outcome import Outcome
 from .checkpoints import OutputDirLock, checkpoints_folder, claim_run_id, resume, step_folders
 from .previous_interface import previous_result_keys
@@ -33,6 +33,7 @@ class RunHooks:
     on_evaluation: object = None  # (step, val loss, final) -> a reason to prune, or None
     wandb_module: object = import_wandb  # () -> the wandb module
     previous_keywords: dict | None = None  # the previous module's keywords as given, shown in results["settings"]
+    token_bytes: object = None  # the caller's bytes per token id (bits per byte without a tokenizer that says)
 
 
 def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
@@ -90,6 +91,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     model.to(device)
     model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
     run_data = prepare_data(model, config, data, settings, tokenizer, device)
+    run_data.token_bytes = byte_lengths_tensor(tokenizer, hooks.token_bytes, run_data.vocab_size, device)
     if ctx.enabled and not (run_data.train.shards_itself and run_data.val.shards_itself):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
@@ -209,6 +211,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     results = {
         "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
         "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
+        # None when no tokenizer (or token_bytes) says how many bytes each token stands for
+        "val_bits_per_byte": None if last is None else _finite_or_none(last.get("val/bits_per_byte")),
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
@@ -237,13 +241,18 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     return results
 
 
+def _finite_or_none(value):
+    return None if value is None or value != value else float(value)  # a blank CSV cell reads back as NaN
+
+
 def _write_final_outputs(trainer: Trainer, results: dict) -> None:
     """CSVs, W&B's summary and the plots. A Ctrl-C here still returns the results; what did not finish is named."""
     tracker, unfinished = trainer.tracker, []
     results["plot_paths"] = {}
     steps = [("the CSV files and W&B", lambda: tracker.finish(
-        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity",
-                                                     "global_step", "stopped_early", "interrupted")}))]
+        {k: v for k, v in results.items() if v is not None and k in (
+            "final_train_loss", "final_val_loss", "val_perplexity", "val_bits_per_byte", "global_step", "stopped_early",
+            "interrupted")}))]
     settings = trainer.settings
     if settings.save_plots and trainer.ctx.is_main:
         title = run_title(settings.output_dir, settings.wandb_run_name)

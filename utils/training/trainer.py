@@ -18,7 +18,7 @@ import torch
 from .data import BatchSource, PlanSettings, run_length, to_device
 from .checkpoints import FORMAT_VERSION, META_KEY as FORMAT_KEY, RunCheckpoints, load_model_and_optimizer, run_folder_of
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, local_weights, replicated_value
-from .evaluation import evaluate
+from .evaluation import EvalCall, evaluate
 from .metrics import GradientStats, MetricRows, epoch_line, epoch_row, eval_row, step_row
 from .loss import TokenSums, count_real_targets
 from .model import set_up_model
@@ -39,6 +39,7 @@ class RunData:
     pad_source: str
     vocab_size: int
     val_held_out: bool = False  # validation held out of train_data by val_fraction (val_data=None)
+    token_bytes: torch.Tensor | None = None  # bytes of text per token id on the run's device (bits per byte), or None
 
 
 def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
@@ -242,7 +243,8 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
-                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast)
+                        device=self.device, ctx=self.ctx,
+                        call=EvalCall(self.caller, self.amp.autocast, self.data.token_bytes))
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
