@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .checks import check_model_against_data, tokenizer_size
+from .checks import check_model_against_data, max_positions, tokenizer_size
 from .distributed import setup_distributed
 from . import fsdp
 from .fsdp import require_launch
 from .metrics import MetricRows
 from .metrics_files import MetricsFiles
 from .model_call import vocab_size_of
+from .model_probes import probe_model
 from .outcome import Outcome
 from .ownership import OutputDirLock, claim_run_id
 from .plots import plot_rows, run_title
@@ -144,13 +145,17 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
     vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
+    model_checks = probe_model(model, [train.first_batch(), train.padded_batch()], vocab_size=vocab_size,
+                               pad_token_id=pad_token_id, limit=max_positions(model, config),
+                               skip=settings.skip_model_checks, seed=settings.random_seed)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
                       "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
                       "new '<pad>' token.", UserWarning, stacklevel=5)
-    return RunData(train, val, pad_token_id, pad_source, vocab_size)
+    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks)
 
 
 _VOCABULARY_ROUNDING = 128  # HF configs pad the embedding to a multiple of 64 or 128 for faster matmuls
@@ -207,6 +212,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "precision_used": trainer.amp.used, "attention_mask_free": trainer.caller.mask_free,
         # "linear": the full logits never existed; "chunked": the model's own forward and logits
         # (utils/training/loss_path.py)
+        # The start-up probes of the model's behaviour: which ran, what each found (utils/training/model_probes.py)
+        "model_checks": trainer.data.model_checks,
         "loss_path": trainer.setup.loss_path.path, "loss_path_reason": trainer.setup.loss_path.reason,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),

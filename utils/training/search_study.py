@@ -28,7 +28,7 @@ CREATION_TRIES = 8
 NOT_IN_SETUP = NOT_SEARCHABLE | {"use_wandb", "wandb_project", "wandb_mode", "save_plots", "log_every",
                                  "log_grad_dist_every", "log_grad_histogram", "keep_checkpoints", "checkpoint_every",
                                  "checkpoint_every_minutes", "checkpoint_staging_dir", "async_checkpoints",
-                                 "load_best_model_at_end"}
+                                 "load_best_model_at_end", "skip_model_checks"}
 
 
 # ----------------------------------------------------------------------------------------------

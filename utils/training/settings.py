@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
 BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
 LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss_path.py
+MODEL_CHECKS = ("examples", "causal", "padding")  # the start-up probes of the model's behaviour (model_probes.py)
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 GOOGLE_DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
@@ -83,6 +84,9 @@ class FineTuneSettings:
     # ("error", naming the row), is gone past ("skip") or cut to the model's positions ("truncate"); counted in
     # results["bad_examples"].
     bad_examples: str = "error"
+    # Start-up probes of the model's behaviour to leave out, by name ("examples", "causal", "padding"), or True for
+    # all: for a model meant to differ (a prefix LM sees ahead). Every other model is probed (model_probes.py).
+    skip_model_checks: tuple | bool = ()
 
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
@@ -147,6 +151,7 @@ class FineTuneSettings:
             raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
         _check_choice("group_by_length", self.group_by_length, GROUPINGS)
         _check_choice("bad_examples", self.bad_examples, BAD_EXAMPLES)
+        self._check_skip_model_checks()
         if self.progress not in (True, False, "all"):
             raise ValueError(f"progress must be True, False or 'all', got {self.progress!r}.")
         if self.pad_to_multiple_of not in (None, "auto"):
@@ -162,6 +167,18 @@ class FineTuneSettings:
     # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's
     # CPU run does not turn into a slower half-precision one. precision= itself applies on CPU too.
     precision_from_previous_keyword = False
+
+    def _check_skip_model_checks(self) -> None:
+        value = self.skip_model_checks
+        if isinstance(value, str):
+            value = (value,)
+        if isinstance(value, bool):
+            return
+        if not isinstance(value, (tuple, list, set, frozenset)) or any(name not in MODEL_CHECKS for name in value):
+            raise ValueError(f"skip_model_checks={self.skip_model_checks!r}: pass a tuple of probe names from "
+                             f"{MODEL_CHECKS} (e.g. skip_model_checks=('causal',) for a prefix LM), True to skip all "
+                             "of them, or () to run them all.")
+        self.skip_model_checks = tuple(value)
 
     def _check_staging_dir(self) -> None:
         value = self.checkpoint_staging_dir

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -45,6 +45,7 @@ class RunData:
     pad_token_id: int
     pad_source: str
     vocab_size: int
+    model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model_probes)
 
 
 def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
