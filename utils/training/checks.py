@@ -70,12 +70,25 @@ def check_logits(logits: torch.Tensor, batch: dict, vocab_size: int) -> None:
         )
 
 
-def _forward(model, batch: dict) -> torch.Tensor:
+def check_forward_arguments(caller: ModelCaller, model) -> None:
+    """A forward that requires an argument no call passes (``forward(input_ids, labels)``) is named before it runs."""
+    missing = caller.arguments_not_passed()
+    if missing:
+        names = ", ".join(missing)
+        raise ValueError(
+            f"{type(unwrap(model)).__name__}.forward requires {names}, which the package does not pass: it calls "
+            f"model(input_ids) (with attention_mask= when the forward names it) and computes the loss itself from the "
+            f"logits. Give {names} a default (e.g. {missing[0]}=None) and return the logits when it is not given.")
+
+
+def _forward(model, batch: dict, vocab_size: int | None) -> torch.Tensor:
     """One eval-mode forward (eval mode draws no random numbers). An embedding's IndexError is named: an id or
     a position beyond its rows (a line longer than the model's positions when the config does not declare them)."""
+    caller = ModelCaller(model, vocab_size)
+    check_forward_arguments(caller, model)
     try:
         with eval_mode(model):
-            return ModelCaller(model)(model, batch)
+            return caller(model, batch)
     except IndexError as error:
         ids = batch["input_ids"]
         raise ValueError(
@@ -143,7 +156,7 @@ def check_model_against_data(model, config, sources: list, pad_token_id, device,
                 check()
             except ValueError as error:
                 raise ValueError(_vocabulary_cause(error, model, config, vocab_size, tokenizer, data_ids)) from error
-    logits = _forward(model, batch)
+    logits = _forward(model, batch, vocab_size)
     check_logits(logits, batch, vocab_size if vocab_size is not None else logits.shape[-1])
     if vocab_size is None:
         vocab_size = logits.shape[-1]

@@ -76,7 +76,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
                           f"float32 on {device.type}.", UserWarning, stacklevel=4)
     seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
-    _check_parameters(model, settings)
+    _check_parameters(model, settings, device)
     model.to(device)
     model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
     run_data = prepare_data(model, config, data, settings, tokenizer, device)
@@ -118,15 +118,44 @@ def build_metrics(settings, ctx, hooks: RunHooks) -> tuple[MetricRows, WandbSink
     return MetricRows(sinks), wandb
 
 
-def _check_parameters(model, settings) -> None:
+def _check_parameters(model, settings, device) -> None:
     parameters = [p for p in model.parameters()]
     if not parameters:
         raise ValueError(f"The model ({type(model).__name__}) has no parameters, so there is nothing to fine-tune. "
                          "Pass the model itself (an nn.Module with layers), not a wrapper without them.")
+    _check_materialised(model)
     dtype = parameters[0].dtype
     if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
         raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
                          "the first update would make every weight inf. Typical values are 1e-5 to 5e-4.")
+    half = sorted({str(p.dtype).replace("torch.", "") for p in parameters if p.dtype in (torch.bfloat16, torch.float16)})
+    if half and settings.autocast_dtype(device) == "fp16":
+        raise ValueError(f"The model's weights are {' and '.join(half)}, but precision={settings.precision!r} runs "
+                         f"{device.type} float16 autocast with a GradScaler, which needs float32 weights (it cannot "
+                         "unscale half-precision gradients, and the step fails). Mixed precision keeps the weights in "
+                         "float32 and computes in half: call model.float() before training, or pass precision='bf16' "
+                         "(a GPU with bfloat16 support) or precision='fp32'.")
+
+
+def _check_materialised(model) -> None:
+    """Parameters without values (the ``meta`` device, lazy modules) or with NaN/inf are refused, with what to do."""
+    for name, parameter in model.named_parameters():
+        if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(f"The model's parameter {name} is not initialised yet (a lazy module, e.g. nn.LazyLinear):"
+                             " run one forward on a batch of input ids before training, so that it takes its shape.")
+        if parameter.is_meta:
+            raise ValueError(
+                f"The model's parameters are on the 'meta' device ({name} first): they have shapes but no values (a "
+                "model built under torch.device('meta'), or init_empty_weights()). Give them values first: "
+                "model.to_empty(device='cpu') followed by an initialisation (model.apply(model._init_weights) for a "
+                "Hugging Face model, reset_parameters() of each layer for your own), or load weights "
+                "(model.load_state_dict(state_dict, assign=True)).")
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+            raise ValueError(
+                f"The model's parameter {name} holds NaN or inf before training: its values were never initialised "
+                "(torch.empty, to_empty()) or a load went wrong. Initialise it (reset_parameters(), or "
+                "model.apply(model._init_weights) for a Hugging Face model) or load trained weights.")
 
 
 def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:

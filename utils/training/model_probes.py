@@ -90,9 +90,9 @@ def trusted_by_construction(model: nn.Module) -> str | None:
 class ModelProbes:
     """Runs the probes on one model; ``report`` collects what each found, ``refusal`` the first failure's message."""
 
-    def __init__(self, model: nn.Module, lines: ProbeLines, skip: tuple = ()):
+    def __init__(self, model: nn.Module, lines: ProbeLines, skip: tuple = (), vocab_size: int | None = None):
         self.model, self.lines, self.skip = model, lines, tuple(skip)
-        self.caller = ModelCaller(model)
+        self.caller = ModelCaller(model, vocab_size)
         self.report: dict = {}
         self.suspects = Suspects()
         self.terms = _rounding_terms(model, lines.lines.shape[1] + EXTRA_PADDING)
@@ -277,7 +277,7 @@ def probe_model(model: nn.Module, batches: list[Mapping], *, vocab_size: int, pa
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
     lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
-    probes = ModelProbes(model, lines, skip)
+    probes = ModelProbes(model, lines, skip, vocab_size)
     refusal = probes.run()
     if refusal:
         raise ValueError(refusal)

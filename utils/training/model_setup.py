@@ -35,9 +35,9 @@ class ModelSetup:
 
 
 def set_up_model(model: nn.Module, settings: FineTuneSettings, probe: dict, pad_token_id: int, *, ctx: DistContext,
-                 device: torch.device) -> ModelSetup:
+                 device: torch.device, vocab_size: int | None = None) -> ModelSetup:
     """``probe``: one collated batch with padding, on ``device`` (both start-up probes run on it)."""
-    caller = ModelCaller(model)
+    caller = ModelCaller(model, vocab_size)
     # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
     caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, caller, probe)
     # Losses from hidden states and the head's weight (no full logits) only where that is the model's own loss
