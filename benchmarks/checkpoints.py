@@ -87,14 +87,14 @@ def worker(kind: str, size: str, steps: int, every: int, folder: Path, batch: in
         return wrapper
 
     try:  # the checkpoint hand-off's own class (after the Trainer split); a --root before it: the Trainer's methods
-        from utils.training.run_checkpoints import RunCheckpoints
+        from utils.training.checkpoints import RunCheckpoints
 
         hand_off, save, finish = RunCheckpoints, "save", "finish"
     except ImportError:
         hand_off, save, finish = trainer_module.Trainer, "save_checkpoint", "finish_checkpoints"
     setattr(hand_off, save, timed("in_save_checkpoint", getattr(hand_off, save)))
     if hasattr(hand_off, finish):
-        from utils.training.checkpoint_writer import CheckpointWriter
+        from utils.training.checkpoints import CheckpointWriter
 
         setattr(hand_off, finish, timed("final_wait", getattr(hand_off, finish)))
         CheckpointWriter.before_update = timed("update_waits", CheckpointWriter.before_update)

@@ -69,7 +69,7 @@ def _ours(args, tokenizer, train, val, **options):
 
 
 def _bare_naive(args, tokenizer, train, val):
-    from utils.training.examples import PaddingCollator, to_device, to_examples
+    from utils.training.data import PaddingCollator, to_device, to_examples
     from utils.training.loss import masked_lm_loss
 
     model = _model(args, tokenizer)

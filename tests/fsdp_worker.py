@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import StopAtForward, TinyCausalLM, tiny_gpt2  # noqa: E402
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning  # noqa: E402
-from utils.training.fsdp import gathered_state_dict  # noqa: E402
+from utils.training.distributed import gathered_state_dict  # noqa: E402
 
 VOCAB, PAD = 50, 0
 RANK = int(os.environ.get("RANK", 0))

@@ -6,7 +6,7 @@ import threading
 import torch
 from torch import nn
 
-from utils.training.checkpoint_writer import WRITER_THREAD_PREFIX
+from utils.training.checkpoints import WRITER_THREAD_PREFIX
 
 
 class TinyCausalLM(nn.Module):

@@ -47,7 +47,7 @@ def kill_inside_checkpoint_writes(n: int) -> None:
     import os
     import signal
 
-    from utils.training import checkpoint
+    from utils.training.checkpoints import checkpoint
 
     calls = [0]
 

@@ -22,7 +22,7 @@ def main(out_dir: str) -> None:
             for _ in range(61)]
     import datasets
 
-    from utils.training.sources import batch_source
+    from utils.training.data import batch_source
     from test_streaming import Reiterable
 
     tagged = [row + [k % (VOCAB - 1) + 1] for k, row in enumerate(rows)]  # distinct rows: the shards can be compared

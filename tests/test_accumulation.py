@@ -6,7 +6,7 @@ import torch
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.examples import PaddingCollator, to_examples
+from utils.training.data import PaddingCollator, to_examples
 from utils.training.loss import masked_lm_loss
 
 VOCAB, PAD = 50, 0

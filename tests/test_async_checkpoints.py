@@ -18,8 +18,8 @@ import torch
 
 from models import TinyCausalLM, random_lines
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training import checkpoint
-from utils.training.checkpoint_writer import WRITER_NICENESS, CheckpointWriteError, CheckpointWriter
+from utils.training.checkpoints import checkpoint
+from utils.training.checkpoints import WRITER_NICENESS, CheckpointWriteError, CheckpointWriter
 from utils.training.settings import FineTuneSettings
 
 CONFIG = SimpleNamespace(vocab_size=50, pad_token_id=0)

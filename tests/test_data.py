@@ -8,9 +8,9 @@ import torch
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.batch_plans import PlanSettings, shard_batches
-from utils.training.examples import Example, PaddingCollator
-from utils.training.sources import ExampleBatches
+from utils.training.data import PlanSettings, shard_batches
+from utils.training.data import Example, PaddingCollator
+from utils.training.data import ExampleBatches
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(2, 128) for _ in range(1000)]
@@ -124,7 +124,7 @@ def test_token_steps_hold_similar_token_counts():
 
 def test_shuffle_false_trains_in_the_given_order():
     """Defaults with shuffle=False equal a bare loop over consecutive batches of the given order."""
-    from utils.training.examples import to_examples
+    from utils.training.data import to_examples
     from utils.training.loss import masked_lm_loss
 
     g = torch.Generator().manual_seed(5)

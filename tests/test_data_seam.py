@@ -19,9 +19,9 @@ import torch
 import seam_worker
 from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.batch_plans import PlanSettings
-from utils.training.source_contract import BatchSource
-from utils.training.sources import ExampleBatches, LoaderBatches, StreamBatches, batch_source
+from utils.training.data import PlanSettings
+from utils.training.data import BatchSource
+from utils.training.data import ExampleBatches, LoaderBatches, StreamBatches, batch_source
 
 VOCAB, PAD = seam_worker.VOCAB, seam_worker.PAD
 PACKAGE = Path(__file__).resolve().parent.parent / "utils" / "training"
@@ -253,13 +253,13 @@ def test_the_probe_batch_holds_padding_when_the_data_has_one_length():
 def test_every_source_implements_the_contract_and_nothing_else_asks_the_kind():
     for source in (ExampleBatches, LoaderBatches, StreamBatches):
         assert issubclass(source, BatchSource) and not source.__abstractmethods__
-    for module in ("trainer.py", "engine.py", "evaluation.py", "checks.py"):
+    for module in ("trainer.py", "engine.py", "evaluation.py", "model/checks.py"):
         text = (PACKAGE / module).read_text()
         assert not re.search(r"\.plannable|\.streamed|\"first_step\"|Batches\b|is_stream", text), module
 
 
 def test_no_source_class_is_over_250_lines():
-    modules = ("streaming.py", "loaders.py", "table_batches.py", "source_contract.py")
+    modules = ("data/streaming.py", "data/loaders.py", "data/table_batches.py", "data/source_contract.py")
     sizes = {node.name: node.end_lineno - node.lineno + 1 for module in modules
              for node in ast.parse((PACKAGE / module).read_text()).body if isinstance(node, ast.ClassDef)}
     assert {"StreamBatches", "LoaderBatches", "ExampleBatches"} <= set(sizes)

@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from models import StopAtForward, TinyCausalLM, random_lines, tiny_gpt2
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning
-from utils.training import checkpoint as ckpt
-from utils.training.batch_plans import PlanSettings
-from utils.training.examples import Example, PaddingCollator
-from utils.training.ownership import OutputDirLock
-from utils.training.sources import ExampleBatches
+from utils.training.checkpoints import checkpoint as ckpt
+from utils.training.data import PlanSettings
+from utils.training.data import Example, PaddingCollator
+from utils.training.checkpoints import OutputDirLock
+from utils.training.data import ExampleBatches
 
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
@@ -187,7 +187,7 @@ def test_12_ctrl_c_while_plots_are_written_still_returns_the_results(tmp_path, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("utils.training.plots.save_training_plots", interrupted)  # a Ctrl-C arriving in savefig
+    monkeypatch.setattr("utils.training.metrics.plots.save_training_plots", interrupted)  # a Ctrl-C arriving in savefig
     with pytest.warns(UserWarning, match="Interrupted while writing the plots"):
         result = _run(tmp_path, n_epochs=1, save_plots=True)
     assert result["unfinished_outputs"] == ["the plots"] and result["plot_paths"] == {}

@@ -10,8 +10,8 @@ from torch import nn
 
 from models import TinyCausalLM, tiny_gpt2
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.examples import PaddingCollator, to_examples
-from utils.training.model_call import ModelCaller, mask_free_is_exact
+from utils.training.data import PaddingCollator, to_examples
+from utils.training.loss import ModelCaller, mask_free_is_exact
 from utils.training.previous_interface import settings_from_call
 from utils.training.settings import FineTuneSettings
 

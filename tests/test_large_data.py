@@ -10,9 +10,9 @@ from torch.utils.data import DistributedSampler
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.batch_plans import MEGA_BATCH_FACTOR, PlanSettings
-from utils.training.examples import Example, PaddingCollator
-from utils.training.sources import ExampleBatches, batch_source
+from utils.training.data import MEGA_BATCH_FACTOR, PlanSettings
+from utils.training.data import Example, PaddingCollator
+from utils.training.data import ExampleBatches, batch_source
 
 VOCAB, PAD = 50, 0
 
@@ -116,7 +116,7 @@ def _lines(n, seed=0, low=2, high=24):
 
 
 def test_token_lists_are_read_per_batch_and_cut_like_before():
-    from utils.training.examples import to_examples
+    from utils.training.data import to_examples
 
     rows = _lines(300) + [[5, 6, 0, 0], [0, 0], [7]]  # trailing pads cut; all-pad and one-token rows skipped
     data = CountingList(rows)

@@ -23,22 +23,32 @@ def test_the_contributors_guide_lists_every_module():
     assert not missing, f"CLAUDE.md's layout does not name {missing}: add one sentence each"
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _package_imports() -> dict:
-    """module -> the package's modules it imports, lazy imports inside functions included (packages' __init__
-    files are left out: they only re-export)."""
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in sorted((ROOT / "utils").rglob("*.py"))
-               if p.name != "__init__.py"}
+    """module -> the package's modules it imports, lazy imports inside functions included. A package's
+    ``__init__`` is a node named by the package: importing a subpackage's contract runs its ``__init__``, which
+    imports its inner modules."""
+    paths = {_module_name(p): p for p in sorted((ROOT / "utils").rglob("*.py"))}
+    bound = {name: {alias.asname or alias.name for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.ImportFrom) for alias in node.names}
+             for name, path in paths.items() if path.name == "__init__.py"}  # a package's names: not modules
     graph = {}
-    for name, path in modules.items():
-        package = name.rsplit(".", 1)[0].split(".")
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("utils")):
                 continue
-            base = ".".join(package[:len(package) - node.level + 1] + [node.module] if node.module else
-                            package[:len(package) - node.level + 1]) if node.level else node.module
-            targets |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-        graph[name] = {t for t in targets if t in modules and t != name}
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            if not node.level:
+                base = node.module
+            aliases = {f"{base}.{alias.name}" for alias in node.names if alias.name not in bound.get(base, ())}
+            targets |= aliases if node.module is None else {base} | aliases  # "from . import x" imports x only
+        graph[name] = {t for t in targets if t in paths and t != name}
     return graph
 
 
@@ -59,3 +69,27 @@ def test_no_module_imports_one_that_imports_it_back():
             visit(name, [name])
     assert not cycles, f"import cycles: {cycles}"
     assert "utils.training.trainer" in graph["utils.training.engine"]  # the graph is read at all
+
+
+def test_no_module_imports_another_subpackages_inner_module():
+    """A subpackage's ``__init__`` is its contract: code outside ``utils/training/<seam>/`` imports the names
+    the ``__init__`` exports, never the modules inside, so a seam can rearrange its inside freely."""
+    training = ROOT / "utils" / "training"
+    seams = {f"utils.training.{p.name}" for p in training.iterdir() if (p / "__init__.py").exists()}
+    crossings = []
+    for name, targets in _package_imports().items():
+        for target in targets:
+            seam = next((s for s in seams if target.startswith(s + ".")), None)
+            if seam and not (name == seam or name.startswith(seam + ".")):
+                crossings.append(f"{name} imports {target}")
+    assert not crossings, f"imports of another seam's inner module (import from its __init__ instead): {crossings}"
+    assert len(seams) >= 4
+
+
+def test_the_top_level_of_training_is_small():
+    training = ROOT / "utils" / "training"
+    modules = [p.name for p in training.glob("*.py") if p.name != "__init__.py"]
+    seams = [p.name for p in training.iterdir() if (p / "__init__.py").exists()]
+    assert len(modules) <= 15 and len(seams) >= 4, (
+        f"utils/training/ holds {len(modules)} modules beside {len(seams)} subpackages: a module belongs in the "
+        f"subpackage of its seam")

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils.training.examples import Example, PaddingCollator
+from utils.training.data import Example, PaddingCollator
 from utils.training.loss import IGNORE_INDEX, masked_lm_loss, shifted_targets
 
 

@@ -17,8 +17,8 @@ from torch import nn
 from tests.models import tiny_gpt2
 from utils.tier3_training_utilities import (_compute_loss_and_backward, _run_validation_epoch, evaluate_perplexity,
                                             test_fine_tuning)
-from utils.training.loss_path import choose_loss_path, logits_changed_after_head, memory_verdict
-from utils.training.model_call import ModelCaller, extract_logits
+from utils.training.loss import choose_loss_path, logits_changed_after_head, memory_verdict
+from utils.training.loss import ModelCaller, extract_logits
 
 VOCAB, LENGTH, LR, EPOCHS, BATCH = 64, 12, 3e-3, 2, 4
 LINEAR_ASKED = {"loss_path": "linear"}

@@ -7,10 +7,10 @@ from torch import nn
 
 from tests.models import TinyCausalLM, tiny_gpt2
 from tests.tolerances import assert_close_float32
-from utils.training.linear_loss import linear_masked_lm_loss
+from utils.training.loss import linear_masked_lm_loss
 from utils.training.loss import IGNORE_INDEX, masked_lm_loss, rows_per_chunk
-from utils.training.loss_path import choose_loss_path
-from utils.training.model_call import ModelCaller, output_layer_of
+from utils.training.loss import choose_loss_path
+from utils.training.loss import ModelCaller, output_layer_of
 
 PAD = 0
 

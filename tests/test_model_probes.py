@@ -9,7 +9,7 @@ from torch import nn
 
 from models import TinyCausalLM, random_lines, tiny_gpt2
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.model_probes import ModelProbes, probe_lines, probe_model
+from utils.training.model.probes import ModelProbes, probe_lines, probe_model
 
 VOCAB = 50
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=128)

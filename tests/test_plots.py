@@ -9,7 +9,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from utils.training.metrics import EPOCH_COLUMNS, MetricRows
-from utils.training.plots import OBJECTIVE_LABEL, plot_rows, run_title, search_figures, training_figures
+from utils.training.metrics import OBJECTIVE_LABEL, plot_rows, run_title, search_figures, training_figures
 
 N_STEPS = 30
 

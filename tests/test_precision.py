@@ -11,7 +11,7 @@ from torch import nn
 
 from models import StopAtForward, TinyCausalLM, random_lines
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning
-from utils.training.checkpoint import load_checkpoint
+from utils.training.checkpoints import load_checkpoint
 from utils.training.precision import Precision
 
 VOCAB, PAD = 50, 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from utils.training import checkpoint
+from utils.training.checkpoints import checkpoint
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 SETTINGS = {"n_epochs": 5, "checkpoint_every": 1, "keep_checkpoints": 2}

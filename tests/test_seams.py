@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from models import TinyCausalLM, random_lines
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning
-from utils.training.sources import LoaderBatches, batch_source
+from utils.training.data import LoaderBatches, batch_source
 
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)

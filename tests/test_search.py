@@ -304,3 +304,13 @@ def test_a_trial_taken_by_another_process_does_not_end_the_search(tmp_path):
                                             **QUIET)
     assert list(result["trials"]["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
     assert result["n_trials"] == 3
+
+
+def test_the_readme_postgresql_url_works_as_pasted(tmp_path, postgres_url):
+    """README: storage="postgresql://user:password@host/db" with psycopg2-binary installed. SQLAlchemy 2.1 takes
+    psycopg (3) for a bare postgresql://, so the URL as pasted failed ("Failed to import DB access module")."""
+    pasted = "postgresql://" + postgres_url.split("://", 1)[1]  # the fixture's URL names +psycopg2
+    result = test_hyperparameter_search(_model, CONFIG, TRAIN, VAL, n_trials=1, storage=pasted, study_name="pasted",
+                                        output_dir=str(tmp_path), **QUIET)
+    assert list(result["trials"]["state"]) == ["COMPLETE"], result["trials"]["reason"].tolist()
+    assert len(optuna.load_study(study_name="pasted", storage=postgres_url).trials) == 1

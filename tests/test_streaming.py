@@ -12,8 +12,8 @@ import torch
 
 from models import StopAtForward, TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.batch_plans import PlanSettings
-from utils.training.sources import batch_source
+from utils.training.data import PlanSettings
+from utils.training.data import batch_source
 
 VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from models import TinyCausalLM
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.pad_id import detect_pad_token_id
+from utils.training.model import detect_pad_token_id
 from utils.training.warn import warnings_through
 
 DATA = [torch.randint(1, 50, (int(n),))

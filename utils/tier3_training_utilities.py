@@ -2,7 +2,7 @@
 and the previous module's named helpers, which keep working for callers that import them.
 
 The rule that holds everywhere: padding never counts. Every loss, accuracy and perplexity is a sum
-over real target tokens divided by their number (``utils/training/loss.py``). This file translates
+over real target tokens divided by their number (``utils/training/loss/masked.py``). This file translates
 arguments into settings and hands them to the engine (``utils/training/engine.py``).
 """
 from __future__ import annotations
@@ -15,14 +15,12 @@ import torch
 
 from .training.engine import RunHooks, fine_tune
 from .training.evaluation import evaluate
-from .training.checks import check_model_against_data
-from .training.model_call import ModelCaller
-from .training.pad_id import detect_pad_token_id, pad_is_eos
+from .training.model import check_model_against_data, detect_pad_token_id, pad_is_eos
+from .training.loss import ModelCaller
 from .training.previous_interface import CLIP_NORM_DEFAULT, PREVIOUS_DEFAULTS, settings_from_call
 from .training.search import N_TRIALS_DEFAULT, SearchRequest, run_search
 from .training.settings import FineTuneSettings
-from .training.examples import to_device
-from .training.sources import LoaderBatches, batch_source
+from .training.data import LoaderBatches, batch_source, to_device
 from .training.trainer import forward_backward
 
 __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexity"]
@@ -158,7 +156,7 @@ def test_hyperparameter_search(model_factory=None, config=None, train_data=None,
     shared disk, a database URL ("postgresql://...") for several machines. A study records its set-up and refuses
     trials under another one. ``n_trials`` counts this call's trials; ``n_trials_in_study`` the study's. The
     previous positional form ``(model_factory, config, train_data, n_trials, search_space, random_seed,
-    deterministic)`` still works. Details: ``utils/training/search.py``.
+    deterministic)`` still works. Details: ``utils/training/search/run.py``.
     """
     request = SearchRequest.from_call(dict(locals()))  # the signature above is the one list of keywords
     return run_search(_fine_tune, request)

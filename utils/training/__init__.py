@@ -1,1 +1,1 @@
-"""Building blocks of the fine-tuning loop: loss, data, model calls, metrics, distributed, checkpoints."""
+"""Building blocks of the fine-tuning loop: the run (engine, trainer, settings) above one subpackage per seam."""

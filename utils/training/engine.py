@@ -12,29 +12,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .checks import check_model_against_data, max_positions, tokenizer_size
-from .distributed import setup_distributed
-from . import fsdp
-from .fsdp import require_launch
-from .metrics import MetricRows
-from .metrics_files import MetricsFiles
-from .model_call import vocab_size_of
-from .model_probes import probe_model
+from .model import (check_model_against_data, detect_pad_token_id, max_positions, pad_is_eos, probe_model,
+                    tokenizer_size)
+from .distributed import require_launch, restore_weights, setup_distributed
+from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
+from .loss import vocab_size_of
 from .outcome import Outcome
-from .ownership import OutputDirLock, claim_run_id
-from .plots import plot_rows, run_title
-from .progress import Progress
-from .pad_id import detect_pad_token_id, pad_is_eos
+from .checkpoints import OutputDirLock, claim_run_id, resume, step_folders
 from .previous_interface import previous_result_keys
 from .reproducibility import deterministic_algorithms, seed_everything, set_rng_state
-from .resume import resume
-from .examples import synthetic_sequences
+from .data import synthetic_sequences, train_and_val_sources
 from .settings import FineTuneSettings
-from .summary_table import MetricsSummary
-from .sources import train_and_val_sources
 from .trainer import RunData, Trainer
-from .wandb_sink import WandbSink, import_wandb
 from .warn import caller_stacklevel
 
 
@@ -86,7 +75,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     output_dir = Path(settings.output_dir)
     run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
                           writes_checkpoints=settings.writes_checkpoints,
-                          has_checkpoints=bool(ckpt.step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
+                          has_checkpoints=bool(step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
     tracker, wandb = build_metrics(settings, ctx, hooks)
     # Sharded, each process holds a slice of every gradient: rank 0 alone cannot take a layer's norm, and asking
     # the others would put a collective into rank 0's step only (the processes then deadlock or abort).
@@ -128,7 +117,7 @@ def _check_parameters(model, settings, device) -> None:
     if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
         raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
                          "the first update would make every weight inf. Typical values are 1e-5 to 5e-4.")
-    half = sorted({str(p.dtype).replace("torch.", "") for p in parameters if p.dtype in (torch.bfloat16, torch.float16)})
+    half = sorted({str(p.dtype)[6:] for p in parameters if p.dtype in (torch.bfloat16, torch.float16)})  # "torch.x"
     if half and settings.autocast_dtype(device) == "fp16":
         raise ValueError(f"The model's weights are {' and '.join(half)}, but precision={settings.precision!r} runs "
                          f"{device.type} float16 autocast with a GradScaler, which needs float32 weights (it cannot "
@@ -226,7 +215,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     files = MetricsFiles(settings.output_dir)  # where rank 0 writes them
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
     if settings.load_best_model_at_end and trainer.best_weights is not None:
-        fsdp.restore_weights(trainer.model, trainer.best_weights)
+        restore_weights(trainer.model, trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, "
                         f"val loss excl. padding {state.best_val_loss:.4f}).")
     frame = MetricsSummary(tracker.epochs_frame())
@@ -240,10 +229,10 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
         "precision_used": trainer.amp.used, "attention_mask_free": trainer.caller.mask_free,
         # "linear": the full logits never existed; "chunked": the model's own forward and logits
-        # (utils/training/loss_path.py)
-        # The start-up probes of the model's behaviour: which ran, what each found (utils/training/model_probes.py)
-        "model_checks": trainer.data.model_checks,
+        # (utils/training/loss/loss_path.py)
         "loss_path": trainer.setup.loss_path.path, "loss_path_reason": trainer.setup.loss_path.reason,
+        # The start-up probes of the model's behaviour: which ran, what each found (utils/training/model/probes.py)
+        "model_checks": trainer.data.model_checks,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),

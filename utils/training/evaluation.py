@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import contextlib
 
-from .distributed import DistContext, all_reduce_sum
-from .examples import to_device
-from .fsdp import is_sharded
-from .loss import TokenSums
+from .distributed import DistContext, all_reduce_sum, is_sharded
+from .data import to_device
+from .loss import ModelCaller, TokenSums, eval_mode, unwrap
 from .metrics import safe_exp
-from .model_call import ModelCaller, eval_mode, unwrap
 
 
 def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, caller: ModelCaller | None = None,

@@ -23,6 +23,7 @@ class Precision:
         # fp16 only: its 5 exponent bits underflow small gradients unless the loss is scaled up. bf16 has float32's
         # range and needs no scaler. A disabled scaler's methods are no-ops, so the update below has one form.
         self.scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16", **scaler_options)
+        self.scale_at_stop = None  # the scale of the last applied step, once a non-finite step stopped the run
 
     @property
     def used(self) -> str:
@@ -63,8 +64,19 @@ class Precision:
         # Halves the scale after an overflow recorded by unscale_, doubles it after growth_interval clean steps.
         self.scaler.update()
 
+    def scale_in_effect(self) -> torch.Tensor | None:
+        """A device copy of the scale this step runs with (no host read), kept with the step's row: a run stopped at
+        a non-finite step reports the scale the last applied step left, however many steps ran before the rows
+        were read (each further NaN step halves the scaler's own)."""
+        scale = getattr(self.scaler, "_scale", None) if self.scaler.is_enabled() else None  # torch's device tensor
+        return None if scale is None else scale.detach().clone()
+
     def loss_scale(self) -> float | None:
-        return self.scaler.get_scale() if self.scaler.is_enabled() else None  # a host read: only for results
+        if not self.scaler.is_enabled():
+            return None
+        if self.scale_at_stop is not None:
+            return float(self.scale_at_stop)  # a host read: only for results
+        return self.scaler.get_scale()
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()  # empty when disabled (bf16, fp32)

@@ -17,8 +17,8 @@ LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
 BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
-LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss_path.py
-MODEL_CHECKS = ("examples", "causal", "padding")  # the start-up probes of the model's behaviour (model_probes.py)
+LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss/loss_path.py
+MODEL_CHECKS = ("examples", "causal", "padding")  # the start-up probes of the model's behaviour (model/probes.py)
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 GOOGLE_DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
@@ -85,7 +85,7 @@ class FineTuneSettings:
     # results["bad_examples"].
     bad_examples: str = "error"
     # Start-up probes of the model's behaviour to leave out, by name ("examples", "causal", "padding"), or True for
-    # all: for a model meant to differ (a prefix LM sees ahead). Every other model is probed (model_probes.py).
+    # all: for a model meant to differ (a prefix LM sees ahead). Every other model is probed (model/probes.py).
     skip_model_checks: tuple | bool = ()
 
     def __post_init__(self):

@@ -16,24 +16,18 @@ from pathlib import Path
 
 import torch
 
-from . import fsdp
-from .batch_plans import PlanSettings
-from .checkpoint_format import FORMAT_VERSION, META_KEY as FORMAT_KEY
-from .collate import to_device
-from .distributed import DistContext, all_gather_objects, all_reduce_sum
+from .data import BatchSource, PlanSettings, run_length, to_device
+from .checkpoints import FORMAT_VERSION, META_KEY as FORMAT_KEY, RunCheckpoints, load_model_and_optimizer
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, local_weights, replicated_value
 from .evaluation import evaluate
-from .gradient_stats import GradientStats
+from .metrics import GradientStats, MetricRows, epoch_line, epoch_row, eval_row, step_row
 from .loss import TokenSums, count_real_targets
-from .metrics import MetricRows, epoch_line, epoch_row, eval_row, step_row
-from .model_setup import set_up_model
+from .model import set_up_model
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import (COMPLETED, Outcome, OutcomeKind, StopTraining, early_stopped, non_finite_step,
                       non_finite_validation, nothing_to_train, out_of_memory_message)
 from .reproducibility import rng_state
-from .run_checkpoints import RunCheckpoints, load_model_and_optimizer
 from .settings import FineTuneSettings
-from .source_contract import BatchSource
-from .sources import run_length
 from .train_state import TrainState
 
 @dataclass
@@ -45,7 +39,7 @@ class RunData:
     pad_token_id: int
     pad_source: str
     vocab_size: int
-    model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model_probes)
+    model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model/probes.py)
 
 
 def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
@@ -192,7 +186,7 @@ class Trainer:
             self.gradient_stats.record_if_due(self.model, self.state.global_step + 1, settings)
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
-        grad_norm = fsdp.replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         learning_rate = self.optimizer.param_groups[0]["lr"]
         # Under fp16 the GradScaler skips inf gradients itself (and lowers its scale); only the loss decides there.
         not_finite = ~torch.isfinite(sums.loss_sum) | (~torch.isfinite(grad_norm) & (not self.amp.scaler.is_enabled()))
@@ -200,11 +194,12 @@ class Trainer:
         not_finite = all_reduce_sum(not_finite.float(), ctx).clamp(max=1)
         self.stop_flag = torch.maximum(self.stop_flag, not_finite)
         self.checkpoints.before_update()  # a checkpoint's copy of the weights and moments completes before they change
+        loss_scale = self.amp.scale_in_effect()  # before this step's update changes it
         self.apply_update(grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sums": sums, "grad_norm": grad_norm.detach().double(), "not_finite": not_finite,
-                "learning_rate": learning_rate}
+                "learning_rate": learning_rate, "loss_scale": loss_scale}
 
     def apply_update(self, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device once ``stop_flag`` is set: a non-finite loss or gradient
@@ -224,6 +219,7 @@ class Trainer:
         for k, (step_sums, (grad_norm, not_finite)) in enumerate(zip(map(TokenSums.from_tensor, sums), extras)):
             if not_finite:
                 self.tracker.log_steps(rows)
+                self.amp.scale_at_stop = pending[k].get("loss_scale")  # what the last applied step left
                 self.stop_non_finite(first_step + k, step_sums, grad_norm, pending[k]["learning_rate"],
                                      skipped=len(pending) - k)
             self.state.epoch_sums += step_sums
@@ -269,7 +265,7 @@ class Trainer:
         """Remember the best validation epoch (and its weights when they are to be restored)."""
         improved = self.state.note_validation(epoch, val["loss"])
         if improved and self.settings.load_best_model_at_end:
-            self.best_weights = fsdp.local_weights(self.model)  # the CPU copy of every (local) weight
+            self.best_weights = local_weights(self.model)  # the CPU copy of every (local) weight
         return improved
 
     def early_stopping(self, finished: bool) -> Outcome | None:

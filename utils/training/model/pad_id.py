@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
-from .warn import caller_stacklevel
+from ..warn import caller_stacklevel
 
 FALLBACK_MESSAGE = "No pad_token_id found in config/tokenizer, defaulting to 0"
 

@@ -17,7 +17,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from .model_call import unwrap
+from ..loss import unwrap
 from .search_space import NOT_SEARCHABLE
 
 SETUP_ATTR = "tier3_setup"
@@ -59,6 +59,7 @@ def open_storage(storage, heartbeat_interval: int):
     if "://" not in location and location.endswith(".db"):
         location = f"sqlite:///{location}"
     if "://" in location:
+        location = database_url(location)
         if location.startswith("sqlite:///"):
             Path(location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # Optuna 4.9 renamed the callback (the old name warns); use whichever the installed version has.
@@ -71,6 +72,27 @@ def open_storage(storage, heartbeat_interval: int):
                                               grace_period=2 * heartbeat_interval, **{_stale_callback_keyword(): retry})
     raise ValueError(f"storage={storage!r} is neither a database URL (e.g. 'postgresql://user@host/db'), an SQLite "
                      "file ending in '.db' nor a journal file path ending in '.log'.")
+
+
+# A bare postgresql:// takes SQLAlchemy's default driver, which 2.1 changed from psycopg2 to psycopg (3): the URL the
+# README shows, with the driver it says to install, then failed with "Failed to import DB access module".
+POSTGRES_DRIVERS = (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://"))
+
+
+def database_url(location: str) -> str:
+    """``postgresql://`` (or ``postgres://``) with the PostgreSQL driver that is installed named in it, psycopg (3)
+    first; any other URL as given."""
+    import importlib.util
+
+    scheme, rest = location.split("://", 1)
+    if scheme not in ("postgresql", "postgres"):
+        return location
+    for module, prefix in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return prefix + rest
+    raise ValueError("A postgresql:// storage needs a PostgreSQL driver and none is installed: pip install "
+                     "psycopg2-binary (or 'psycopg[binary]'); the URL then works as it is. A URL may also name its "
+                     "driver: postgresql+psycopg2://user:password@host/db.")
 
 
 def _stale_callback_keyword() -> str:

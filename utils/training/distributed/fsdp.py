@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .distributed import under_torchrun
+from .processes import under_torchrun
 
 LAUNCH_COMMAND = "torchrun --nproc_per_node=N your_script.py"
 

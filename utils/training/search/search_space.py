@@ -1,7 +1,7 @@
 """Search spaces for ``test_hyperparameter_search``: both spec forms parsed and checked before any trial."""
 from __future__ import annotations
 
-from .settings import FineTuneSettings
+from ..settings import FineTuneSettings
 
 DEFAULT_SEARCH_SPACE = {
     "learning_rate": ("log", 1e-5, 1e-3),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .metrics import STEP_COLUMNS, RowSink
+from .rows import STEP_COLUMNS, RowSink
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .loss import masked_lm_loss
+from .masked import masked_lm_loss
 from .model_call import ModelCaller, OutputLayer, output_layer_of
 
 # The memory rule (CLAUDE.md, "Loss path"): the linear path saves about the model's float32 logits and their

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 
 
 @dataclass
@@ -23,7 +23,7 @@ class PaddingCollator:
     ``labels`` to -100 on padding and everywhere in an example whose ``counts`` is False (the
     duplicates a distributed sampler adds to even out shards).
 
-    >>> from utils.training.examples import Example
+    >>> from utils.training.data import Example
     >>> items = [(Example(torch.tensor([5, 6, 7])), True), (Example(torch.tensor([8, 9])), True)]
     >>> PaddingCollator(pad_token_id=0)(items)["labels"]
     tensor([[   5,    6,    7],

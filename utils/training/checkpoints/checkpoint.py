@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_format import FORMAT_VERSION, META_KEY, SEALED_FROM
+
 STEP_PREFIX = "step-"
+META_SEAL = "meta_sha256"  # meta.json's own sha256, over its content without this key (canonical JSON)
 
 
 # Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk, do not wait for it.
@@ -167,7 +170,7 @@ def write_folder(final: Path, payload: dict[str, object], meta: dict, *, started
 def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -> Path:
     """``meta.json`` (sizes and sha256 of the files in ``tmp``) written last, then ``tmp`` renamed to ``final``."""
     meta = dict(meta, files={name: (tmp / name).stat().st_size for name in hashes}, sha256=hashes)
-    _write_text_synced(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+    _write_text_synced(tmp / "meta.json", json.dumps(sealed_meta(meta), indent=1))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (or 'best'): move the old one aside first
         old = final.with_name(".old-" + final.name)
@@ -210,7 +213,8 @@ def publish_folder(source: Path, target_dir: Path) -> Path:
         if _sha256(tmp / name) != meta["sha256"][name]:
             raise OSError(f"{tmp / name} differs from {source / name} after copying (sha256); the storage under "
                           f"{target_dir} corrupted it")
-    return _finish_folder(tmp, final, {k: v for k, v in meta.items() if k not in ("files", "sha256")}, meta["sha256"])
+    return _finish_folder(tmp, final, {k: v for k, v in meta.items() if k not in ("files", "sha256", META_SEAL)},
+                          meta["sha256"])
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
@@ -261,12 +265,40 @@ def step_folders(checkpoints_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
 
 
+def _meta_digest(meta: dict) -> str:
+    content = {key: value for key, value in meta.items() if key != META_SEAL}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed_meta(meta: dict) -> dict:
+    """``meta`` as JSON reads it back, with the sha256 of that content: an edit of any recorded fact (a setting,
+    a best loss, the format) is then found before the checkpoint is used."""
+    content = json.loads(json.dumps({k: v for k, v in meta.items() if k != META_SEAL}, default=str))
+    return dict(content, **{META_SEAL: _meta_digest(content)})
+
+
+def _check_seal(meta: dict, path: Path) -> None:
+    version = meta.get(META_KEY)
+    known_sealed = type(version) is int and SEALED_FROM <= version <= FORMAT_VERSION
+    if META_SEAL not in meta:
+        if known_sealed:  # written by a version that seals every meta.json: the key was removed
+            raise OSError(f"{path} was edited or damaged (tampered meta.json): format {version} records {META_SEAL}, "
+                          "this one has none")
+        return  # written before meta.json was sealed (formats 1-2): read as before
+    if meta[META_SEAL] != _meta_digest(meta):
+        raise OSError(f"{path} was edited or damaged after it was written (tampered meta.json): its content does not "
+                      f"match the {META_SEAL} recorded in it")
+
+
 def verify_folder(folder: Path) -> dict:
-    """The folder's meta, after checking every file's size and sha256; raise ``OSError`` naming the damage."""
+    """The folder's meta, after checking it and every file's size and sha256; raise ``OSError`` naming the damage."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError) as error:
         raise OSError(f"{folder / 'meta.json'} is missing or unreadable ({error})") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise OSError(f"{folder / 'meta.json'} is unreadable (tampered meta.json): it lists no files")
+    _check_seal(meta, folder / "meta.json")
     for name, size in meta["files"].items():
         actual = (folder / name).stat().st_size
         if actual != size:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .linear_loss import linear_masked_lm_loss
-from .loss import TokenSums, masked_lm_loss
+from .masked import TokenSums, masked_lm_loss
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -143,7 +143,7 @@ def _first_tensor(output) -> torch.Tensor:
     return output[0]
 
 
-def _hf_causal_lm_class_names() -> set[str]:
+def hf_causal_lm_class_names() -> set[str]:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
@@ -165,7 +165,7 @@ def mask_free_is_exact(model: nn.Module, caller: ModelCaller, padded_batch: Mapp
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     if (not caller.accepts_attention_mask or config is None or getattr(config, "is_encoder_decoder", False)
-            or type(inner).__name__ not in _hf_causal_lm_class_names()):
+            or type(inner).__name__ not in hf_causal_lm_class_names()):
         return False
     real = padded_batch["attention_mask"].bool()
     if bool(real.all()):

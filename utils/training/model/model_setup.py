@@ -9,12 +9,10 @@ import contextlib
 import torch
 from torch import nn
 
-from . import fsdp
-from .distributed import DistContext, wrap_model
-from .loss_path import LossPathChoice, choose_loss_path, chunked
-from .model_call import ModelCaller, mask_free_is_exact
-from .precision import Precision
-from .settings import FineTuneSettings
+from ..distributed import DistContext, check_precision, set_gradient_sync, shard_model, wrap_model
+from ..loss import LossPathChoice, ModelCaller, choose_loss_path, chunked, mask_free_is_exact
+from ..precision import Precision
+from ..settings import FineTuneSettings
 
 
 @dataclass
@@ -29,7 +27,7 @@ class ModelSetup:
     def gradient_sync(self, model: nn.Module, ctx: DistContext, last_micro_batch: bool):
         """Gradients are reduced across processes on a step's last micro-batch only (accumulation)."""
         if self.sharded:
-            fsdp.set_gradient_sync(model, last_micro_batch)
+            set_gradient_sync(model, last_micro_batch)
             return contextlib.nullcontext()
         return self.train_model.no_sync() if ctx.enabled and not last_micro_batch else contextlib.nullcontext()
 
@@ -47,8 +45,8 @@ def set_up_model(model: nn.Module, settings: FineTuneSettings, probe: dict, pad_
                                  micro_batch_positions=max(positions, settings.max_tokens_per_batch or 0))
     precision, sharded = settings.autocast_dtype(device), settings.fsdp
     if sharded:  # in place, before the optimizer sees its (DTensor) parameters
-        precision = fsdp.check_precision(device, precision, settings.requested_precision)
-        fsdp.shard_model(model, device, precision)
+        precision = check_precision(device, precision, settings.requested_precision)
+        shard_model(model, device, precision)
         # The linear path calls the body and reads the head's weight outside the root's forward, where FSDP
         # has not gathered the root's shards: the chunked loss over the model's own logits.
         caller.output_layer = None

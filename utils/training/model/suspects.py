@@ -1,6 +1,6 @@
 """Which of a model's modules explain a failed start-up probe: watched during the probe's first forward.
 
-The probes (:mod:`model_probes`) see behaviour only: "example 0 changed with example 1", "position 17 sees the
+The probes (:mod:`probes`) see behaviour only: "example 0 changed with example 1", "position 17 sees the
 future". To name the cause they watch torch's own layers once, by what those layers are and what they are given,
 never by the user's names for them:
 

@@ -12,7 +12,7 @@ import torch
 
 from .collate import PaddingCollator, to_device  # noqa: F401 (callers import them from here)
 from .example_checks import no_real_target_error, warn_skipped_without_target
-from .loss import IGNORE_INDEX, real_token_mask, shifted_targets
+from ..loss import IGNORE_INDEX, real_token_mask, shifted_targets
 
 
 @dataclass

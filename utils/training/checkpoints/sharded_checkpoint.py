@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from . import checkpoint as ckpt
-from .distributed import barrier
+from ..distributed import barrier
 
 # Per-process settings: with another number of processes, their product with it must stay (see below).
 PER_PROCESS_SETTINGS = ("batch_size", "max_tokens_per_batch")

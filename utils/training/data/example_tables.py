@@ -21,7 +21,7 @@ import torch
 from .example_checks import check_batch_ids, no_real_target_error, warn_skipped_without_target
 from .examples import (Example, cut_to_real_span, pad_id_among_real_tokens, to_example, to_examples,
                        warn_if_eos_padding_is_ambiguous)
-from .loss import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 
 SCAN_ROWS = 65_536  # rows per chunk of the id scan: bounded memory whatever the corpus size
 

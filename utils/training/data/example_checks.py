@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .loss import IGNORE_INDEX
-from .settings import BAD_EXAMPLES
+from ..loss import IGNORE_INDEX
+from ..settings import BAD_EXAMPLES
 
 
 def length_fix(limit: int) -> str:

@@ -21,7 +21,7 @@ from .batch_plans import PlanSettings
 from .collate import PaddingCollator, padded_probe
 from .example_checks import check_batch_ids, check_batch_shapes, check_length, check_loader_batch
 from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
-from .loss import IGNORE_INDEX, real_token_mask
+from ..loss import IGNORE_INDEX, real_token_mask
 from .source_contract import ROW_KEYS, BatchSource, ReadLog, group_into_steps
 
 

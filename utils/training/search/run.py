@@ -19,15 +19,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .distributed import launched_by_torchrun
-from .metrics import safe_exp
-from .outcome import OutcomeKind
-from .pad_id import detect_pad_token_id, pad_is_eos
-from .previous_interface import DefaultInt, settings_from_call
+from ..distributed import launched_by_torchrun
+from ..metrics import safe_exp
+from ..outcome import OutcomeKind
+from ..model import detect_pad_token_id, pad_is_eos
+from ..previous_interface import DefaultInt, settings_from_call
 from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
 from .search_study import first_try_of, join_model, model_record, open_study, setup_record
-from .settings import FineTuneSettings
-from .sources import train_and_val_sources
+from ..settings import FineTuneSettings
+from ..data import train_and_val_sources
 
 N_TRIALS_DEFAULT = DefaultInt(10)
 
@@ -356,7 +356,7 @@ def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
     objective, and importances once enough trials completed."""
     if n_completed == 0:
         return {}
-    from .plots import save_search_plots
+    from ..metrics import save_search_plots
 
     try:
         return save_search_plots(study, output_dir)

@@ -12,7 +12,7 @@ data (real lines joined, so a short-line corpus still reaches positions past 17)
   the package never gives a model left padding (it moves it to the right).
 
 A failure is refused before any optimizer step, naming the module that explains it where one does
-(:mod:`model_suspects`) and the fix; ``skip_model_checks`` opts out of a probe for a model meant to differ (a
+(:mod:`suspects`) and the fix; ``skip_model_checks`` opts out of a probe for a model meant to differ (a
 prefix LM). ``results["model_checks"]`` says what ran and what it found.
 
 Tolerance (CLAUDE.md, "Float tolerances"): the compared forwards differ only in batch shape and in values the
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model_call import ModelCaller, eval_mode, unwrap
-from .model_suspects import Suspects, watch
-from .settings import MODEL_CHECKS as PROBES
+from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
+from ..settings import MODEL_CHECKS as PROBES
+from .suspects import Suspects, watch
 
 PROBE_LENGTH = 32  # positions probed; > 17 so a mask that fails from a middle position on is reached
 EXTRA_PADDING = 8  # pad positions added on the right (and, where a mask is taken, on the left)
@@ -75,10 +75,8 @@ def trusted_by_construction(model: nn.Module) -> str | None:
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False) or "forward" in vars(inner):
         return None
-    from .model_call import _hf_causal_lm_class_names  # noqa: PLC0415 - transformers is imported lazily
-
     owner = next(klass for klass in type(inner).__mro__ if "forward" in vars(klass))
-    if type(inner).__name__ not in _hf_causal_lm_class_names() or not owner.__module__.startswith("transformers."):
+    if type(inner).__name__ not in hf_causal_lm_class_names() or not owner.__module__.startswith("transformers."):
         return None
     if any(getattr(module, kind) for module in inner.modules()
            for kind in ("_forward_pre_hooks", "_forward_hooks")):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import fsdp, sharded_checkpoint
+from . import sharded_checkpoint
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
-from .distributed import DistContext, any_rank, barrier
-from .outcome import Outcome, OutcomeKind
-from .settings import FineTuneSettings
+from ..distributed import DistContext, any_rank, barrier, is_sharded, local_weights_of
+from ..outcome import Outcome, OutcomeKind
+from ..settings import FineTuneSettings
 
 
 class RunCheckpoints:
@@ -128,8 +128,8 @@ def load_model_and_optimizer(model, optimizer, files: dict) -> None:
 
 def saved_weights(model, loaded: dict) -> dict:
     """The model weights of a loaded checkpoint folder (``checkpoint.load_checkpoint``), as
-    :func:`fsdp.restore_weights` takes them."""
+    :func:`restore_weights` takes them."""
     if "model.pt" in loaded:
         return loaded["model.pt"]
     weights = sharded_checkpoint.load_model_weights(model, loaded["folder"])
-    return fsdp.local_weights_of(weights) if fsdp.is_sharded(model) else weights
+    return local_weights_of(weights) if is_sharded(model) else weights

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .collate import to_device
-from .example_checks import check_pad_token_id
-from .model_call import ModelCaller, eval_mode, unwrap, vocab_size_of
+from ..data import check_pad_token_id, to_device
+from ..loss import ModelCaller, eval_mode, unwrap, vocab_size_of
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 
 from .gradient_stats import GradientStats
-from .metrics import RowSink
+from .rows import RowSink
 
 # W&B's x-axis for every row: the package's optimizer step. W&B's own ``step=`` must only increase, so rows sent
 # out of order (or again, after a resume) were dropped; a custom step metric takes any order.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .loss import TokenSums, chunk_logits_grad, chunk_loss_and_correct, flat_targets, rows_per_chunk, sums_from
+from .masked import TokenSums, chunk_logits_grad, chunk_loss_and_correct, flat_targets, rows_per_chunk, sums_from
 
 
 def _autocast_state(device_type: str):

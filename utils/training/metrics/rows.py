@@ -16,7 +16,7 @@ import warnings
 
 import pandas as pd
 
-from .distributed import DistContext, broadcast_object
+from ..distributed import DistContext, broadcast_object
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
-from .metrics import RowSink
-from .warn import warnings_through
+from .rows import RowSink
+from ..warn import warnings_through
 
 
 class Progress(RowSink):
