@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .model import (check_model_against_data, detect_pad_token_id, max_positions, pad_is_eos, probe_model,
-                    tokenizer_size)
+from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, probe_model, tokenizer_size
 from .distributed import require_launch, restore_weights, setup_distributed
 from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
 from .loss import vocab_size_of
@@ -162,10 +161,11 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
     train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
                                        pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
                                        settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
-    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    sizes = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    vocab_size = sizes.vocab_size
     # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
     model_checks = probe_model(model, [train.first_batch(), train.padded_batch()], vocab_size=vocab_size,
-                               pad_token_id=pad_token_id, limit=max_positions(model, config),
+                               pad_token_id=pad_token_id, limit=sizes.positions,
                                skip=settings.skip_model_checks, seed=settings.random_seed)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
