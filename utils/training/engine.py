@@ -14,7 +14,8 @@ import torch
 
 from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, probe_model, tokenizer_size
 from .distributed import require_launch, restore_weights, setup_distributed
-from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
+from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title,
+                      set_aside_earlier_outputs)
 from .loss import vocab_size_of
 from .outcome import Outcome
 from .checkpoints import OutputDirLock, claim_run_id, resume, step_folders
@@ -85,7 +86,12 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
                       on_evaluation=hooks.on_evaluation, gradient_stats=gradient_stats)
     resumed = resume(trainer)
+    if resumed is None and ctx.is_main:  # a fresh run: an earlier run's metrics and plots are kept, moved aside
+        trainer.earlier_outputs = set_aside_earlier_outputs(output_dir)
     _start_tracker(trainer, model)
+    if trainer.earlier_outputs is not None:
+        tracker.message(f"{output_dir} held an earlier run's metrics and plots: moved to {trainer.earlier_outputs} "
+                        "(nothing is overwritten; this run's files are at the top of output_dir).")
     if resumed is not None:
         # One per process that wrote it; a changed world size reuses them in turn.
         rng = resumed["trainer_state.pt"]["rng"]
@@ -242,6 +248,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
+        # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
+        "earlier_outputs_moved_to": None if trainer.earlier_outputs is None else str(trainer.earlier_outputs),
         "wandb_run_id": tracker.wandb_run_id,
         # Rows of a stream the run went past or cut (bad_examples), and why; validation: its last pass.
         "bad_examples": {"training data": trainer.data.train.report(), "validation data": trainer.data.val.report()},
