@@ -9,7 +9,7 @@ from torch import nn
 
 from models import TinyCausalLM, random_lines, tiny_gpt2
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.model.probes import ModelProbes, probe_lines, probe_model
+from utils.training.model.probes import PROBE_LENGTH, ModelProbes, probe_lines, probe_model
 
 VOCAB = 50
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=128)
@@ -101,7 +101,7 @@ def _refused(model, match, lines=None):
 
 
 def test_a_model_without_a_causal_mask_is_refused_naming_the_layer_and_the_fix():
-    # Lines of 4-11 tokens: the probe joins them into lines of 32, past position 17.
+    # Lines of 4-11 tokens: the probe joins them into lines of 24, past position 17.
     message = _refused(NoCausalMask(vocab_size=VOCAB), r"sees the future: the logits at position 0 ")
     assert "blocks (TransformerEncoder) ran without a causal mask" in message
     assert "is_causal=True" in message and "skip_model_checks=('causal',)" in message
@@ -155,7 +155,8 @@ def test_a_correct_plain_model_passes_every_probe_and_hf_gpt2_is_trusted():
     lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
     checks = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
     assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
-    assert checks["causal"]["positions_probed"] == 32 and checks["causal"]["first_position_seeing_future"] is None
+    assert checks["causal"]["positions_probed"] == PROBE_LENGTH == 24
+    assert checks["causal"]["first_position_seeing_future"] is None
     model = tiny_gpt2(vocab_size=VOCAB)
     checks = test_fine_tuning(model, model.config, lines, lines[:4], **QUIET)["model_checks"]
     assert not checks["causal"]["ran"] and "transformers' own" in checks["causal"]["why"]
@@ -191,17 +192,8 @@ CORRECT_MODELS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny forwards run 3-8x faster on one thread than split over two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", list(CORRECT_MODELS))
-def test_no_false_alarm_over_200_seeds(name, one_thread):
+def test_no_false_alarm_over_200_seeds(name):
     """Each seed: fresh weights every 20 seeds, new probe lines and replacement tokens every seed; the probes run
     directly (HF models are trusted by construction in a run, so the probes would otherwise not run on them)."""
     for seed in range(200):
@@ -211,7 +203,7 @@ def test_no_false_alarm_over_200_seeds(name, one_thread):
         lengths = torch.randint(3, 24, (6,), generator=generator)
         batch = {"input_ids": torch.randint(1, VOCAB, (6, 24), generator=generator),
                  "attention_mask": (torch.arange(24) < lengths[:, None]).long()}
-        probes = ModelProbes(model, probe_lines([batch], VOCAB, 0, 32, seed))
+        probes = ModelProbes(model, probe_lines([batch], VOCAB, 0, PROBE_LENGTH, seed))
         refusal = probes.run()
         assert refusal is None, f"{name}, seed {seed}: {refusal}"
         assert all(probes.report[probe]["passed"] for probe in ("examples", "causal", "padding"))
