@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, probe_model, tokenizer_size
+from .model import (check_model_against_data, check_parameter_values, detect_pad_token_id, pad_is_eos, probe_model,
+                    tokenizer_size)
 from .distributed import require_launch, restore_weights, setup_distributed
 from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title,
                       set_aside_earlier_outputs)
@@ -117,7 +118,7 @@ def _check_parameters(model, settings, device) -> None:
     if not parameters:
         raise ValueError(f"The model ({type(model).__name__}) has no parameters, so there is nothing to fine-tune. "
                          "Pass the model itself (an nn.Module with layers), not a wrapper without them.")
-    _check_materialised(model)
+    check_parameter_values(model)
     dtype = parameters[0].dtype
     if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
         raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
@@ -129,27 +130,6 @@ def _check_parameters(model, settings, device) -> None:
                          "unscale half-precision gradients, and the step fails). Mixed precision keeps the weights in "
                          "float32 and computes in half: call model.float() before training, or pass precision='bf16' "
                          "(a GPU with bfloat16 support) or precision='fp32'.")
-
-
-def _check_materialised(model) -> None:
-    """Parameters without values (the ``meta`` device, lazy modules) or with NaN/inf are refused, with what to do."""
-    for name, parameter in model.named_parameters():
-        if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
-            raise ValueError(f"The model's parameter {name} is not initialised yet (a lazy module, e.g. nn.LazyLinear):"
-                             " run one forward on a batch of input ids before training, so that it takes its shape.")
-        if parameter.is_meta:
-            raise ValueError(
-                f"The model's parameters are on the 'meta' device ({name} first): they have shapes but no values (a "
-                "model built under torch.device('meta'), or init_empty_weights()). Give them values first: "
-                "model.to_empty(device='cpu') followed by an initialisation (model.apply(model._init_weights) for a "
-                "Hugging Face model, reset_parameters() of each layer for your own), or load weights "
-                "(model.load_state_dict(state_dict, assign=True)).")
-    for name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
-            raise ValueError(
-                f"The model's parameter {name} holds NaN or inf before training: its values were never initialised "
-                "(torch.empty, to_empty()) or a load went wrong. Initialise it (reset_parameters(), or "
-                "model.apply(model._init_weights) for a Hugging Face model) or load trained weights.")
 
 
 def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
@@ -170,7 +150,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
     sizes = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     vocab_size = sizes.vocab_size
     # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
-    model_checks = probe_model(model, [train.first_batch(), train.padded_batch()], vocab_size=vocab_size,
+    model_checks = probe_model(model, train, vocab_size=vocab_size,
                                pad_token_id=pad_token_id, limit=sizes.positions,
                                skip=settings.skip_model_checks, seed=settings.random_seed)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)

@@ -11,7 +11,7 @@ import torch
 
 from ..data import check_pad_token_id, to_device
 from ..loss import ModelCaller, eval_mode, unwrap, vocab_size_of
-from .embeddings import EmbeddingRoles, embedding_roles
+from .embeddings import EmbeddingRoles, embedding_roles, one_cpu_thread
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
@@ -152,8 +152,8 @@ def check_model_against_data(model, config, sources: list, pad_token_id, device,
     vocab_size = vocab_size_of(model, config)
     caller = ModelCaller(model, vocab_size)
     check_forward_arguments(caller, model)
-    roles = embedding_roles(model, caller)
     limit = max_positions(model, config)
+    roles = embedding_roles(model, caller, declared_positions=limit)
     if limit is None and roles.positions is not None:
         limit = roles.positions[1]
     for source in sources:
@@ -186,3 +186,28 @@ def check_model_against_data(model, config, sources: list, pad_token_id, device,
         vocab_size = logits.shape[-1]
         check_vocabulary(vocab_size, pad_token_id, sources)
     return ModelSizes(vocab_size, limit)
+
+
+def check_parameter_values(model) -> None:
+    """Parameters without values (the ``meta`` device, lazy modules) or with NaN/inf are refused, with what to do."""
+    for name, parameter in model.named_parameters():
+        if isinstance(parameter, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(f"The model's parameter {name} is not initialised yet (a lazy module, e.g. nn.LazyLinear):"
+                             " run one forward on a batch of input ids before training, so that it takes its shape.")
+        if parameter.is_meta:
+            raise ValueError(
+                f"The model's parameters are on the 'meta' device ({name} first): they have shapes but no values (a "
+                "model built under torch.device('meta'), or init_empty_weights()). Give them values first: "
+                "model.to_empty(device='cpu') followed by an initialisation (model.apply(model._init_weights) for a "
+                "Hugging Face model, reset_parameters() of each layer for your own), or load weights "
+                "(model.load_state_dict(state_dict, assign=True)).")
+    floating = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    with one_cpu_thread(floating[0][1].device if floating else torch.device("cpu")):  # small reductions, one thread
+        # One host read for all of them (a GPU syncs once).
+        finite = torch.stack([torch.isfinite(p).all() for _, p in floating]).tolist() if floating else []
+    for (name, _), ok in zip(floating, finite):
+        if not ok:
+            raise ValueError(
+                f"The model's parameter {name} holds NaN or inf before training: its values were never initialised "
+                "(torch.empty, to_empty()) or a load went wrong. Initialise it (reset_parameters(), or "
+                "model.apply(model._init_weights) for a Hugging Face model) or load trained weights.")

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
 from ..settings import MODEL_CHECKS as PROBES
+from .embeddings import one_cpu_thread
 from .suspects import Suspects, watch
 
 PROBE_LENGTH = 24  # positions probed; > 17 so a mask that fails from a middle position on is reached
@@ -182,19 +183,6 @@ def base_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def one_cpu_thread(device: torch.device):
-    """The probes' forwards are tiny: on a CPU shared with other work, splitting each matmul over two threads that
-    wait for each other was 5x slower than one (GPT-2-small-sized: 33 s against 7 s at load 14 on 2 cores)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
 def full_float32_matmuls():
     """TF32 off for the probes (its 10-bit mantissa would make the float32 bound meaningless on a GPU)."""
     precision = torch.get_float32_matmul_precision()
@@ -280,16 +268,17 @@ def padding_message(difference: float, tolerance: float, suspects: Suspects) -> 
             "way round (1 = real token, 0 = padding). A model meant to differ: skip_model_checks=('padding',).")
 
 
-def probe_model(model: nn.Module, batches: list[Mapping], *, vocab_size: int, pad_token_id: int,
-                limit: int | None, skip, seed: int) -> dict:
-    """The probes on ``model`` over lines from ``batches`` (collated start-up batches of the training data):
-    ``results["model_checks"]``; raises ``ValueError`` with the cause and the fix when one fails."""
+def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int, limit: int | None, skip,
+                seed: int) -> dict:
+    """The probes on ``model`` over lines of ``source`` (the training data's ``BatchSource``, or a list of collated
+    batches): ``results["model_checks"]``; raises ``ValueError`` with the cause and the fix when one fails."""
     skip = PROBES if skip is True else tuple(skip or ())
     trusted = trusted_by_construction(model)
     if trusted:
         return {name: {"ran": False, "why": trusted} for name in PROBES}
     if set(skip) >= set(PROBES):
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
+    batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
     lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
     probes = ModelProbes(model, lines, skip, vocab_size)
