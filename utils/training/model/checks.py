@@ -203,10 +203,13 @@ def check_parameter_values(model) -> None:
                 "(model.load_state_dict(state_dict, assign=True)).")
     floating = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
     with one_cpu_thread(floating[0][1].device if floating else torch.device("cpu")):  # small reductions, one thread
-        # One host read for all of them (a GPU syncs once).
-        finite = torch.stack([torch.isfinite(p).all() for _, p in floating]).tolist() if floating else []
-    for (name, _), ok in zip(floating, finite):
-        if not ok:
+        # A sum is finite when every value is (and reads each value once, allocating nothing); one host read for
+        # all of them. A non-finite sum can also be an overflow of huge values: those are confirmed one by one.
+        sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in floating]) if floating else None
+        suspect = [] if sums is None else torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    for index in suspect:
+        name, parameter = floating[index]
+        if not bool(torch.isfinite(parameter).all()):
             raise ValueError(
                 f"The model's parameter {name} holds NaN or inf before training: its values were never initialised "
                 "(torch.empty, to_empty()) or a load went wrong. Initialise it (reset_parameters(), or "
