@@ -124,3 +124,15 @@ def test_hf_gpt2_sizes_are_still_read_from_its_config():
     lines = random_lines(12, seed=3, high=12, vocab_size=VOCAB) + [torch.randint(1, VOCAB, (20,))]
     with pytest.raises(ValueError, match=r"has 20 tokens, more than the model's 16 positions"):
         test_fine_tuning(model, model.config, lines, lines[:4], **QUIET)
+
+
+class LogitsThenHidden(HiddenAndLogits):
+    def forward(self, idx):
+        hidden, logits = super().forward(idx)
+        return logits, torch.cat([hidden, hidden], dim=-1)[..., :40]  # another width: unambiguous
+
+
+def test_without_a_declared_vocabulary_the_token_embedding_tells_a_tuples_logits_apart():
+    lines = random_lines(16, seed=2, low=4, high=12, vocab_size=32)
+    results = test_fine_tuning(LogitsThenHidden(), {"pad_token_id": 0}, lines, lines[:4], **QUIET)
+    assert results["completed"]

@@ -154,6 +154,8 @@ def check_model_against_data(model, config, sources: list, pad_token_id, device,
     check_forward_arguments(caller, model)
     limit = max_positions(model, config)
     roles = embedding_roles(model, caller, declared_positions=limit)
+    if caller.vocab_size is None and roles.token is not None:
+        caller.vocab_size = roles.token[1]  # tells a tuple's logits apart when nothing declares the vocabulary
     if limit is None and roles.positions is not None:
         limit = roles.positions[1]
     for source in sources:
