@@ -43,9 +43,25 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
+        moved = _set_aside_earlier_outputs(trainer) if resumed is None else None
         outcome = trainer.fit()
         trainer.checkpoints.finish(outcome)  # the last background write is complete (or its failure reported)
-        return shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+        results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+        # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
+        results["earlier_outputs_moved_to"] = None if moved is None else str(moved)
+        return results
+
+
+def _set_aside_earlier_outputs(trainer: Trainer) -> Path | None:
+    """A fresh run, before it writes anything: an earlier run's metrics and plots in output_dir are moved aside."""
+    if not trainer.ctx.is_main:
+        return None
+    output_dir = Path(trainer.settings.output_dir)
+    moved = set_aside_earlier_outputs(output_dir)
+    if moved is not None:
+        trainer.tracker.message(f"{output_dir} held an earlier run's metrics and plots: moved to {moved} (nothing is "
+                                "overwritten; this run's files are at the top of output_dir).")
+    return moved
 
 
 def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHooks):
@@ -87,12 +103,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
                       on_evaluation=hooks.on_evaluation, gradient_stats=gradient_stats)
     resumed = resume(trainer)
-    if resumed is None and ctx.is_main:  # a fresh run: an earlier run's metrics and plots are kept, moved aside
-        trainer.earlier_outputs = set_aside_earlier_outputs(output_dir)
     _start_tracker(trainer, model)
-    if trainer.earlier_outputs is not None:
-        tracker.message(f"{output_dir} held an earlier run's metrics and plots: moved to {trainer.earlier_outputs} "
-                        "(nothing is overwritten; this run's files are at the top of output_dir).")
     if resumed is not None:
         # One per process that wrote it; a changed world size reuses them in turn.
         rng = resumed["trainer_state.pt"]["rng"]
@@ -228,8 +239,6 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
-        # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
-        "earlier_outputs_moved_to": None if trainer.earlier_outputs is None else str(trainer.earlier_outputs),
         "wandb_run_id": tracker.wandb_run_id,
         # Rows of a stream the run went past or cut (bad_examples), and why; validation: its last pass.
         "bad_examples": {"training data": trainer.data.train.report(), "validation data": trainer.data.val.report()},

@@ -83,7 +83,6 @@ class Trainer:
         # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
         self.stop_flag = torch.zeros((), device=device)
         self.best_weights = None  # the best epoch's weights on the CPU, when load_best_model_at_end
-        self.earlier_outputs = None  # where a fresh run moved an earlier run's metrics and plots (engine)
         self.checkpoints = RunCheckpoints(settings, ctx, device, sharded=self.setup.sharded, note=tracker.message)
 
     # -- the loop ----------------------------------------------------------------------------------
