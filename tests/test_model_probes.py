@@ -216,3 +216,23 @@ def test_probe_model_reports_the_left_padding_difference_without_refusing():
     report = probe_model(model, [batch], vocab_size=VOCAB, pad_token_id=0, limit=64, skip=(), seed=0)
     # GPT-2 numbers positions from the left edge: left padding moves them (the package never left-pads).
     assert report["padding"]["passed"] and report["padding"]["left_max_difference"] > report["padding"]["tolerance"]
+
+
+class RotaryLike(TinyCausalLM):
+    """No position table and no declared positions (positions enter as a sinusoid of the index): nothing bounds the
+    probe's length but the model itself."""
+
+    def forward(self, idx):
+        seq = idx.shape[1]
+        where = torch.arange(seq, device=idx.device, dtype=torch.float32)[:, None]
+        h = self.embed(idx) + torch.sin(where / 10.0 ** (torch.arange(32, device=idx.device) / 16))
+        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        mask[17:] = 0.0  # causal for the first 17 rows only
+        return self.head(self.blocks(h, mask=mask))
+
+
+def test_short_lines_and_no_declared_positions_still_probe_past_position_17():
+    lines = random_lines(16, seed=1, low=4, high=10, vocab_size=VOCAB)  # every line shorter than 10 tokens
+    with pytest.raises(ValueError, match=r"logits at position 17"):
+        test_fine_tuning(RotaryLike(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines,
+                         lines[:4], **QUIET)

@@ -280,9 +280,20 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
     batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
-    lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
-    probes = ModelProbes(model, lines, skip, vocab_size)
-    refusal = probes.run()
+    probes, refusal = None, None
+    if limit is None:
+        # Nothing says how long a line the model takes (rotary or hand-made positions): the full probe length is
+        # tried, and where the model fails on it (a table of fixed size) lines no longer than the data's are used.
+        try:
+            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed), skip,
+                                 vocab_size)
+            refusal = probes.run()
+        except (IndexError, RuntimeError):
+            probes = None
+    if probes is None:
+        lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
+        probes = ModelProbes(model, lines, skip, vocab_size)
+        refusal = probes.run()
     if refusal:
         raise ValueError(refusal)
     for name in PROBES:
