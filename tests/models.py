@@ -49,6 +49,7 @@ def random_lines(n=24, seed=0, low=3, high=20, vocab_size=50):
 def wait_for_checkpoint_writes():
     for thread in threading.enumerate():
         if thread.name.startswith(WRITER_THREAD_PREFIX):
+            getattr(thread, "before_join", lambda: None)()  # the training thread's verdict the write waits for
             thread.join()
 
 
@@ -76,3 +77,39 @@ class StopAtForward(nn.Module):
 def KillableLM(kill_at=None, vocab_size=50, dropout=0.0):  # noqa: N802 - reads like the class it builds
     """A TinyCausalLM that SIGKILLs its own process at training forward ``kill_at``."""
     return StopAtForward(TinyCausalLM(vocab_size=vocab_size, dropout=dropout), kill_at, kill=True)
+
+
+class ForwardWritesLM(nn.Module):
+    """A TinyCausalLM whose training forward changes its own state in place, as users' models do: a frozen
+    ``nn.Parameter`` holding an EMA of the hidden states (used by the forward), a running-statistics buffer, and a
+    trained parameter shrunk under ``no_grad`` before use. ``ballast`` floats of an unused trained parameter come
+    first in the state dict, so a background copy reaches the others late (after the next forward has begun).
+    ``history[k]``: those tensors as step k left them (taken at the start of training forward k + 1)."""
+
+    def __init__(self, vocab_size=50, d_model=32, ballast=0, record=False, dropout=0.0):
+        super().__init__()
+        self.ballast = nn.Parameter(torch.zeros(ballast))
+        self.lm = TinyCausalLM(vocab_size=vocab_size, d_model=d_model, dropout=dropout)
+        self.ema = nn.Parameter(torch.zeros(d_model), requires_grad=False)
+        self.gain = nn.Parameter(torch.ones(d_model))
+        self.register_buffer("running_mean", torch.zeros(d_model))
+        self.record, self.history = record, []
+
+    def written(self) -> dict:
+        return {"ema": self.ema.detach().clone(), "gain": self.gain.detach().clone(),
+                "running_mean": self.running_mean.clone()}
+
+    def forward(self, idx):
+        lm, seq = self.lm, idx.shape[1]
+        h = lm.embed(idx) + lm.pos(torch.arange(seq, device=idx.device))
+        if self.training:
+            if self.record:
+                self.history.append(self.written())
+            with torch.no_grad():
+                mean = h.detach().float().mean(dim=(0, 1))
+                self.ema.mul_(0.9).add_(0.1 * mean)
+                self.running_mean.mul_(0.5).add_(0.5 * mean)
+                self.gain.mul_(0.999)
+        h = (h + self.ema) * self.gain
+        causal = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        return lm.head(lm.blocks(h, mask=causal, is_causal=True))

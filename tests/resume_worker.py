@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import KillableLM  # noqa: E402
+from models import ForwardWritesLM, KillableLM, StopAtForward  # noqa: E402
 from utils.tier3_training_utilities import test_fine_tuning  # noqa: E402
 
 VOCAB, PAD = 50, 0
@@ -23,11 +23,15 @@ def data(seed=1, n=40):
     return [torch.randint(1, VOCAB, (int(torch.randint(2, 41, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-def run(mode: str, out_dir: str, **overrides) -> dict:
+def run(mode: str, out_dir: str, model_kind: str = "plain", **overrides) -> dict:
     torch.manual_seed(123)  # initial weights; a resume replaces them from the checkpoint
-    model = KillableLM(kill_at=KILL_AT_FORWARD if mode == "killed" else None, vocab_size=VOCAB, dropout=0.1)
-    settings = dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume",
-                    **overrides)
+    kill_at = KILL_AT_FORWARD if mode == "killed" else None
+    if model_kind == "forward_writes":  # its forward changes a frozen parameter, a buffer, a trained parameter
+        model = StopAtForward(ForwardWritesLM(vocab_size=VOCAB, ballast=1 << 20, dropout=0.1), kill_at, kill=True)
+    else:
+        model = KillableLM(kill_at=kill_at, vocab_size=VOCAB, dropout=0.1)
+    settings = dict(dict(SETTINGS, output_dir=str(Path(out_dir) / "run"), resume_from_checkpoint=mode == "resume"),
+                    **overrides)  # a folder given as resume_from_checkpoint replaces True
     train = overrides.pop("train", None) or data()
     settings.pop("train", None)
     result = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD), train, data(seed=2, n=10),

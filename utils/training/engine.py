@@ -14,10 +14,10 @@ import torch
 
 from .model import (check_model_against_data, check_parameter_values, detect_pad_token_id, pad_is_eos, probe_model,
                     tokenizer_size)
-from .distributed import require_launch, restore_weights, setup_distributed
+from .distributed import ProcessWatch, group_timeout_s, require_launch, restore_weights, setup_distributed
 from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title,
                       set_aside_earlier_outputs)
-from .loss import vocab_size_of
+from .loss import byte_lengths_tensor, vocab_size_of
 from .outcome import Outcome
 from .checkpoints import OutputDirLock, claim_run_id, resume, step_folders
 from .previous_interface import previous_result_keys
@@ -35,6 +35,7 @@ class RunHooks:
     on_evaluation: object = None  # (step, val loss, final) -> a reason to prune, or None
     wandb_module: object = import_wandb  # () -> the wandb module
     previous_keywords: dict | None = None  # the previous module's keywords as given, shown in results["settings"]
+    token_bytes: object = None  # the caller's bytes per token id (bits per byte without a tokenizer that says)
 
 
 def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
@@ -43,13 +44,33 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
     lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
     with deterministic_algorithms(settings.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
-        moved = _set_aside_earlier_outputs(trainer) if resumed is None else None
-        outcome = trainer.fit()
-        trainer.checkpoints.finish(outcome)  # the last background write is complete (or its failure reported)
-        results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
-        # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
-        results["earlier_outputs_moved_to"] = None if moved is None else str(moved)
-        return results
+        # Under torchrun a process that stops is named (rank and step) within process_timeout_minutes.
+        with ProcessWatch(trainer.ctx, settings.process_timeout_minutes, progress=lambda: trainer.state.global_step,
+                          waiting_for=trainer.checkpoints.waiting_for) as watch:
+            try:
+                return train_and_finish(trainer, resumed, hooks)
+            except Exception as error:
+                newest = trainer.checkpoints.last_checkpoint  # rank 0's: the others do not write
+                stalled = watch.error_for(error, f"The checkpoints written before are intact under "
+                                                 f"{trainer.checkpoints.folder}"
+                                                 + (f" (newest: {Path(newest).name})." if newest else "."))
+                if stalled is not None:
+                    raise stalled from error
+                raise
+
+
+def train_and_finish(trainer: Trainer, resumed: dict | None, hooks: RunHooks) -> dict:
+    """Train, then end the run: the metrics files first, then the wait for the last background write (a write that
+    stalls, e.g. on a hung mount, must not hold back the metrics, and Ctrl-C during that wait returns the results)."""
+    moved = _set_aside_earlier_outputs(trainer) if resumed is None else None
+    outcome = trainer.fit()
+    trainer.checkpoints.before_update()  # the snapshot's copy of the weights is complete before the best model's
+    results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
+    trainer.checkpoints.finish(outcome)  # the last write is complete, its failure reported, or Ctrl-C said
+    results.update(trainer.checkpoints.result_keys())
+    # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
+    results["earlier_outputs_moved_to"] = None if moved is None else str(moved)
+    return results
 
 
 def _set_aside_earlier_outputs(trainer: Trainer) -> Path | None:
@@ -71,7 +92,8 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
                          "runtime (Colab: Runtime > Change runtime type).")
     if settings.fsdp:
         require_launch()  # before any work: a plain process is refused with the launch command
-    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp)
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp,
+                                    timeout_s=group_timeout_s(60 * settings.process_timeout_minutes))
     if settings.requested_precision and settings.autocast_dtype(device) is None:
         if settings.precision_from_previous_keyword:
             warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
@@ -86,6 +108,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     model.to(device)
     model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
     run_data = prepare_data(model, config, data, settings, tokenizer, device)
+    run_data.token_bytes = byte_lengths_tensor(tokenizer, hooks.token_bytes, run_data.vocab_size, device)
     if ctx.enabled and not (run_data.train.shards_itself and run_data.val.shards_itself):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
@@ -170,7 +193,7 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
                       "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
                       "new '<pad>' token.", UserWarning, stacklevel=5)
-    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks)
+    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks=model_checks)
 
 
 _VOCABULARY_ROUNDING = 128  # HF configs pad the embedding to a multiple of 64 or 128 for faster matmuls
@@ -221,6 +244,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     results = {
         "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
         "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
+        # None when no tokenizer (or token_bytes) says how many bytes each token stands for
+        "val_bits_per_byte": None if last is None else _finite_or_none(last.get("val/bits_per_byte")),
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
@@ -234,8 +259,7 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
         "best_val_loss": state.best_val_loss if state.best_epoch else None, "best_epoch": state.best_epoch,
-        "best_checkpoint": trainer.checkpoints.best_checkpoint, "last_checkpoint": trainer.checkpoints.last_checkpoint,
-        "checkpoint_error": trainer.checkpoints.error,  # a failed last write when the run ended for another reason
+        **trainer.checkpoints.result_keys(),  # completed by fine_tune once the last write ended
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
         "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
@@ -252,13 +276,18 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     return results
 
 
+def _finite_or_none(value):
+    return None if value is None or value != value else float(value)  # a blank CSV cell reads back as NaN
+
+
 def _write_final_outputs(trainer: Trainer, results: dict) -> None:
     """CSVs, W&B's summary and the plots. A Ctrl-C here still returns the results; what did not finish is named."""
     tracker, unfinished = trainer.tracker, []
     results["plot_paths"] = {}
     steps = [("the CSV files and W&B", lambda: tracker.finish(
-        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity",
-                                                     "global_step", "stopped_early", "interrupted")}))]
+        {k: v for k, v in results.items() if v is not None and k in (
+            "final_train_loss", "final_val_loss", "val_perplexity", "val_bits_per_byte", "global_step", "stopped_early",
+            "interrupted")}))]
     settings = trainer.settings
     if settings.save_plots and trainer.ctx.is_main:
         title = run_title(settings.output_dir, settings.wandb_run_name)

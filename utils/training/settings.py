@@ -55,6 +55,10 @@ class FineTuneSettings:
     loss_path: str = "auto"
     # Under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) instead of DDP.
     fsdp: bool = False
+    # Under torchrun: a process that gives no sign of life (heartbeat) for this many minutes stops the run, named
+    # with its rank and step, instead of the others waiting silently in a collective (torch's default: 30 min on
+    # gloo). Also the process group's timeout when the package starts the group (utils/training/distributed/watch.py).
+    process_timeout_minutes: float = 10.0
     val_fraction: float = 0.2
     eval_every: int | None = None  # also validate every N optimizer steps inside an epoch
     output_dir: str | None = None
@@ -138,6 +142,8 @@ class FineTuneSettings:
         _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
         _check_float("checkpoint_every_minutes", self.checkpoint_every_minutes, low=0.0, low_open=True, optional=True,
                      hint=" Pass minutes as a number, e.g. checkpoint_every_minutes=30 (or 0.5 for 30 seconds).")
+        _check_float("process_timeout_minutes", self.process_timeout_minutes, low=0.0, low_open=True,
+                     hint=" Pass minutes as a number, e.g. process_timeout_minutes=10 (or 0.5 for 30 seconds).")
         self._check_staging_dir()
         for name in ("shuffle", "use_wandb", "deterministic", "log_grad_histogram", "load_best_model_at_end",
                      "save_plots", "async_checkpoints"):

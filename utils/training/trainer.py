@@ -39,6 +39,7 @@ class RunData:
     pad_token_id: int
     pad_source: str
     vocab_size: int
+    token_bytes: torch.Tensor | None = None  # bytes of text per token id on the run's device (bits per byte), or None
     model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model/probes.py)
 
 
@@ -119,8 +120,8 @@ class Trainer:
             self.tracker.message(stop.outcome.reason)
             return stop.outcome
         except Exception as error:
+            self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run, first
             self.checkpoints.finish(None)  # the write in flight completes; a failure of it is warned about
-            self.tracker.finish({})  # an unexpected failure still writes the CSVs and closes the W&B run
             if isinstance(error, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(out_of_memory_message(
                     state.global_step, settings.batch_size, settings.gradient_accumulation_steps)) from error
@@ -236,7 +237,8 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
-                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast)
+                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast,
+                        token_bytes=self.data.token_bytes)
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -186,15 +187,19 @@ def _finish_folder(tmp: Path, final: Path, meta: dict, hashes: dict[str, str]) -
 
 
 def save_step(checkpoints_dir: Path, step: int, payload: dict[str, object], meta: dict,
-              best: bool = False) -> tuple[Path, Path | None]:
+              best: bool = False, before_publish=None) -> tuple[Path, Path | None]:
     """``step-<step>/`` and, when ``best``, ``best/`` (a copy of its ``model.pt``) written before it: after a
-    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``."""
+    kill at any moment, a step folder that records a best epoch finds that epoch in ``best/``.
+    ``before_publish()`` runs once the files are written, before either folder is renamed into place; an error it
+    raises leaves only ``.tmp-`` folders."""
     final = checkpoints_dir / f"{STEP_PREFIX}{step}"
     tmp = start_folder(final)
     best_tmp = start_folder(checkpoints_dir / "best") if best else None
     # The step's weights go into best/ as they are written: one serialisation and one hash serve both folders.
     hashes = {name: _save_file(obj, tmp / name, best_tmp / name if best and name == "model.pt" else None)
               for name, obj in payload.items()}
+    if before_publish is not None:
+        before_publish()
     best_folder = None
     if best:
         best_folder = _finish_folder(best_tmp, checkpoints_dir / "best", meta, {"model.pt": hashes["model.pt"]})
@@ -220,13 +225,16 @@ def publish_folder(source: Path, target_dir: Path) -> Path:
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` intact step folders; ``best`` is separate and always kept.
 
-    A damaged folder never holds one of the ``keep`` slots: it is removed, or a run whose newest checkpoint
-    was damaged would delete every new checkpoint right after writing it. Also removes ``.tmp-*``/``.old-*``
-    leftovers of saves that a crash interrupted (called right after a complete save, so none is in use).
+    A damaged folder never holds one of the ``keep`` slots: it is moved aside (``damaged-step-N-<time>``, its intact
+    files with it), or a run whose newest checkpoint was damaged would delete every new checkpoint right after
+    writing it. Also removes ``.tmp-*``/``.old-*`` leftovers of saves that a crash interrupted (called right after
+    a complete save, so none is in use).
     """
     kept = 0
     for folder in step_folders(checkpoints_dir):
-        if kept < keep and _verified(folder):
+        if not _verified(folder):
+            set_aside([folder], checkpoints_dir, "damaged-" + folder.name)
+        elif kept < keep:
             kept += 1
         else:  # renamed first: a kill while deleting leaves a .old- leftover, never a half-deleted step folder
             doomed = folder.with_name(".old-" + folder.name)
@@ -235,6 +243,25 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
     for leftover in list(checkpoints_dir.glob(".tmp-*")) + list(checkpoints_dir.glob(".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def set_aside(folders: list[Path], checkpoints_dir: Path, name: str) -> Path:
+    """Move ``folders`` into ``checkpoints_dir/<name>-<time>/`` (renames: nothing is copied or deleted). Only folders
+    named ``step-N`` directly in ``checkpoints_dir`` count as checkpoints, so these no longer take part in pruning
+    or in ``resume_from_checkpoint=True``; their files stay as they were."""
+    aside = checkpoints_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-")
+    aside.mkdir()
+    for folder in folders:
+        os.replace(folder, aside / folder.name)
+    _fsync_dir(aside)
+    _fsync_dir(checkpoints_dir)
+    return aside
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name[len(STEP_PREFIX):])
 
 
 _VERIFIED: set[tuple] = set()  # folders whose files matched their sha256 in this process, as they were then
@@ -318,12 +345,15 @@ def load_checkpoint(folder: Path) -> dict:
     return {"meta": meta, "folder": folder, **loaded}
 
 
-def find_resumable(checkpoints_dir: Path) -> dict | None:
-    """The newest checkpoint that loads; unreadable ones are skipped with a warning naming them."""
+def find_resumable(checkpoints_dir: Path, damaged: list | None = None) -> dict | None:
+    """The newest checkpoint that loads; unreadable ones are skipped with a warning naming them (and appended to
+    ``damaged`` as (folder, reason))."""
     for folder in step_folders(checkpoints_dir):
         try:
             return load_checkpoint(folder)
         except Exception as error:  # noqa: BLE001 - any damage means: try the next one
-            warnings.warn(f"Skipping checkpoint {folder}: it is incomplete or unreadable "
-                          f"({type(error).__name__}: {error}).", UserWarning, stacklevel=2)
+            reason = f"{type(error).__name__}: {error}"
+            if damaged is not None:
+                damaged.append((folder, reason))
+            warnings.warn(f"Skipping checkpoint {folder}: it is damaged ({reason}).", UserWarning, stacklevel=2)
     return None

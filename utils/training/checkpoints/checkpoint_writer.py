@@ -12,6 +12,11 @@ At most one write is in flight: the next checkpoint first waits for the previous
 When the first snapshot would take more than half the memory still available, checkpoints are written
 synchronously instead (a note says so): a snapshot may double the state in host memory, and running out of it
 would end the run. A failed write warns when it fails and is raised at the next checkpoint or at the run's end.
+
+A wait for the write in flight (the run's end, or the next checkpoint) that lasts says so: after
+``WAIT_NOTICE_AFTER_S`` and then every ``WAIT_NOTICE_EVERY_S`` a message names the checkpoint, what the writer is
+doing and where (writing files, copying from staging into ``output_dir``, pruning), and for how long, and that
+Ctrl-C stops the wait (a hung network mount, e.g. Google Drive, otherwise shows nothing but a still progress bar).
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import ctypes
 import os
 import shutil
 import threading
+import time
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,10 +40,22 @@ from . import checkpoint as ckpt
 WRITER_NICENESS = 10
 WRITER_THREAD_PREFIX = "checkpoint-writer"  # the writer thread's name: checkpoint-writer-step-<N>
 _ATOMS = (int, float, str, bool, bytes, type(None))
+# A checkpoint's write usually ends within a second or two here (README: the stall table); one still running after
+# this long is slow storage or a hung mount, and whoever waits for it is told, then again at this interval.
+WAIT_NOTICE_AFTER_S = 5.0
+WAIT_NOTICE_EVERY_S = 30.0
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the checkpoints written before it are intact."""
+
+
+class SnapshotChanged(Exception):
+    """The model's forward changed a deferred tensor in place while the snapshot was being taken."""
+
+    def __init__(self, changed: list[tuple[tuple, torch.Tensor]]):
+        super().__init__(", ".join("/".join(map(str, path)) for path, _ in changed))
+        self.storages = {value.untyped_storage().data_ptr() for _, value in changed}
 
 
 class HostSnapshot:
@@ -45,6 +64,8 @@ class HostSnapshot:
     def __init__(self, pin: bool):
         self.pin = pin
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.judged, self.changed, self.versions = threading.Event(), [], []
+        self.judged.set()
 
     def new_bytes(self, state) -> int:
         """Host memory a snapshot of ``state`` would allocate beyond the buffers it already has."""
@@ -54,23 +75,29 @@ class HostSnapshot:
     def take(self, state, deferrable=frozenset()):
         """A copy of ``state`` that training can no longer change, once :meth:`ready` returned.
 
-        Host tensors whose storage is in ``deferrable`` (the weights and the optimizer's moments: only the
+        Host tensors whose storage is in ``deferrable`` (the trained weights and the optimizer's moments: only the
         optimizer update changes them) are copied later by :meth:`copy_deferred`, in the writer thread while the
-        next step's forward and backward run; the update first calls :meth:`wait_copied`. On CUDA the copies are
+        next step's forward and backward run; the update first calls :meth:`wait_copied`. A forward that changes
+        one of them in place (an embedding's ``max_norm``, a hand-written EMA) is found by its version counter
+        (:meth:`judge`): that snapshot may hold the next step's value and is not published. On CUDA the copies are
         queued on the stream (pinned buffers): later kernels, the update's too, run after them."""
         shared: dict[tuple, torch.Tensor] = {}  # tied weights (one storage, two names) stay one tensor
         self.event, self.deferred, self.copied = None, [], threading.Event()
+        self.judged, self.changed = threading.Event(), []
         copied = self._copy(state, (), shared, deferrable)
         if any(t.is_cuda for _, t in _tensors(state, ())):
             self.event = torch.cuda.Event()
             self.event.record()  # after every copy on the current stream
+        # Version counters as the step left them: an in-place write after this (the next forward's) bumps them.
+        self.versions = [(path, value, value._version) for path, _, value in self.deferred]
         if not self.deferred:
             self.copied.set()
+            self.judged.set()
         return copied
 
     def copy_deferred(self) -> None:
         try:
-            for buffer, value in self.deferred:
+            for _, buffer, value in self.deferred:
                 _memcpy(buffer, value)
         finally:
             self.deferred = []
@@ -78,6 +105,25 @@ class HostSnapshot:
 
     def wait_copied(self) -> None:
         self.copied.wait()
+
+    def judge(self) -> None:
+        """In the training thread, once the deferred copies are complete and before the update: which deferred
+        tensors changed since :meth:`take` (the forward and backward in between are complete, so every in-place
+        write of theirs has bumped its counter). A change during the copy cannot be told from one after it, so
+        any change counts. The writer publishes the snapshot only after this verdict (:meth:`unchanged`)."""
+        if self.judged.is_set():
+            return
+        self.wait_copied()
+        self.changed = [(path, value) for path, value, version in self.versions if value._version != version]
+        self.versions = []
+        self.judged.set()
+
+    def unchanged(self) -> None:
+        """In the writer thread, before the snapshot is published: wait for the verdict; raise
+        :class:`SnapshotChanged` naming what the forward changed."""
+        self.judged.wait()
+        if self.changed:
+            raise SnapshotChanged(self.changed)
 
     def ready(self) -> None:
         self.copy_deferred()
@@ -96,7 +142,7 @@ class HostSnapshot:
                 self.buffers[path] = buffer
             if value.device.type == "cpu" and value.is_contiguous():
                 if value.untyped_storage().data_ptr() in deferrable:
-                    self.deferred.append((buffer, value))
+                    self.deferred.append((path, buffer, value))
                 else:
                     _memcpy(buffer, value)
             else:
@@ -167,6 +213,11 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+# Checkpoints folder -> the last writer of this process there; weak: a writer (and its snapshot's host buffers)
+# lives on only while its thread runs.
+_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class CheckpointWriter:
     """Writes checkpoints of one run (rank 0 only), in a background thread unless ``asynchronous=False``.
 
@@ -181,11 +232,23 @@ class CheckpointWriter:
         self.asynchronous, self.note = asynchronous, note
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
+        # Set by the writer thread when its write ends. Waited on instead of Thread.join(): Python 3.11's join,
+        # interrupted by Ctrl-C, marks a thread that still runs as stopped (is_alive() False).
+        self.done = threading.Event()
         # Whether training waits for the write in flight, and its priority: the writer gives way to training
         # only until then (the lock orders that decision against the wait's).
         self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
         self.error: str | None = None
         self.writing_step: int | None = None
+        self.forward_written: set[int] = set()  # storages a forward changed in place: copied at once from then on
+        # What the write in flight is doing now (set by the writer thread) and since when it was handed over.
+        self.activity, self.submitted_at = "", 0.0
+        # A write that Ctrl-C left running in this process (a notebook's earlier call) into the same folder ends
+        # first: two writers would share the staging folder and prune each other's checkpoints.
+        previous = _WRITERS.get(self.checkpoints_dir.resolve())
+        if previous is not None and previous.in_flight():
+            previous.wait("This run's start")
+        _WRITERS[self.checkpoints_dir.resolve()] = self
         if staging_dir is not None:
             shutil.rmtree(staging_dir, ignore_errors=True)  # a killed run's half-written folders: never published
 
@@ -199,30 +262,50 @@ class CheckpointWriter:
         if not self.asynchronous:
             self._write(step, files, meta, best, on_written)  # errors raise here
             return
-        files, meta = self.snapshot.take(files, deferrable), copy.deepcopy(meta)
+        files, meta = self.snapshot.take(files, set(deferrable) - self.forward_written), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
+        self.activity, self.submitted_at = "copying its tensors into host memory", time.monotonic()
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
+        # The write is published once the training thread judged the snapshot (before the next update, or in
+        # wait()): a caller that joins this thread from the training thread otherwise (a test's forward that
+        # waits for writes before it changes anything) gives that verdict first.
+        self.thread.before_join = self.snapshot.judge
         self.thread.start()
 
     def before_update(self) -> None:
         """The snapshot's deferred copies of the weights and moments are complete (they are about to change)."""
         if self.thread is not None:
-            self.snapshot.wait_copied()
+            self.snapshot.judge()
 
-    def wait(self) -> str | None:
+    def wait(self, waiter: str = "The run's end") -> str | None:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
-        ``KeyboardInterrupt``; the write then goes on in the background."""
+        ``KeyboardInterrupt``; the write then goes on in the background (:meth:`in_flight` describes it).
+
+        ``waiter`` names who waits, in the notices a long wait prints (``WAIT_NOTICE_AFTER_S``)."""
         if self.thread is not None:
+            self.snapshot.judge()  # no forward runs any more before this write: the writer may publish
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
-                if self.thread.is_alive():
+                if not self.done.is_set():
                     _set_niceness(self.thread.native_id, self.training_niceness)
-            while self.thread.is_alive():
-                self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
+            notice_at = time.monotonic() + WAIT_NOTICE_AFTER_S
+            while not self.done.wait(timeout=0.2):  # a bare wait() would not let Ctrl-C through
+                if time.monotonic() >= notice_at:
+                    self.note(f"{waiter} waits for {self.in_flight()}. A stalled disk or network mount (e.g. Google "
+                              "Drive) holds it; Ctrl-C stops waiting (the checkpoints before it are intact).")
+                    notice_at = time.monotonic() + WAIT_NOTICE_EVERY_S
             self.thread, self.writing_step = None, None
         error, self.error = self.error, None
         return error
+
+    def in_flight(self) -> str | None:
+        """The write in flight in words (which checkpoint, what it is doing where, for how long), or None."""
+        if self.thread is None or self.done.is_set():
+            return None
+        return (f"checkpoint step-{self.writing_step}, {self.activity} "
+                f"({time.monotonic() - self.submitted_at:.0f} s since it was handed to the writer)")
 
     def _snapshot_fits(self, files) -> bool:
         needed, available = self.snapshot.new_bytes(files), available_memory_bytes()
@@ -238,19 +321,36 @@ class CheckpointWriter:
             with self.priority:  # the run's end waits at once, often while the copies above are still running
                 if not self.waited and self.training_niceness is not None:
                     _set_niceness(threading.get_native_id(), self.training_niceness + WRITER_NICENESS)
-            self._write(step, files, meta, best, on_written)
+            self._write(step, files, meta, best, on_written, before_publish=self.snapshot.unchanged)
+        except SnapshotChanged as changed:
+            self._drop_unpublished(step)
+            self.forward_written |= changed.storages
+            warnings.warn(f"Checkpoint step-{step} was not written: the model's forward changed {changed} in place "
+                          "while the step's snapshot was being copied, so it could hold the next step's values. "
+                          "These tensors are copied at once from now on; the next checkpoint holds them.",
+                          UserWarning, stacklevel=1)
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
             warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
+        finally:
+            self.done.set()
 
-    def _write(self, step, files, meta, best, on_written) -> None:
+    def _drop_unpublished(self, step: int) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
-        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best)
+        for name in (f"{ckpt.STEP_PREFIX}{step}", "best"):
+            shutil.rmtree(local / (".tmp-" + name), ignore_errors=True)
+
+    def _write(self, step, files, meta, best, on_written, before_publish=None) -> None:
+        local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
+        self.activity = f"writing its files into {local}"
+        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, before_publish=before_publish)
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
+            self.activity = f"copying it from {local} into {self.checkpoints_dir}"
             if best_folder is not None:
                 best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
             step_folder = ckpt.publish_folder(step_folder, self.checkpoints_dir)
             shutil.rmtree(local, ignore_errors=True)
+        self.activity = f"removing older checkpoints from {self.checkpoints_dir} (keep_checkpoints={self.keep})"
         ckpt.prune_checkpoints(self.checkpoints_dir, self.keep)
         on_written(step_folder, best_folder)

@@ -14,8 +14,15 @@ from pathlib import Path
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 HEARTBEAT_SECONDS = 20  # the lock's owner touches it this often
+# ... and checks this often that it is still there and still its own: a lock removed under a live run (a cleanup
+# script, a user's rm) is restored before another process can start a run there (a start-up takes seconds).
+CHECK_SECONDS = 1.0
 STALE_AFTER_SECONDS = 90  # a lock from another machine untouched this long belongs to a dead run (Colab VM gone)
 TAKEOVER_STALE_SECONDS = 10  # a takeover takes milliseconds; a takeover file this old was left by a killed process
+
+
+class OutputDirTaken(RuntimeError):
+    """Another process took the lock of the ``output_dir`` this run writes into."""
 
 
 def claim_run_id(output_dir: Path, *, resuming: bool, writes_checkpoints: bool, has_checkpoints: bool) -> str:
@@ -82,10 +89,13 @@ class OutputDirLock:
         self.path = Path(output_dir) / LOCK_FILE
         self._stop = threading.Event()
         self._thread = None
+        self.lost: str | None = None  # why this run no longer owns output_dir (another process took the lock)
+        self._holding = threading.Lock()
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        # The token tells this lock from one another process (or a later run of this process) wrote.
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
         while True:
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -95,6 +105,8 @@ class OutputDirLock:
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(me, handle)
             break
+        self.me, self.folder = me, FolderWatch(self.path.parent)
+        _HELD[str(self.path.parent.resolve())] = self
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
@@ -149,15 +161,92 @@ class OutputDirLock:
                 guard.unlink()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        last_touch = time.monotonic()
+        while not self._stop.wait(CHECK_SECONDS) and self.lost is None:
             try:
-                os.utime(self.path)
+                if self._hold() and time.monotonic() - last_touch >= HEARTBEAT_SECONDS:
+                    os.utime(self.path)
+                    last_touch = time.monotonic()
             except OSError:
-                return
+                pass  # a folder that cannot be reached now (a Drive mount reconnecting): try again next time
+
+    def _hold(self) -> bool:
+        """Whether the lock is still this run's, restoring it when it was removed; sets ``lost`` when another
+        process holds it now."""
+        with self._holding:  # the heartbeat and the training thread (at a checkpoint) never restore it both
+            return self._hold_unlocked()
+
+    def _hold_unlocked(self) -> bool:
+        replaced = self.folder.warn_if_replaced()
+        owner, _, text = self._read_owner()
+        if text is not None:
+            if owner.get("token") == self.me["token"]:
+                return True
+            self.lost = (f"another process (pid {owner.get('pid')} on {owner.get('host')}) took {self.path} while this "
+                         f"run (pid {self.me['pid']}) was writing into {self.path.parent}")
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: if another process created it meanwhile, it is theirs and this run stops writing
+            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self._hold_unlocked()
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(self.me, handle)
+        if not replaced:  # a deleted output_dir took the lock with it: warned as such
+            warnings.warn(f"{self.path} was removed while this run (pid {self.me['pid']}) writes into "
+                          f"{self.path.parent}; it is restored, so no other run starts there meanwhile. Remove it "
+                          "only after the run ends.", UserWarning, stacklevel=1)
+        return True
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        _HELD.pop(str(self.path.parent.resolve()), None)
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost is None and self._read_owner()[0].get("token") == self.me["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+_HELD: dict[str, OutputDirLock] = {}  # output_dir -> the lock this process holds there
+
+
+def lost_ownership(output_dir) -> str | None:
+    """Why this process may no longer write into ``output_dir`` (another process took its lock), else None."""
+    held = _HELD.get(str(Path(output_dir).resolve()))
+    if held is None:
+        return None
+    if held.lost is None:
+        held._hold()  # now, not at the next heartbeat: nothing is written into a folder another run owns
+    return held.lost
+
+
+class FolderWatch:
+    """Notices an ``output_dir`` deleted under a live run (its files then come back in a new, empty folder):
+    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once per folder."""
+
+    _warned: set[str] = set()
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.identity, self.had_run_file = self._identity(), (self.folder / RUN_FILE).exists()
+
+    def _identity(self):
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            found = self.folder.stat()
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def warn_if_replaced(self) -> bool:
+        self.had_run_file = self.had_run_file or (self.folder / RUN_FILE).exists()
+        identity = self._identity()
+        replaced = identity != self.identity or (self.had_run_file and not (self.folder / RUN_FILE).exists())
+        if not replaced or self.identity is None or str(self.folder) in FolderWatch._warned:
+            return replaced
+        FolderWatch._warned.add(str(self.folder))
+        warnings.warn(f"output_dir {self.folder} was deleted while this run was writing into it: the checkpoints and "
+                      "metrics files written before are gone, and the run goes on writing into a new, recreated folder "
+                      "(its checkpoints from here on). If that was not meant, stop the run and restore the folder.",
+                      UserWarning, stacklevel=1)
+        return True

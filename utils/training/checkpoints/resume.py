@@ -22,15 +22,27 @@ RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "rand
 
 
 def resume(trainer) -> dict | None:
-    """Load the checkpoint ``resume_from_checkpoint`` names; None when starting fresh."""
-    target = trainer.settings.resume_from_checkpoint
+    """Load the checkpoint ``resume_from_checkpoint`` names; None when starting fresh.
+
+    Lines of training: a resume from a checkpoint older than the newest in this run's ``checkpoints`` folder starts
+    a new line; the newer folders (the abandoned continuation) are moved aside (:func:`abandon_newer`), so pruning
+    and ``resume_from_checkpoint=True`` follow the new line. Damaged folders are moved aside too, never deleted."""
+    target, folder = trainer.settings.resume_from_checkpoint, trainer.checkpoints.folder
     if not target:
         return None
     if target is True:
-        loaded = ckpt.find_resumable(trainer.checkpoints.folder)
+        damaged = []
+        loaded = ckpt.find_resumable(folder, damaged)
+        kept_aside = _set_damaged_aside(trainer, damaged)
+        if damaged:
+            names = "; ".join(f"{f.name}: {reason}" for f, reason in damaged)
+            trainer.tracker.message(
+                ("resume_from_checkpoint=True: every checkpoint under " + str(folder) + " is damaged (" + names
+                 + "), so training starts fresh." if loaded is None else "Damaged checkpoints skipped (" + names + ").")
+                + (f" Their files are kept in {kept_aside}." if kept_aside else ""))
+        elif loaded is None:
+            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {folder}; starting fresh.")
         if loaded is None:
-            trainer.tracker.message(f"resume_from_checkpoint=True: no checkpoint under {trainer.checkpoints.folder}; "
-                                    "starting fresh.")
             return None
     else:
         try:
@@ -44,7 +56,38 @@ def resume(trainer) -> dict | None:
     continue_cut_epoch(trainer)
     trainer.checkpoints.last_checkpoint = str(loaded["folder"])
     restore_best(trainer, loaded)
+    abandon_newer(trainer, Path(loaded["folder"]))
     return loaded
+
+
+def _set_damaged_aside(trainer, damaged: list) -> Path | None:
+    folders = [folder for folder, _ in damaged if folder.is_dir()]
+    if not folders or not trainer.ctx.is_main:
+        return None
+    return ckpt.set_aside(folders, trainer.checkpoints.folder, "damaged")
+
+
+def abandon_newer(trainer, resumed: Path) -> None:
+    """A resume from an older checkpoint of this run: the newer step folders belong to a continuation that is
+    abandoned now. They are moved to ``checkpoints/abandoned-after-step-N-<time>/`` (with ``best/`` when it is not
+    the new line's), never deleted: pruning ranks step folders by number, and would otherwise delete the new line's
+    checkpoints right after writing them, and ``resume_from_checkpoint=True`` would continue the abandoned run."""
+    folder = trainer.checkpoints.folder
+    if not trainer.ctx.is_main or resumed.parent.resolve() != folder.resolve():
+        return
+    newer = [f for f in ckpt.step_folders(folder) if ckpt.step_of(f) > ckpt.step_of(resumed)]
+    if not newer:
+        return
+    best = folder / "best"
+    if best.is_dir() and trainer.checkpoints.best_checkpoint != str(best):
+        newer.append(best)  # written by the abandoned continuation: the new line writes its own
+    aside = ckpt.set_aside(newer, folder, f"abandoned-after-{resumed.name}")
+    trainer.tracker.message(
+        f"Resuming from {resumed.name}, older than the newest checkpoint: this run continues a new line of training "
+        f"from there. The newer checkpoints of the abandoned line ({', '.join(f.name for f in newer)}) were moved to "
+        f"{aside}; pruning and resume_from_checkpoint=True follow the new line. Delete that folder when it is not "
+        "needed.")
+
 
 def check_resumable(trainer, meta: dict) -> None:
     """Refuse a resume that would not continue the same run, naming what differs and the way out."""

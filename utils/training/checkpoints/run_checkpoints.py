@@ -15,6 +15,7 @@ import torch
 
 from . import sharded_checkpoint
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
+from .ownership import OutputDirTaken, lost_ownership
 from ..distributed import DistContext, any_rank, barrier, is_sharded, local_weights_of
 from ..outcome import Outcome, OutcomeKind
 from ..settings import FineTuneSettings
@@ -32,6 +33,7 @@ class RunCheckpoints:
             note=note) if ctx.is_main and settings.writes_checkpoints and not sharded else None
         self.last_checkpoint = self.best_checkpoint = None  # complete folders only (named once written)
         self.error = None  # a failed last write when the run ended for another reason
+        self.pending = None  # the write still in flight when Ctrl-C stopped the run's end from waiting for it
         self.last_clock = time.monotonic()
 
     def due(self, global_step: int, at_sync_point: bool) -> bool:
@@ -59,25 +61,38 @@ class RunCheckpoints:
     def save(self, trainer, best: bool = False) -> None:
         """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's
         RNG state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
+        self.check_ownership()
         trainer.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         self.last_clock = time.monotonic()
         if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
             sharded_checkpoint.save_checkpoint(trainer, best)
             return
         files = trainer.state_dict()
-        failed = self.writer.wait() if self.writer else None  # at most one write in flight
+        step = trainer.state.global_step
+        # At most one write in flight.
+        failed = self.writer.wait(f"Checkpoint step-{step}") if self.writer else None
         # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
         # point anyway), instead of the others waiting forever in the next collective.
         if any_rank(failed is not None, self.ctx, self.device):
             raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
                                        f"free space and access under {self.settings.output_dir}, then resume.")
         if self.writer:
-            # Only the optimizer update changes the weights and moments: the writer copies them meanwhile.
+            # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
+            # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
             optimizer = trainer.optimizer
-            updated = list(trainer.model.parameters()) + [t for s in optimizer.state.values()
-                                                          for t in s.values() if torch.is_tensor(t)]
-            self.writer.submit(trainer.state.global_step, files, trainer.checkpoint_meta(), best, self.written,
+            updated = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad] + [
+                t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+            self.writer.submit(step, files, trainer.checkpoint_meta(), best, self.written,
                                {t.untyped_storage().data_ptr() for t in updated})
+
+    def check_ownership(self) -> None:
+        """Stop (all ranks) before writing when another process took ``output_dir``'s lock (it was removed under
+        this run and someone started there): two runs would overwrite each other's checkpoints and metrics."""
+        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main and self.writer else None
+        if any_rank(lost is not None, self.ctx, self.device):
+            raise OutputDirTaken(f"Training stopped: {lost or 'rank 0 lost the lock of output_dir'}. Its checkpoints "
+                                 "written before are intact; resume there (resume_from_checkpoint=True) once the "
+                                 "other run has ended, or let that run go on alone.")
 
     def written(self, step_folder: Path, best_folder: Path | None) -> None:
         """Called by the writer once a checkpoint is complete: only then do results name it."""
@@ -85,20 +100,30 @@ class RunCheckpoints:
         if best_folder is not None:
             self.best_checkpoint = str(best_folder)
 
+    def waiting_for(self) -> str | None:
+        """The write this process waits for or writes in the background, in words (for the process watch)."""
+        return self.writer.in_flight() if self.writer else None
+
     def finish(self, outcome: Outcome | None) -> None:
-        """The run's end: wait for the write in flight, so that results name only complete checkpoints.
+        """The run's end: wait for the write in flight, so that results name only complete checkpoints. Call it after
+        the metrics files are written: a write that stalls must not hold them back.
 
         A failed write raises when the run ended as planned (completed, stopped early, pruned), as a synchronous
         write would have; when it ended for another reason (Ctrl-C, a non-finite loss, an error: ``outcome`` None)
         that reason is kept, and the failure is warned about and returned in ``results["checkpoint_error"]``.
+        Ctrl-C during this wait is not a failure: the write goes on in the background while the process lives, the
+        results say so in ``results["checkpoint_pending"]`` and name the checkpoints complete so far.
         """
         failed = None
         if self.writer:
             try:
                 failed = self.writer.wait()
             except KeyboardInterrupt:
-                failed = (f"interrupted while checkpoint step-{self.writer.writing_step} was being written; "
-                          "it completes in the background while this Python process lives")
+                self.pending = (f"{self.writer.in_flight() or f'checkpoint step-{self.writer.writing_step}'}: Ctrl-C "
+                                "stopped the wait for it. It completes in the background while this Python process "
+                                "lives; until then the newest complete checkpoint is "
+                                f"{self.last_checkpoint or 'none'}")
+                warnings.warn(f"Not waiting for the last checkpoint: {self.pending}.", UserWarning, stacklevel=2)
         together = outcome is not None and outcome.kind is not OutcomeKind.INTERRUPTED  # all ranks end at this point
         if together:  # they agree on a failure, and return only once rank 0's last write is complete
             if any_rank(failed is not None, self.ctx, self.device):
@@ -110,6 +135,12 @@ class RunCheckpoints:
         if failed:
             warnings.warn(f"The last checkpoint was not written: {failed}.", UserWarning, stacklevel=2)
         self.error = failed
+
+    def result_keys(self) -> dict:
+        """The results' checkpoint keys, once :meth:`finish` returned."""
+        return {"best_checkpoint": self.best_checkpoint, "last_checkpoint": self.last_checkpoint,
+                "checkpoint_error": self.error,  # a failed last write when the run ended for another reason
+                "checkpoint_pending": self.pending}
 
 
 def load_model_and_optimizer(model, optimizer, files: dict) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,13 @@ def launched_by_torchrun() -> bool:
     return under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def setup_distributed(device: torch.device | None, *, join_single: bool = False) -> tuple[DistContext, torch.device]:
+def setup_distributed(device: torch.device | None, *, join_single: bool = False,
+                      timeout_s: float | None = None) -> tuple[DistContext, torch.device]:
     """Join (or start) the process group torchrun prepared; pick this rank's device.
 
     ``join_single``: join also when torchrun started one process (FSDP shards over a group, even of one).
+    ``timeout_s``: how long a collective waits for the other processes, when this call starts the group (a group
+    started before keeps its own).
     """
     joins = launched_by_torchrun() or (join_single and under_torchrun())
     if not joins and not (dist.is_available() and dist.is_initialized()):
@@ -47,7 +51,8 @@ def setup_distributed(device: torch.device | None, *, join_single: bool = False)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **timeout)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 

@@ -60,7 +60,7 @@ class WandbSink(RowSink):
             self.log({**values, **self._gradient_values(row["step"])}, step=row["step"])
 
     def evaluation(self, rows, row) -> None:
-        self.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+        self.log({k: v for k, v in row.items() if k not in ("step", "epoch") and v is not None}, step=row["step"])
 
     def epoch(self, rows, row) -> None:
         self.log({k: v for k, v in row.items() if v is not None and k != "global_step"}, step=row["global_step"])
