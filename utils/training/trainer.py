@@ -68,8 +68,7 @@ class Trainer:
         self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for the start-up probes
-        self.setup = set_up_model(model, settings, probe, data.pad_token_id, ctx=ctx, device=device,
-                                  vocab_size=data.vocab_size)
+        self.setup = set_up_model(model, settings, probe, (data.pad_token_id, data.vocab_size), ctx=ctx, device=device)
         self.caller, self.amp, self.train_model = self.setup.caller, self.setup.amp, self.setup.train_model
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length,
                                       settings.random_seed, settings.gradient_accumulation_steps, ctx.world_size,
