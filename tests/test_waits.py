@@ -2,6 +2,7 @@
 during the run's end returns the results (metrics files written first), and under torchrun a stopped process is
 named, with its step, within ``process_timeout_minutes``."""
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from utils.training.distributed import DistContext, ProcessStalledError, ProcessWatch
 from utils.training.settings import FineTuneSettings
 from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint, step_folders
 
@@ -150,7 +154,7 @@ def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
     report, stopped = (json.loads((tmp_path / name).read_text()) for name in ("rank0.json", "rank1.json"))
     assert report["error"] == "ProcessStalledError", (report, lines.text())
     assert "rank 1 " in report["message"] and "after optimizer step 6:" in report["message"], report["message"]
-    assert str(tmp_path / "run" / "checkpoints") in report["message"]
+    assert f"intact under {tmp_path / 'run' / 'checkpoints'} (newest: step-4)" in report["message"]
     # Named after the limit (the heartbeat's silence), and within it plus the group timeout's three heartbeat
     # periods (0.3 s each here) and 10 s for two loaded cores.
     waited = report["time"] - stopped["stopped_at"]
@@ -167,3 +171,51 @@ def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
 def test_a_process_timeout_that_cannot_work_is_refused(value):
     with pytest.raises((ValueError, TypeError), match="process_timeout_minutes"):
         FineTuneSettings.from_keywords({"process_timeout_minutes": value})
+
+
+@pytest.fixture
+def store(monkeypatch):
+    return _store_server(monkeypatch)
+
+
+def _store_server(monkeypatch):
+    """A real TCPStore server, as torchrun's agent runs one, at MASTER_ADDR:MASTER_PORT."""
+    port = _free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+
+
+def _watches(run_key, waiting_for_rank_0=None):
+    """The watches of two processes of one run (0.01 minutes: 0.6 s), their optimizer steps 3 and 5."""
+    return [ProcessWatch(DistContext(rank, 2), 0.01, progress=lambda step=step: step, run_key=run_key,
+                         waiting_for=(lambda: waiting_for_rank_0) if rank == 0 else (lambda: None))
+            for rank, step in ((0, 3), (1, 5))]
+
+
+def test_a_timeout_while_every_process_beats_names_each_ones_step_and_wait(store):
+    first, second = _watches("alive", "checkpoint step-3, writing its files into /x (700 s since ...)")
+    with first, second:
+        time.sleep(1.5)  # more than the limit: both beat all along
+        error = first.error_for(RuntimeError("Timed out waiting 1200ms for recv operation"), "CKPT.")
+        assert first.error_for(RuntimeError("Connection reset by peer"), "CKPT.") is None  # not a stall: as raised
+    assert isinstance(error, ProcessStalledError)
+    assert "rank 0 at optimizer step 3, waiting for checkpoint step-3" in str(error)
+    assert "rank 1 at optimizer step 5" in str(error) and "CKPT." in str(error)
+
+
+def test_a_silent_process_and_a_silent_store_are_named(monkeypatch):
+    server = _store_server(monkeypatch)  # a server of this test's own: it is shut down below
+    first, second = _watches("silent")
+    with first:
+        with second:
+            time.sleep(0.3)
+        time.sleep(1.2)  # the second one's thread has stopped: silent for longer than the limit
+        error = first.error_for(RuntimeError("Application timeout caused pair closure"), "CKPT.")
+        assert isinstance(error, ProcessStalledError)
+        assert "Process rank 1 (of 2) stopped responding after optimizer step 3" in str(error), str(error)
+        del server  # the store's process is gone (torchrun's agent, or rank 0 holding it)
+        gc.collect()
+        time.sleep(1.5)
+        error = first.error_for(RuntimeError("Timed out"), "CKPT.")
+    assert "torchrun's store at 127.0.0.1:" in str(error) and "has not answered" in str(error), str(error)

@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
 BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
 LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss/loss_path.py
+MODEL_CHECKS = ("examples", "causal", "padding")  # the start-up probes of the model's behaviour (model/probes.py)
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 GOOGLE_DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
@@ -40,7 +41,7 @@ RESUME_RULES = (MATCH, RAISE, PER_PROCESS, FREE)
 # Where a MATCH rule applies only while the setting is used: "stream" (training or validation data is a stream),
 # "held_out" (validation is held out of train_data by val_fraction). Elsewhere the setting is unused: free.
 RESUME_CONDITIONS = (None, "stream", "held_out")
-GROUPS = ("run", "optimisation", "data", "numerics", "distributed", "checkpoints", "logging")
+GROUPS = ("run", "optimisation", "data", "numerics", "model", "distributed", "checkpoints", "logging")
 _RULES = "tier3_rules"
 
 
@@ -109,6 +110,15 @@ def _check_output_dir(name, value):
 def _check_staging_dir(name, value):
     if value is not None and value != "auto" and not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a folder path, 'auto' or None, got {type(value).__name__}.")
+
+
+def _check_skip_model_checks(name, value):
+    names = (value,) if isinstance(value, str) else value
+    if isinstance(names, bool):
+        return
+    if not isinstance(names, (tuple, list, set, frozenset)) or any(probe not in MODEL_CHECKS for probe in names):
+        raise ValueError(f"{name}={value!r}: pass a tuple of probe names from {MODEL_CHECKS} (e.g. "
+                         f"{name}=('causal',) for a prefix LM), True to skip all of them, or () to run them all.")
 
 
 def _check_optional_text(name, value):
@@ -275,6 +285,11 @@ class FineTuneSettings:
     # results["bad_examples"]. Must match on a stream's resume: another choice keeps other rows (or stops).
     bad_examples: str = setting("error", check=_one_of(BAD_EXAMPLES), resume=MATCH, setup=True, search=True,
                                 group="data", when="stream")
+    # Start-up probes of the model's behaviour to leave out, by name ("examples", "causal", "padding"), or True for
+    # all: for a model meant to differ (a prefix LM sees ahead). Every other model is probed (model/probes.py). Free
+    # on resume: the probes run before any step and change nothing.
+    skip_model_checks: tuple | bool = setting((), check=_check_skip_model_checks, resume=FREE, setup=False,
+                                              search=True, group="model")
 
     def __post_init__(self):
         self.output_dir = str(Path(self.output_dir or os.path.join(os.getcwd(), "outputs", "fine_tuning")))
@@ -320,6 +335,9 @@ class FineTuneSettings:
         if self.fsdp and self.compile:
             raise ValueError("compile=True with fsdp=True is not supported (untested together): pass one of them.")
         self._check_staging_outside_output()
+        if not isinstance(self.skip_model_checks, bool):  # one form from here on: a tuple of probe names
+            names = self.skip_model_checks
+            self.skip_model_checks = (names,) if isinstance(names, str) else tuple(names)
 
     # Not a keyword: set by previous_interface when use_amp/mixed_precision asked for the precision. Those keep
     # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 
 import torch
@@ -40,6 +40,7 @@ class RunData:
     vocab_size: int
     val_held_out: bool = False  # validation held out of train_data by val_fraction (val_data=None)
     token_bytes: torch.Tensor | None = None  # bytes of text per token id on the run's device (bits per byte), or None
+    model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model/probes.py)
 
 
 def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, autocast=contextlib.nullcontext,
@@ -75,7 +76,7 @@ class Trainer:
         self.tracker, self.run_id, self.gradient_stats = record.tracker, record.run_id, record.gradient_stats
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for the start-up probes
-        self.setup = set_up_model(model, settings, probe, data.pad_token_id, ctx=ctx, device=device)
+        self.setup = set_up_model(model, settings, probe, (data.pad_token_id, data.vocab_size), ctx=ctx, device=device)
         self.caller, self.amp, self.train_model = self.setup.caller, self.setup.amp, self.setup.train_model
         self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length,
                                       settings.random_seed, settings.gradient_accumulation_steps, ctx.world_size,

@@ -235,8 +235,13 @@ def _importances_figure(study, n_completed: int) -> Figure:
         return figure
     import optuna
 
+    import warnings
+
     several = len(study.directions) > 1  # then the first objective's importances
-    importances = optuna.importance.get_param_importances(study, target=(lambda t: t.values[0]) if several else None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*low `target` values")  # Optuna's note on any target: minimised
+        importances = optuna.importance.get_param_importances(study,
+                                                              target=(lambda t: t.values[0]) if several else None)
     names = list(importances)[::-1]
     axis.barh(names, [importances[n] for n in names], color="tab:blue")
     axis.set(title=f"{_study_title(study)}: parameter importances ({n_completed} completed trials)",
