@@ -154,7 +154,7 @@ def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
     report, stopped = (json.loads((tmp_path / name).read_text()) for name in ("rank0.json", "rank1.json"))
     assert report["error"] == "ProcessStalledError", (report, lines.text())
     assert "rank 1 " in report["message"] and "after optimizer step 6:" in report["message"], report["message"]
-    assert str(tmp_path / "run" / "checkpoints") in report["message"]
+    assert f"intact under {tmp_path / 'run' / 'checkpoints'} (newest: step-4)" in report["message"]
     # Named after the limit (the heartbeat's silence), and within it plus the group timeout's three heartbeat
     # periods (0.3 s each here) and 10 s for two loaded cores.
     waited = report["time"] - stopped["stopped_at"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from ..warn import caller_stacklevel
 
 # The writer runs below the training threads' priority on Linux (threads have their own nice value): on a
 # machine with few cores its serialisation and hashing give way to the training step instead of slowing it.
@@ -328,11 +329,11 @@ class CheckpointWriter:
             warnings.warn(f"Checkpoint step-{step} was not written: the model's forward changed {changed} in place "
                           "while the step's snapshot was being copied, so it could hold the next step's values. "
                           "These tensors are copied at once from now on; the next checkpoint holds them.",
-                          UserWarning, stacklevel=1)
+                          UserWarning, stacklevel=caller_stacklevel())
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
-            warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
+            warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=caller_stacklevel())
         finally:
             self.done.set()
 
