@@ -223,12 +223,10 @@ def lost_ownership(output_dir) -> str | None:
 
 class FolderWatch:
     """Notices an ``output_dir`` deleted under a live run (its files then come back in a new, empty folder):
-    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once per folder."""
-
-    _warned: set[str] = set()
+    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once a run."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        self.folder, self.warned = Path(folder), False
         self.identity, self.had_run_file = self._identity(), (self.folder / RUN_FILE).exists()
 
     def _identity(self):
@@ -242,9 +240,9 @@ class FolderWatch:
         self.had_run_file = self.had_run_file or (self.folder / RUN_FILE).exists()
         identity = self._identity()
         replaced = identity != self.identity or (self.had_run_file and not (self.folder / RUN_FILE).exists())
-        if not replaced or self.identity is None or str(self.folder) in FolderWatch._warned:
+        if not replaced or self.identity is None or self.warned:
             return replaced
-        FolderWatch._warned.add(str(self.folder))
+        self.warned = True
         warnings.warn(f"output_dir {self.folder} was deleted while this run was writing into it: the checkpoints and "
                       "metrics files written before are gone, and the run goes on writing into a new, recreated folder "
                       "(its checkpoints from here on). If that was not meant, stop the run and restore the folder.",

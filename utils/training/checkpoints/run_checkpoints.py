@@ -88,7 +88,7 @@ class RunCheckpoints:
     def check_ownership(self) -> None:
         """Stop (all ranks) before writing when another process took ``output_dir``'s lock (it was removed under
         this run and someone started there): two runs would overwrite each other's checkpoints and metrics."""
-        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main and self.writer else None
+        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main else None  # the lock is rank 0's
         if any_rank(lost is not None, self.ctx, self.device):
             raise OutputDirTaken(f"Training stopped: {lost or 'rank 0 lost the lock of output_dir'}. Its checkpoints "
                                  "written before are intact; resume there (resume_from_checkpoint=True) once the "
