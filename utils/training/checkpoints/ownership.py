@@ -96,20 +96,36 @@ class OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The token tells this lock from one another process (or a later run of this process) wrote.
         me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
-        while True:
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._take_over_if_stale(me)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(me, handle)
-            break
+        while not self._create(me):
+            self._take_over_if_stale(me)
         self.me, self.folder = me, FolderWatch(self.path.parent)
         _HELD[str(self.path.parent.resolve())] = self
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
+
+    def _create(self, owner: dict) -> bool:
+        """Create the lock holding ``owner``, unless one exists. A hard link of a complete file makes it appear
+        whole: a process reading it at that moment never sees it empty (and takes no live owner for a dead one).
+        Where links are not supported (some network mounts), O_EXCL and a write."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{owner['token']}.tmp")
+        tmp.write_text(json.dumps(owner))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(owner, handle)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _read_owner(self) -> tuple[dict, float, str | None]:
         """The lock's owner, its age, and its raw text (None when the lock is gone)."""
@@ -186,12 +202,8 @@ class OutputDirLock:
                          f"run (pid {self.me['pid']}) was writing into {self.path.parent}")
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: if another process created it meanwhile, it is theirs and this run stops writing
-            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not self._create(self.me):  # another process created it meanwhile: theirs, and this run stops writing
             return self._hold_unlocked()
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(self.me, handle)
         if not replaced:  # a deleted output_dir took the lock with it: warned as such
             warnings.warn(f"{self.path} was removed while this run (pid {self.me['pid']}) writes into "
                           f"{self.path.parent}; it is restored, so no other run starts there meanwhile. Remove it "
