@@ -288,22 +288,41 @@ print(f"validation perplexity excl. padding: {exact_before['perplexity']:.1f} be
 
 torch.manual_seed(0)
 print(sample(model, "The history of"))"""),
-    ("md", """## 7. A small hyperparameter search
-Optuna searches the learning rate and warmup; each trial's objective is its validation loss excluding padding.
+    ("md", """## 7. A small search over the model's size and the learning rate
+Optuna searches how deep and how wide the model is (`model_space`: each trial's model parameters, passed to the
+factory as a dict) and the learning rate (`search_space`: `test_fine_tuning` keywords). Two objectives: the
+validation loss excluding padding and the parameter count; `search["pareto"]` holds the trials no other trial
+beats on both (is the bigger model worth its size?), and `search_pareto.png` draws them. Every trial also reports
+the real tokens it trained, its training time, a FLOPs estimate (6 x parameters x tokens) and its validation bits
+per byte (comparable across tokenizers).
 The study lives in SQLite next to the outputs: re-running the cell adds trials with new parameters (also after a
-disconnect). Changing the search space, `N_EPOCHS`, the data or the model needs a new `study_name`
+disconnect). Changing the search space, `N_EPOCHS`, the data or the model family needs a new `study_name`
 (the call says so; `USE_OWN_MODEL` picks its own study).
 SQLite suits this one notebook; several Colab sessions searching one study at once need a `postgresql://` URL
-(see the README's storage table). Trials write to `OUTPUT_DIR/search/notebook-search/trial-N`."""),
+(see the README's storage table). Trials write to `OUTPUT_DIR/search/<study_name>/trial-N`."""),
     ("code", """from utils.tier3_training_utilities import test_hyperparameter_search
 
+MODEL_SPACE = {"n_layer": [1, 2], "n_embd": [32, 64]} if QUICK else {"n_layer": ("int", 4, 12), "n_embd": [384, 768]}
+
+
+def sized_model(params):  # the trial's model parameters -> the model they describe
+    torch.manual_seed(0)
+    if USE_OWN_MODEL:
+        return MyCausalLM(len(tokenizer), d_model=params["n_embd"], n_layers=params["n_layer"])
+    return GPT2LMHeadModel(GPT2Config(**dict(config.to_dict(), **params)))
+
+
 search = test_hyperparameter_search(
-    new_model, config, train_data, val_data, n_trials=3 if QUICK else 10, n_epochs=1,
-    search_space={"learning_rate": (1e-4, 3e-3), "warmup_ratio": (0.0, 0.2)}, batch_size=BATCH,
-    storage=f"sqlite:///{OUTPUT_DIR}/search.db", study_name="notebook-search-own-model" if USE_OWN_MODEL else "notebook-search", tokenizer=tokenizer,
+    sized_model, config, train_data, val_data, n_trials=3 if QUICK else 12, n_epochs=1,
+    model_space=MODEL_SPACE, search_space={"learning_rate": (1e-4, 3e-3)}, objectives=("val_loss", "n_parameters"),
+    batch_size=BATCH, storage=f"sqlite:///{OUTPUT_DIR}/search.db",
+    study_name="notebook-size-search-own-model" if USE_OWN_MODEL else "notebook-size-search", tokenizer=tokenizer,
     device=DEVICE, output_dir=os.path.join(OUTPUT_DIR, "search"))
-print("best:", search["best_params"], f"val perplexity {search['best_val_perplexity']:.1f}")
-search["trials"][["number", "state", "value", "params_learning_rate", "params_warmup_ratio", "duration_s"]]"""),
+print("best:", search["best_model_params"], search["best_params"], f"val perplexity {search['best_val_perplexity']:.1f}")
+columns = ["number", "state", "params_n_layer", "params_n_embd", "params_learning_rate", "n_parameters",
+           "train_real_tokens", "train_seconds", "flops_estimate", "val_loss", "val_bits_per_byte"]
+search["trials"][columns]"""),
+    ("code", """search["pareto"][columns]  # the trials no other trial beats on both loss and size"""),
 ]
 
 

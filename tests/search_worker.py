@@ -3,6 +3,8 @@ and new studies created by two processes at the same moment.
 
     python search_worker.py STORAGE N_TRIALS ok|kill [JSON keywords]   # writes worker-<pid>.json (its counts)
     python search_worker.py OUTPUT_DIR 0 reference [JSON keywords]     # test_fine_tuning alone: reference.json
+JSON keywords may hold "architecture": true (search MODEL_SPACE with the factory ``architecture``) and, for a
+reference run, "model_params" (the model the factory builds).
     python search_worker.py FOLDER ROUNDS race ME OTHER               # writes race-<ME>.json (one line per round)
 """
 import json
@@ -51,9 +53,23 @@ def new_model(kill_at=None):
     return KillingLM(kill_at, vocab_size=VOCAB)  # one class in every mode: a study refuses another model
 
 
+# The architecture search of issue 46: depth and width of the same tiny transformer.
+MODEL_SPACE = {"n_layer": ("int", 1, 3), "n_embd": [32, 64]}
+
+
+def architecture(params, kill_at=None):
+    """The factory of the architecture search: the model its parameters describe, from the same seed."""
+    torch.manual_seed(0)
+    return KillingLM(kill_at, vocab_size=VOCAB, d_model=params["n_embd"], n_layers=params["n_layer"])
+
+
 def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir="outputs/search", pruning=True,
-           **keywords):
-    return test_hyperparameter_search(lambda: new_model(kill_at), CONFIG, data(), data(8, seed=1), n_trials=n_trials,
+           architecture_search=False, **keywords):
+    if architecture_search:
+        keywords["model_space"] = MODEL_SPACE
+    factory = ((lambda params: architecture(params, kill_at)) if architecture_search
+               else (lambda: new_model(kill_at)))
+    return test_hyperparameter_search(factory, CONFIG, data(), data(8, seed=1), n_trials=n_trials,
                                       storage=storage, study_name="shared", heartbeat_interval=heartbeat_interval,
                                       save_plots=False, progress=False, output_dir=output_dir, pruning=pruning,
                                       **keywords)
@@ -90,11 +106,16 @@ if __name__ == "__main__":
     if mode == "reference":  # the same training without a search, as a reference run in a process like the trials'
         from utils.tier3_training_utilities import test_fine_tuning
 
-        keywords.pop("search_space", None), keywords.pop("heartbeat_interval")
-        result = test_fine_tuning(new_model(), CONFIG, data(), data(8, seed=1), save_plots=False, progress=False,
+        keywords.pop("search_space", None), keywords.pop("heartbeat_interval"), keywords.pop("architecture", None)
+        model_params = keywords.pop("model_params", None)
+        # As the search trains it: the factory's model and a copy of CONFIG with the model parameters set.
+        model = new_model() if model_params is None else architecture(model_params)
+        config = SimpleNamespace(**vars(CONFIG), **(model_params or {}))
+        result = test_fine_tuning(model, config, data(), data(8, seed=1), save_plots=False, progress=False,
                                   output_dir=storage, **keywords)
         Path("reference.json").write_text(json.dumps({k: result[k] for k in ("final_val_loss", "global_step")}))
         sys.exit(0)
     # Pruning off: every trial of the shared study runs to its end, whatever the other processes report.
-    result = search(storage, n_trials, pruning=False, **keywords)
+    result = search(storage, n_trials, pruning=False, architecture_search=keywords.pop("architecture", False),
+                    **keywords)
     Path(f"worker-{os.getpid()}.json").write_text(json.dumps({k: result[k] for k in ("n_trials", "n_trials_in_study")}))

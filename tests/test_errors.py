@@ -76,15 +76,18 @@ def test_evaluate_perplexity_checks_ids_too():
 
 
 class _Failing(nn.Module):
-    """Wraps a model; at the n-th forward of the chosen mode it returns NaN logits or raises ``exception``."""
+    """Wraps a model; at the n-th forward of the chosen mode it returns NaN logits or raises ``exception``. Eval-mode
+    forwards count from the first training forward on (the start-up checks and probes run before it)."""
 
     def __init__(self, n, training=True, exception=None):
         super().__init__()
         self.inner, self.n, self.on_training, self.exception, self.calls = _model(), n, training, exception, 0
+        self.trained = False
 
     def forward(self, idx):
         logits = self.inner(idx)
-        if self.training == self.on_training:
+        self.trained = self.trained or self.training
+        if self.training == self.on_training and self.trained:
             self.calls += 1
             if self.calls >= self.n:
                 if self.exception is not None:
@@ -110,9 +113,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_results(tmp_path, monkeyp
 
 
 def test_interrupt_during_validation_returns_partial_results():
-    result = _call(_Failing(n=3, training=False, exception=KeyboardInterrupt()), train=SEQUENCES, val=SEQUENCES[:8],
+    result = _call(_Failing(n=2, training=False, exception=KeyboardInterrupt()), train=SEQUENCES, val=SEQUENCES[:8],
                    batch_size=8, n_epochs=3, group_by_length="lines")
-    # Eval-mode forwards: 1 is the input check, 2 the first validation, 3 (raises) the second validation.
+    # Eval-mode forwards after the first training step: 1 the first validation, 2 (raises) the second validation.
     assert result["interrupted"] and len(result["metrics_summary"]) == 1
     assert result["global_step"] == 2 * 5 == len(result["loss_history"])  # 40 examples / batch 8
 

@@ -273,7 +273,8 @@ def test_trial_that_turns_non_finite_in_a_later_epoch_is_failed_not_completed():
 
 class TakenAway(TinyCausalLM):
     """At its 3rd training forward, marks the running trial failed through the storage, as another process's
-    heartbeat check does when this process stalled past the grace period."""
+    heartbeat check does when this process stalled past the grace period (``storage_url`` None: never; one class for
+    every trial, as a study of one model needs)."""
 
     def __init__(self, storage_url, **kwargs):
         super().__init__(**kwargs)
@@ -281,7 +282,7 @@ class TakenAway(TinyCausalLM):
 
     def forward(self, idx):
         self.calls += self.training
-        if self.training and self.calls == 3:
+        if self.training and self.calls == 3 and self.storage_url is not None:
             storage = optuna.storages.RDBStorage(self.storage_url)
             study_id = storage.get_study_id_from_name("taken")
             running = [t for t in storage.get_all_trials(study_id) if t.state == optuna.trial.TrialState.RUNNING]
@@ -295,7 +296,7 @@ def test_a_trial_taken_by_another_process_does_not_end_the_search(tmp_path):
 
     def factory():
         torch.manual_seed(0)
-        made.append(TakenAway(storage, vocab_size=50) if not made else TinyCausalLM(vocab_size=50))
+        made.append(TakenAway(None if made else storage, vocab_size=50))
         return made[-1]
 
     with pytest.warns(UserWarning, match="marked failed by another process"):

@@ -2,6 +2,7 @@
 during the run's end returns the results (metrics files written first), and under torchrun a stopped process is
 named, with its step, within ``process_timeout_minutes``."""
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from utils.training.distributed import DistContext, ProcessStalledError, ProcessWatch
 from utils.training.settings import FineTuneSettings
 from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint, step_folders
 
@@ -52,11 +56,12 @@ class Lines:
 @pytest.fixture(scope="module")
 def stalled_writes(tmp_path_factory):
     """One run (8 steps, checkpoints every 2): the write of step-2 stalls 8 s, so checkpoint step-4 waits for it;
-    the write of the epoch's end (step-8) stalls 120 s, so the run's end waits for it until a SIGINT (Ctrl-C)
-    comes once the wait was named (or after the deadline, on code that names nothing)."""
+    the write of the epoch's end (step-8) stalls 10 s, so the run's end waits for it until a SIGINT (Ctrl-C)
+    comes once the wait was named (or after the deadline, on code that names nothing). The worker then calls again
+    with resume_from_checkpoint=True in the same process, while step-8's write is still stalled."""
     out = tmp_path_factory.mktemp("stalls")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, str(HERE / "stall_worker.py"), str(out), "2=8", "8=120"], cwd=out,
+    process = subprocess.Popen([sys.executable, str(HERE / "stall_worker.py"), str(out), "2=8", "8=10"], cwd=out,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = Lines(process), {}
     try:
@@ -69,16 +74,18 @@ def stalled_writes(tmp_path_factory):
         seen["history before Ctrl-C"] = (out / "run" / "metrics_history.json").exists()
         process.send_signal(signal.SIGINT)
         lines.wait_for("RESULT WRITTEN", timeout=60)
+        lines.wait_for("RESUMED WRITTEN", timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
-    result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
-    return out, seen, result, lines.text()
+    result, resumed = (json.loads((out / name).read_text()) if (out / name).exists() else {}
+                       for name in ("result.json", "resumed.json"))
+    return out, seen, result, resumed, lines.text()
 
 
 def test_a_checkpoint_waiting_for_a_stalled_write_says_so(stalled_writes):
-    out, seen, _, text = stalled_writes
+    out, seen, _, _, text = stalled_writes
     assert seen["notice 2"] is not None, text
     waited = seen["notice 2"] - seen["stall 2"]
     assert WAIT_NOTICE_AFTER_S <= waited <= NOTICE_DEADLINE_S, text
@@ -87,7 +94,7 @@ def test_a_checkpoint_waiting_for_a_stalled_write_says_so(stalled_writes):
 
 
 def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stalled_writes):
-    out, seen, result, text = stalled_writes
+    out, seen, result, _, text = stalled_writes
     assert seen["notice 8"] is not None, text
     assert seen["notice 8"] - seen["stall 8"] <= NOTICE_DEADLINE_S, text
     assert seen["history before Ctrl-C"], "metrics_history.json must be written before waiting for the write"
@@ -99,6 +106,15 @@ def test_the_runs_end_names_a_stalled_write_and_ctrl_c_returns_the_results(stall
     load_checkpoint(Path(result["last_checkpoint"]))
     history = json.loads((out / "run" / "metrics_history.json").read_text())
     assert [row["step"] for row in history["steps"]] == list(range(1, 9)) and len(history["epochs"]) == 1
+
+
+def test_the_next_call_in_the_process_waits_for_the_write_ctrl_c_left_running(stalled_writes):
+    # The write goes on after Ctrl-C, as the results say; the next call into the same folder waits for it (without
+    # that it resumed from step-6 while step-8 was still being written) and resumes from it (step-8 completed the
+    # run: nothing left to train).
+    out, _, _, resumed, text = stalled_writes
+    assert resumed.get("resumed_from_step") == 8 and resumed["global_step"] == 8, resumed
+    load_checkpoint(out / "run" / "checkpoints" / "step-8")
 
 
 def _free_port():
@@ -138,7 +154,7 @@ def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
     report, stopped = (json.loads((tmp_path / name).read_text()) for name in ("rank0.json", "rank1.json"))
     assert report["error"] == "ProcessStalledError", (report, lines.text())
     assert "rank 1 " in report["message"] and "after optimizer step 6:" in report["message"], report["message"]
-    assert str(tmp_path / "run" / "checkpoints") in report["message"]
+    assert f"intact under {tmp_path / 'run' / 'checkpoints'} (newest: step-4)" in report["message"]
     # Named after the limit (the heartbeat's silence), and within it plus the group timeout's three heartbeat
     # periods (0.3 s each here) and 10 s for two loaded cores.
     waited = report["time"] - stopped["stopped_at"]
@@ -155,3 +171,51 @@ def test_a_stopped_process_is_named_with_its_step_within_the_timeout(tmp_path):
 def test_a_process_timeout_that_cannot_work_is_refused(value):
     with pytest.raises((ValueError, TypeError), match="process_timeout_minutes"):
         FineTuneSettings.from_keywords({"process_timeout_minutes": value})
+
+
+@pytest.fixture
+def store(monkeypatch):
+    return _store_server(monkeypatch)
+
+
+def _store_server(monkeypatch):
+    """A real TCPStore server, as torchrun's agent runs one, at MASTER_ADDR:MASTER_PORT."""
+    port = _free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+
+
+def _watches(run_key, waiting_for_rank_0=None):
+    """The watches of two processes of one run (0.01 minutes: 0.6 s), their optimizer steps 3 and 5."""
+    return [ProcessWatch(DistContext(rank, 2), 0.01, progress=lambda step=step: step, run_key=run_key,
+                         waiting_for=(lambda: waiting_for_rank_0) if rank == 0 else (lambda: None))
+            for rank, step in ((0, 3), (1, 5))]
+
+
+def test_a_timeout_while_every_process_beats_names_each_ones_step_and_wait(store):
+    first, second = _watches("alive", "checkpoint step-3, writing its files into /x (700 s since ...)")
+    with first, second:
+        time.sleep(1.5)  # more than the limit: both beat all along
+        error = first.error_for(RuntimeError("Timed out waiting 1200ms for recv operation"), "CKPT.")
+        assert first.error_for(RuntimeError("Connection reset by peer"), "CKPT.") is None  # not a stall: as raised
+    assert isinstance(error, ProcessStalledError)
+    assert "rank 0 at optimizer step 3, waiting for checkpoint step-3" in str(error)
+    assert "rank 1 at optimizer step 5" in str(error) and "CKPT." in str(error)
+
+
+def test_a_silent_process_and_a_silent_store_are_named(monkeypatch):
+    server = _store_server(monkeypatch)  # a server of this test's own: it is shut down below
+    first, second = _watches("silent")
+    with first:
+        with second:
+            time.sleep(0.3)
+        time.sleep(1.2)  # the second one's thread has stopped: silent for longer than the limit
+        error = first.error_for(RuntimeError("Application timeout caused pair closure"), "CKPT.")
+        assert isinstance(error, ProcessStalledError)
+        assert "Process rank 1 (of 2) stopped responding after optimizer step 3" in str(error), str(error)
+        del server  # the store's process is gone (torchrun's agent, or rank 0 holding it)
+        gc.collect()
+        time.sleep(1.5)
+        error = first.error_for(RuntimeError("Timed out"), "CKPT.")
+    assert "torchrun's store at 127.0.0.1:" in str(error) and "has not answered" in str(error), str(error)

@@ -12,17 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .model import check_model_against_data, detect_pad_token_id, pad_is_eos, tokenizer_size
+from .model import (check_model_against_data, check_parameter_values, detect_pad_token_id, pad_is_eos, probe_model,
+                    tokenizer_size)
 from .distributed import ProcessWatch, group_timeout_s, require_launch, restore_weights, setup_distributed
-from .metrics import MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title
-from .loss import vocab_size_of
+from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title,
+                      set_aside_earlier_outputs)
+from .loss import byte_lengths_tensor, vocab_size_of
 from .outcome import Outcome
-from .checkpoints import OutputDirLock, claim_run_id, resume, step_folders
+from .checkpoints import OutputDirLock, checkpoints_folder, claim_run_id, resume, step_folders
 from .previous_interface import previous_result_keys
-from .reproducibility import deterministic_algorithms, seed_everything, set_rng_state
-from .data import synthetic_sequences, train_and_val_sources
+from .reproducibility import deterministic_algorithms, random_state_kept, seed_everything
+from .data import source_options, synthetic_sequences, train_and_val_sources
 from .settings import FineTuneSettings
-from .trainer import RunData, Trainer
+from .trainer import RunData, RunRecord, Trainer
 from .warn import caller_stacklevel
 
 
@@ -33,6 +35,7 @@ class RunHooks:
     on_evaluation: object = None  # (step, val loss, final) -> a reason to prune, or None
     wandb_module: object = import_wandb  # () -> the wandb module
     previous_keywords: dict | None = None  # the previous module's keywords as given, shown in results["settings"]
+    token_bytes: object = None  # the caller's bytes per token id (bits per byte without a tokenizer that says)
 
 
 def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
@@ -59,12 +62,27 @@ def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *
 def train_and_finish(trainer: Trainer, resumed: dict | None, hooks: RunHooks) -> dict:
     """Train, then end the run: the metrics files first, then the wait for the last background write (a write that
     stalls, e.g. on a hung mount, must not hold back the metrics, and Ctrl-C during that wait returns the results)."""
+    moved = _set_aside_earlier_outputs(trainer) if resumed is None else None
     outcome = trainer.fit()
     trainer.checkpoints.before_update()  # the snapshot's copy of the weights is complete before the best model's
     results = shape_results(trainer, outcome, resumed, hooks.previous_keywords or {})
     trainer.checkpoints.finish(outcome)  # the last write is complete, its failure reported, or Ctrl-C said
     results.update(trainer.checkpoints.result_keys())
+    # Where this fresh run moved an earlier run's metrics and plots found in output_dir (None: there were none)
+    results["earlier_outputs_moved_to"] = None if moved is None else str(moved)
     return results
+
+
+def _set_aside_earlier_outputs(trainer: Trainer) -> Path | None:
+    """A fresh run, before it writes anything: an earlier run's metrics and plots in output_dir are moved aside."""
+    if not trainer.ctx.is_main:
+        return None
+    output_dir = Path(trainer.settings.output_dir)
+    moved = set_aside_earlier_outputs(output_dir)
+    if moved is not None:
+        trainer.tracker.message(f"{output_dir} held an earlier run's metrics and plots: moved to {moved} (nothing is "
+                                "overwritten; this run's files are at the top of output_dir).")
+    return moved
 
 
 def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHooks):
@@ -80,23 +98,24 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
         if settings.precision_from_previous_keyword:
             warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
                           f"previous module; training in float32 on {device.type}. For CPU autocast pass "
-                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=4)
+                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=caller_stacklevel())
         else:
             warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in "
-                          f"float32 on {device.type}.", UserWarning, stacklevel=4)
+                          f"float32 on {device.type}.", UserWarning, stacklevel=caller_stacklevel())
     seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
-    _check_parameters(model, settings)
+    _check_parameters(model, settings, device)
     model.to(device)
     model.zero_grad(set_to_none=True)  # gradients a caller left on the model must not join the first step
     run_data = prepare_data(model, config, data, settings, tokenizer, device)
+    run_data.token_bytes = byte_lengths_tensor(tokenizer, hooks.token_bytes, run_data.vocab_size, device)
     if ctx.enabled and not (run_data.train.shards_itself and run_data.val.shards_itself):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
     output_dir = Path(settings.output_dir)
     run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
                           writes_checkpoints=settings.writes_checkpoints,
-                          has_checkpoints=bool(step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
+                          has_checkpoints=bool(step_folders(checkpoints_folder(output_dir)))) if ctx.is_main else ""
     tracker, wandb = build_metrics(settings, ctx, hooks)
     # Sharded, each process holds a slice of every gradient: rank 0 alone cannot take a layer's norm, and asking
     # the others would put a collective into rank 0's step only (the processes then deadlock or abort).
@@ -104,14 +123,12 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if wandb and settings.fsdp:
         tracker.message("fsdp=True: per-layer gradient norms and histograms are not logged to W&B (each process "
                         "holds a shard of each gradient); train/grad_norm, the global norm, is.")
-    trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
-                      on_evaluation=hooks.on_evaluation, gradient_stats=gradient_stats)
-    resumed = resume(trainer)
-    _start_tracker(trainer, model)
+    trainer = Trainer(model, settings, run_data, ctx=ctx, device=device,
+                      record=RunRecord(tracker, run_id, gradient_stats), on_evaluation=hooks.on_evaluation)
+    resumed = resume(trainer)  # the whole state, the random state included
+    with random_state_kept():  # the sinks' start (W&B) must not move the random state the run continues with
+        _start_tracker(trainer, model)
     if resumed is not None:
-        # One per process that wrote it; a changed world size reuses them in turn.
-        rng = resumed["trainer_state.pt"]["rng"]
-        set_rng_state(rng[ctx.rank % len(rng)])  # last: nothing may draw random numbers after
         tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
     return trainer, resumed
 
@@ -128,15 +145,23 @@ def build_metrics(settings, ctx, hooks: RunHooks) -> tuple[MetricRows, WandbSink
     return MetricRows(sinks), wandb
 
 
-def _check_parameters(model, settings) -> None:
+def _check_parameters(model, settings, device) -> None:
     parameters = [p for p in model.parameters()]
     if not parameters:
         raise ValueError(f"The model ({type(model).__name__}) has no parameters, so there is nothing to fine-tune. "
                          "Pass the model itself (an nn.Module with layers), not a wrapper without them.")
+    check_parameter_values(model)
     dtype = parameters[0].dtype
     if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
         raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
                          "the first update would make every weight inf. Typical values are 1e-5 to 5e-4.")
+    half = sorted({str(p.dtype)[6:] for p in parameters if p.dtype in (torch.bfloat16, torch.float16)})  # "torch.x"
+    if half and settings.autocast_dtype(device) == "fp16":
+        raise ValueError(f"The model's weights are {' and '.join(half)}, but precision={settings.precision!r} runs "
+                         f"{device.type} float16 autocast with a GradScaler, which needs float32 weights (it cannot "
+                         "unscale half-precision gradients, and the step fails). Mixed precision keeps the weights in "
+                         "float32 and computes in half: call model.float() before training, or pass precision='bf16' "
+                         "(a GPU with bfloat16 support) or precision='fp32'.")
 
 
 def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
@@ -149,19 +174,24 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
             raise ValueError("train_data=None needs the vocabulary size for synthetic data: set config.vocab_size.")
         warnings.warn("train_data=None: training on a SYNTHETIC set of 256 variable-length sequences (arithmetic "
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=caller_stacklevel())
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
-                                       pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
-                                       settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
-    vocab_size = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    train, val = train_and_val_sources(train_data, val_data, source_options(settings, device, pad_token_id,
+                                                                          pad_is_eos(pad_token_id, config, tokenizer)))
+    sizes = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
+    vocab_size = sizes.vocab_size
+    # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
+    model_checks = probe_model(model, train, vocab_size=vocab_size,
+                               pad_token_id=pad_token_id, limit=sizes.positions,
+                               skip=settings.skip_model_checks, seed=settings.random_seed)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
                       "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
-                      "new '<pad>' token.", UserWarning, stacklevel=5)
-    return RunData(train, val, pad_token_id, pad_source, vocab_size)
+                      "new '<pad>' token.", UserWarning, stacklevel=caller_stacklevel())
+    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks=model_checks,
+                   val_held_out=val_data is None)
 
 
 _VOCABULARY_ROUNDING = 128  # HF configs pad the embedding to a multiple of 64 or 128 for faster matmuls
@@ -212,6 +242,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     results = {
         "final_train_loss": state.epoch_sums.loss if partial_epoch else last_value("train/loss_excl_padding"),
         "final_val_loss": last_value("val/loss_excl_padding"), "val_perplexity": last_value("val/perplexity"),
+        # None when no tokenizer (or token_bytes) says how many bytes each token stands for
+        "val_bits_per_byte": None if last is None else _finite_or_none(last.get("val/bits_per_byte")),
         "final_train_accuracy": last_value("train/accuracy_excl_padding"),
         "final_val_accuracy": last_value("val/accuracy_excl_padding"),
         "pad_token_id": trainer.data.pad_token_id, "pad_token_id_source": trainer.data.pad_source,
@@ -219,6 +251,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         # "linear": the full logits never existed; "chunked": the model's own forward and logits
         # (utils/training/loss/loss_path.py)
         "loss_path": trainer.setup.loss_path.path, "loss_path_reason": trainer.setup.loss_path.reason,
+        # The start-up probes of the model's behaviour: which ran, what each found (utils/training/model/probes.py)
+        "model_checks": trainer.data.model_checks,
         "loss_history": [r["train/step_loss_excl_padding"] for r in tracker.step_rows],
         "metrics_summary": frame, "steps_summary": tracker.steps_frame(),
         "global_step": state.global_step, "epochs_completed": len(frame),
@@ -240,13 +274,18 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
     return results
 
 
+def _finite_or_none(value):
+    return None if value is None or value != value else float(value)  # a blank CSV cell reads back as NaN
+
+
 def _write_final_outputs(trainer: Trainer, results: dict) -> None:
     """CSVs, W&B's summary and the plots. A Ctrl-C here still returns the results; what did not finish is named."""
     tracker, unfinished = trainer.tracker, []
     results["plot_paths"] = {}
     steps = [("the CSV files and W&B", lambda: tracker.finish(
-        {k: v for k, v in results.items() if k in ("final_train_loss", "final_val_loss", "val_perplexity",
-                                                     "global_step", "stopped_early", "interrupted")}))]
+        {k: v for k, v in results.items() if v is not None and k in (
+            "final_train_loss", "final_val_loss", "val_perplexity", "val_bits_per_byte", "global_step", "stopped_early",
+            "interrupted")}))]
     settings = trainer.settings
     if settings.save_plots and trainer.ctx.is_main:
         title = run_title(settings.output_dir, settings.wandb_run_name)
@@ -258,5 +297,6 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
             unfinished.append(what)
     if unfinished:
         warnings.warn(f"Interrupted while writing {' and '.join(unfinished)}; the results are returned without them "
-                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).", UserWarning, stacklevel=5)
+                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).",
+                      UserWarning, stacklevel=caller_stacklevel())
     results["unfinished_outputs"] = unfinished

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from ..warn import caller_stacklevel
 
 # The writer runs below the training threads' priority on Linux (threads have their own nice value): on a
 # machine with few cores its serialisation and hashing give way to the training step instead of slowing it.
@@ -270,6 +271,9 @@ class CheckpointWriter:
         self.asynchronous, self.note = asynchronous, note
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
+        # Set by the writer thread when its write ends. Waited on instead of Thread.join(): Python 3.11's join,
+        # interrupted by Ctrl-C, marks a thread that still runs as stopped (is_alive() False).
+        self.done = threading.Event()
         # Whether training waits for the write in flight, and its priority: the writer gives way to training
         # only until then (the lock orders that decision against the wait's).
         self.waited, self.training_niceness, self.priority = False, None, threading.Lock()
@@ -300,6 +304,7 @@ class CheckpointWriter:
         files, meta = self.snapshot.take(files, set(deferrable) - self.forward_written), copy.deepcopy(meta)
         self.writing_step, self.waited, self.training_niceness = step, False, _own_niceness()
         self.activity, self.submitted_at = "copying its tensors into host memory", time.monotonic()
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._write_in_background, args=(step, files, meta, best, on_written),
                                        name=f"{WRITER_THREAD_PREFIX}-step-{step}", daemon=True)
         # The write is published once the training thread judged the snapshot (before the next update, or in
@@ -322,12 +327,11 @@ class CheckpointWriter:
             self.snapshot.judge()  # no forward runs any more before this write: the writer may publish
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
-                if self.thread.is_alive():
+                if not self.done.is_set():
                     _set_niceness(self.thread.native_id, self.training_niceness)
             notice_at = time.monotonic() + WAIT_NOTICE_AFTER_S
-            while self.thread.is_alive():
-                self.thread.join(timeout=0.2)  # a bare join() would not let Ctrl-C through
-                if time.monotonic() >= notice_at and self.thread.is_alive():
+            while not self.done.wait(timeout=0.2):  # a bare wait() would not let Ctrl-C through
+                if time.monotonic() >= notice_at:
                     self.note(f"{waiter} waits for {self.in_flight()}. A stalled disk or network mount (e.g. Google "
                               "Drive) holds it; Ctrl-C stops waiting (the checkpoints before it are intact).")
                     notice_at = time.monotonic() + WAIT_NOTICE_EVERY_S
@@ -337,7 +341,7 @@ class CheckpointWriter:
 
     def in_flight(self) -> str | None:
         """The write in flight in words (which checkpoint, what it is doing where, for how long), or None."""
-        if self.thread is None or not self.thread.is_alive():
+        if self.thread is None or self.done.is_set():
             return None
         return (f"checkpoint step-{self.writing_step}, {self.activity} "
                 f"({time.monotonic() - self.submitted_at:.0f} s since it was handed to the writer)")
@@ -363,12 +367,14 @@ class CheckpointWriter:
             warnings.warn(f"Checkpoint step-{step} was not written: the model's forward changed {changed} in place "
                           "while the step's snapshot was being copied, so it could hold the next step's values. "
                           "These tensors are copied at once from now on; the next checkpoint holds them.",
-                          UserWarning, stacklevel=1)
+                          UserWarning, stacklevel=caller_stacklevel())
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
             self.error = (str(error) if isinstance(error, CheckpointWriteError) else
                           f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
-            warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=1)
+            warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=caller_stacklevel())
+        finally:
+            self.done.set()
 
     def _drop_unpublished(self, step: int) -> None:
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir

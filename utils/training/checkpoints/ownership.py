@@ -10,6 +10,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from ..warn import caller_stacklevel
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -54,7 +55,8 @@ def _recorded_run_id(path: Path) -> str | None:
         return json.loads(path.read_text()).get("run_id")
     except (OSError, ValueError, AttributeError) as error:
         warnings.warn(f"{path} is damaged ({type(error).__name__}: {error}); it is rewritten with a new run id. The "
-                      "checkpoints in this folder are still used when resuming.", UserWarning, stacklevel=4)
+                      "checkpoints in this folder are still used when resuming.",
+                      UserWarning, stacklevel=caller_stacklevel())
         return None
 
 
@@ -168,7 +170,8 @@ class OutputDirLock:
             if self._read_owner()[2] == text:
                 if owner.get("pid") != me["pid"]:
                     warnings.warn(f"Taking over the lock of a run that is no longer alive (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}) in {self.path.parent}.", UserWarning, stacklevel=4)
+                                  f"{owner.get('host')}) in {self.path.parent}.",
+                                  UserWarning, stacklevel=caller_stacklevel())
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:
@@ -207,7 +210,7 @@ class OutputDirLock:
         if not replaced:  # a deleted output_dir took the lock with it: warned as such
             warnings.warn(f"{self.path} was removed while this run (pid {self.me['pid']}) writes into "
                           f"{self.path.parent}; it is restored, so no other run starts there meanwhile. Remove it "
-                          "only after the run ends.", UserWarning, stacklevel=1)
+                          "only after the run ends.", UserWarning, stacklevel=caller_stacklevel())
         return True
 
     def __exit__(self, *exc) -> None:
@@ -258,5 +261,5 @@ class FolderWatch:
         warnings.warn(f"output_dir {self.folder} was deleted while this run was writing into it: the checkpoints and "
                       "metrics files written before are gone, and the run goes on writing into a new, recreated folder "
                       "(its checkpoints from here on). If that was not meant, stop the run and restore the folder.",
-                      UserWarning, stacklevel=1)
+                      UserWarning, stacklevel=caller_stacklevel())
         return True

@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from .processes import DistContext
+from ..warn import caller_stacklevel
 
 KEY_PREFIX = "tier3-heartbeat"
 # Every process counts its runs alike (each fine_tune call builds one watch on every rank): the heartbeats of an
@@ -59,11 +60,14 @@ def _timed_out(error: BaseException) -> bool:
 class ProcessWatch:
     """The heartbeat thread of one process for one run (a context manager; nothing in one process)."""
 
-    def __init__(self, ctx: DistContext, limit_minutes: float, *, progress, waiting_for=lambda: None):
+    def __init__(self, ctx: DistContext, limit_minutes: float, *, progress, waiting_for=lambda: None,
+                 run_key: str | None = None):
         self.ctx, self.limit_minutes, self.limit = ctx, limit_minutes, 60.0 * limit_minutes
         self.period = heartbeat_period(self.limit)
         self.progress, self.waiting_for = progress, waiting_for  # () -> optimizer step; () -> a write in words
-        self.key = f"{KEY_PREFIX}/{next(_run_numbers)}"
+        # The run's keys: the same on every process of the run (``run_key``, else this process's run count).
+        self.key = f"{KEY_PREFIX}/{run_key if run_key is not None else next(_run_numbers)}"
+        self.store_failures = 0
         self.store, self.thread, self.stopped = None, None, threading.Event()
         self.beats, self.started = 0, time.monotonic()
         self.seen: dict[int, tuple] = {}  # rank -> (heartbeat, step, waiting for, when it last changed here)
@@ -81,7 +85,7 @@ class ProcessWatch:
         except Exception as error:  # noqa: BLE001 - the run goes on; only the early naming of a stall is lost
             warnings.warn(f"The process watch cannot reach torchrun's store at {address[0]}:{address[1]} "
                           f"({type(error).__name__}: {error}); a stopped process is then found only by the "
-                          "process group's timeout, without its name.", UserWarning, stacklevel=2)
+                          "process group's timeout, without its name.", UserWarning, stacklevel=caller_stacklevel())
             return self
         self.started = self.store_answered = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="tier3-process-watch", daemon=True)
@@ -93,10 +97,10 @@ class ProcessWatch:
         return False
 
     def _run(self) -> None:
-        while True:
+        # After failed store calls the pause doubles (up to 8 periods): torch logs every failed call with its
+        # stack, and a store that is gone stays gone.
+        while not self.stopped.wait(0 if not self.beats else self.period * min(2 ** self.store_failures, 8)):
             self.beat()
-            if self.stopped.wait(self.period):
-                return
 
     def beat(self) -> None:
         """Publish this process's heartbeat, read the others', and say at once when one has stopped."""
@@ -111,9 +115,9 @@ class ProcessWatch:
                     before = self.seen.get(rank)
                     changed = now if before is None or before[0] != beat else before[3]
                     self.seen[rank] = (beat, step, waiting, changed)
-            self.store_answered = now
+            self.store_answered, self.store_failures = now, 0
         except Exception:  # noqa: BLE001 - the store did not answer in time: judged below by how long
-            pass
+            self.store_failures += 1
         stalled = self.stalled_ranks(now)
         if stalled and not self.reported.issuperset(stalled):
             self.reported.update(stalled)

@@ -106,6 +106,14 @@ def count_real_targets(batch, pad_token_id, pad_is_eos: bool = False) -> torch.T
     return (targets != IGNORE_INDEX).sum()
 
 
+def count_real_target_bytes(batch, pad_token_id, token_bytes: torch.Tensor) -> torch.Tensor:
+    """The bytes of text the real targets of a collated batch stand for (``token_bytes[id]`` each), counted by the
+    rule that counts them for the loss (:func:`shifted_targets`, called as :meth:`ModelCaller.loss_sums` calls it:
+    collated batches carry their mask). Stays on the device."""
+    targets = shifted_targets(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+    return torch.where(targets != IGNORE_INDEX, token_bytes[targets.clamp(min=0)], 0).sum()
+
+
 # Rows of logits per chunk: about this many bytes of float32 per chunk, whatever the vocabulary. 64 MB keeps a
 # 50k-vocabulary chunk at ~330 rows (the float32 peak stays a few chunks) while small vocabularies run as one chunk.
 CHUNK_BYTES = 64 * 2**20

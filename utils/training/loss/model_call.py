@@ -37,11 +37,14 @@ class ModelCaller:
 
     Models whose forward names ``attention_mask`` get it (with ``input_ids=``); every other
     model is called positionally, ``model(input_ids)``, since custom modules name that
-    argument ``x``, ``idx`` or ``src``.
+    argument ``x``, ``idx`` or ``src``. Which part of the output is the logits is :func:`extract_logits`' rule, with
+    the vocabulary size (given, else the model's own) to tell a tuple's elements apart.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, vocab_size: int | None = None):
         params = _forward_parameters(model)
+        self.vocab_size = vocab_size if vocab_size is not None else vocab_size_of(model)
+        self.forward_parameters = params
         self.accepts_attention_mask = "attention_mask" in params
         self.accepts_input_ids = "input_ids" in params
         self.accepts_position_ids = "position_ids" in params
@@ -54,7 +57,17 @@ class ModelCaller:
         self.output_layer = None
 
     def __call__(self, model: nn.Module, batch: Mapping) -> torch.Tensor:
-        return extract_logits(self.call(model, batch))
+        return extract_logits(self.call(model, batch), self.vocab_size)
+
+    def arguments_not_passed(self) -> list[str]:
+        """The forward's required parameters that no call here fills: the ids go to the first positional one (or
+        ``input_ids=``), and a forward naming ``attention_mask`` also gets it and ``use_cache``."""
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        first = next((name for name, p in self.forward_parameters.items() if p.kind in kinds), None)
+        filled = {first} | ({"input_ids", "attention_mask", "use_cache"} if self.accepts_attention_mask else set())
+        return [name for name, p in self.forward_parameters.items()
+                if p.default is inspect.Parameter.empty and name not in filled
+                and p.kind in (*kinds, inspect.Parameter.KEYWORD_ONLY)]
 
     def call(self, model: nn.Module, batch: Mapping):
         """The model's output for ``batch``, as it returns it."""
@@ -130,7 +143,7 @@ def _first_tensor(output) -> torch.Tensor:
     return output[0]
 
 
-def _hf_causal_lm_class_names() -> set[str]:
+def hf_causal_lm_class_names() -> set[str]:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
@@ -152,7 +165,7 @@ def mask_free_is_exact(model: nn.Module, caller: ModelCaller, padded_batch: Mapp
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     if (not caller.accepts_attention_mask or config is None or getattr(config, "is_encoder_decoder", False)
-            or type(inner).__name__ not in _hf_causal_lm_class_names()):
+            or type(inner).__name__ not in hf_causal_lm_class_names()):
         return False
     real = padded_batch["attention_mask"].bool()
     if bool(real.all()):
@@ -177,20 +190,37 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
-def extract_logits(output) -> torch.Tensor:
-    """Logits from a tensor, a tuple (first item), a dict or a Hugging Face ModelOutput."""
+def extract_logits(output, vocab_size: int | None = None) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself; a ``logits`` key or attribute (dict, ModelOutput); in a
+    bare tuple the one (batch, seq, vocab) element - the only 3-D one when the vocabulary is unknown. A tuple with
+    two such elements (``(hidden, logits)`` with a hidden width equal to the vocabulary) is refused: which one is
+    the logits is not guessed."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) and output.get("logits") is not None:
         return output["logits"]
     if getattr(output, "logits", None) is not None:
         return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+    if isinstance(output, (tuple, list)) and output:
+        sequences = [(i, x) for i, x in enumerate(output) if isinstance(x, torch.Tensor) and x.dim() == 3]
+        matching = [(i, x) for i, x in sequences if vocab_size is None or x.shape[-1] == vocab_size]
+        if len(matching) == 1:
+            return matching[0][1]
+        if len(matching) > 1:
+            shapes = ", ".join(f"[{i}] {tuple(x.shape)}" for i, x in matching)
+            known = (f"the vocabulary's size ({vocab_size})" if vocab_size is not None else
+                     "a (batch, seq, width) shape, and the vocabulary size is not known")
+            raise ValueError(
+                f"The model returned a tuple of {len(output)} elements, and {len(matching)} of them have {known}: "
+                f"{shapes}. Which one is the logits is not guessed (the first of (hidden, logits) would train on the "
+                "hidden states). Return the logits alone, or a dict / ModelOutput with a 'logits' entry (e.g. "
+                "return {'logits': logits, 'hidden_states': hidden}).")
+        if isinstance(output[0], torch.Tensor):
+            return output[0]  # checked against the vocabulary at start-up (check_logits names the widths)
     raise TypeError(
         f"The model returned {type(output).__name__}, which holds no logits. Return a logits tensor "
-        "of shape (batch, seq_len, vocab_size), a tuple whose first item is that tensor, or a dict/"
-        "ModelOutput with a 'logits' entry."
+        "of shape (batch, seq_len, vocab_size), a tuple whose only (batch, seq_len, vocab_size) item is that "
+        "tensor, or a dict/ModelOutput with a 'logits' entry."
     )
 
 

@@ -13,12 +13,42 @@ import io
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from .plots import FILE_NAMES as PLOT_FILE_NAMES
 from .rows import STEP_COLUMNS, RowSink
+from ..warn import caller_stacklevel
+
+# What a run writes at the top of its output_dir (checkpoints, run.json and W&B's folders are kept apart: W&B names
+# each run's folder itself, wandb/run-<time>-<id>).
+RUN_OUTPUT_FILES = ("metrics_epochs.csv", "metrics_steps.csv", "metrics_evals.csv", "metrics_history.json",
+                    *PLOT_FILE_NAMES.values())
+EARLIER_RUNS = "earlier_runs"
+
+
+def set_aside_earlier_outputs(output_dir) -> Path | None:
+    """A fresh run's first act on its output_dir: an earlier run's metrics files and plots are moved into
+    ``output_dir/earlier_runs/<their time>/`` (returned; None when there were none), so running the same cell twice
+    loses nothing and the newest run's files are always at the top."""
+    output_dir = Path(output_dir)
+    present = [output_dir / name for name in RUN_OUTPUT_FILES if (output_dir / name).is_file()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(path.stat().st_mtime for path in present)))
+    target, number = output_dir / EARLIER_RUNS / stamp, 1
+    while target.exists():  # two runs ended in the same second
+        number += 1
+        target = output_dir / EARLIER_RUNS / f"{stamp}-{number}"
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    _fsync(target)
+    _fsync(output_dir)
+    return target
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -142,7 +172,7 @@ class MetricsFiles(RowSink):
         if len(rows) < count:
             warnings.warn(f"{path} holds {len(rows)} of the {count} rows the checkpoint counts (it was changed or "
                           "lost since); the results and the files hold only those. Keep the metrics files beside "
-                          "the checkpoints to resume with every row.", UserWarning, stacklevel=4)
+                          "the checkpoints to resume with every row.", UserWarning, stacklevel=caller_stacklevel())
         if cut and len(data) > end:
             if count == 0 and path.name == "metrics_evals.csv":
                 path.unlink()  # an uninterrupted run has no evals file before its first evaluation

@@ -168,8 +168,9 @@ def _trial_points(study):
 
     completed, pruned = [], []
     for trial in study.trials:
-        if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
-            completed.append((trial.number, trial.value, trial.params))
+        value = trial.values[0] if trial.values else None  # several objectives: the first one
+        if trial.state == TrialState.COMPLETE and value is not None and math.isfinite(value):
+            completed.append((trial.number, value, trial.params))
         elif trial.state == TrialState.PRUNED and trial.intermediate_values:
             pruned.append((trial.number, trial.intermediate_values[max(trial.intermediate_values)]))
     return completed, pruned
@@ -198,7 +199,7 @@ def _params_figure(study, completed) -> Figure:
     names = sorted({name for _, _, params in completed for name in params})
     figure = Figure(figsize=(4.5 * max(1, len(names)), 4.2))
     axes = figure.subplots(1, max(1, len(names)), squeeze=False)[0]
-    distributions = study.best_trial.distributions if completed else {}
+    distributions = {name: distribution for trial in study.trials for name, distribution in trial.distributions.items()}
     best_value = min(v for _, v, _ in completed)
     for axis, name in zip(axes, names):
         pairs = [(params[name], value) for _, value, params in completed if name in params]
@@ -234,7 +235,13 @@ def _importances_figure(study, n_completed: int) -> Figure:
         return figure
     import optuna
 
-    importances = optuna.importance.get_param_importances(study)
+    import warnings
+
+    several = len(study.directions) > 1  # then the first objective's importances
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*low `target` values")  # Optuna's note on any target: minimised
+        importances = optuna.importance.get_param_importances(study,
+                                                              target=(lambda t: t.values[0]) if several else None)
     names = list(importances)[::-1]
     axis.barh(names, [importances[n] for n in names], color="tab:blue")
     axis.set(title=f"{_study_title(study)}: parameter importances ({n_completed} completed trials)",
@@ -259,12 +266,45 @@ def search_figures(study) -> dict[str, Figure]:
             "importances": _importances_figure(study, len(completed))}
 
 
-def save_search_plots(study, output_dir: Path) -> dict[str, str]:
-    """Write ``search_<name>.png`` for each search figure under ``output_dir`` (shown inline in a notebook)."""
+def pareto_figure(frame: pd.DataFrame, front: pd.DataFrame, columns: list[str], labels: dict, title: str) -> Figure:
+    """The completed trials on the first two of ``columns`` (``labels``: column -> axis label), the non-dominated
+    ones joined as a staircase and labelled with their parameters."""
+    x_name, y_name = columns[1], columns[0]  # the cost across, the loss up
+    figure = Figure(figsize=(7.5, 4.8))
+    axis = figure.subplots()
+    done = frame[frame["state"] == "COMPLETE"].dropna(subset=columns[:2])
+    axis.plot(done[x_name], done[y_name], "o", color="tab:blue", alpha=0.5, ls="none", label="completed trial")
+    ordered = front.sort_values(x_name)
+    axis.plot(ordered[x_name], ordered[y_name], "o-", color="tab:red", drawstyle="steps-post", lw=1.5,
+              label="Pareto front (not dominated)")
+    parameters = [c for c in frame.columns if c.startswith("params_")]
+    for _, row in ordered.iterrows():
+        text = ", ".join(f"{c[len('params_'):]}={_short_value(row[c])}" for c in parameters)
+        axis.annotate(text, (row[x_name], row[y_name]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if x_name in ("n_parameters", "flops_estimate") and len(done) and done[x_name].max() > 4 * done[x_name].min():
+        axis.set_xscale("log")
+    axis.set(title=f"{title}: {labels.get(y_name, y_name)} against {labels.get(x_name, x_name)}",
+             xlabel=labels.get(x_name, x_name), ylabel=labels.get(y_name, y_name))
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _short_value(value) -> str:
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
+def save_search_plots(study, output_dir: Path, front: tuple | None = None) -> dict[str, str]:
+    """Write ``search_<name>.png`` for each search figure under ``output_dir`` (shown inline in a notebook);
+    ``front``: (trials frame, Pareto rows, their columns, axis labels) adds ``search_pareto.png``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, figure in search_figures(study).items():
+    figures = search_figures(study)
+    if front is not None and figures and len(front[1]):
+        figures["pareto"] = pareto_figure(*front, title=_study_title(study))
+    for name, figure in figures.items():
         path = output_dir / f"search_{name}.png"
         figure.savefig(path, dpi=100, bbox_inches="tight")
         show_inline(path)

@@ -17,6 +17,7 @@ import warnings
 import pandas as pd
 
 from ..distributed import DistContext, broadcast_object
+from ..warn import caller_stacklevel
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",
@@ -25,12 +26,21 @@ EPOCH_COLUMNS = [
     "train/real_tokens", "train/padded_tokens", "train/pad_fraction",
     "val/real_tokens", "val/padded_tokens", "train/real_tokens_per_sec", "epoch_time_s", "train/distinct_batch_shapes",
 ]
+# Columns only runs that measure them have (then after the others): bits per byte needs to know what a token weighs.
+OPTIONAL_EPOCH_COLUMNS = ["val/bits_per_byte"]
 STEP_COLUMNS = ["step", "epoch", "train/step_loss_excl_padding", "train/learning_rate", "train/grad_norm",
                 "train/step_real_tokens", "train/step_real_tokens_per_sec"]
 
 
 def safe_exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+def _bits_per_byte(val: dict) -> dict:
+    """The validation's bits per byte as a row entry, none when no tokenizer or ``token_bytes`` says what a token
+    weighs (the column then does not exist: a run's rows, files and resumes stay as they were)."""
+    measured = val.get("bits_per_byte")
+    return {} if measured is None else {"val/bits_per_byte": measured}
 
 
 def step_row(step: int, epoch: int, sums, learning_rate: float, grad_norm: float) -> dict:
@@ -43,7 +53,7 @@ def step_row(step: int, epoch: int, sums, learning_rate: float, grad_norm: float
 def eval_row(step: int, epoch: int, val: dict) -> dict:
     """The row of a validation inside an epoch (``eval_every``)."""
     return {"step": step, "epoch": epoch + 1, "val/loss_excl_padding": val["loss"], "val/perplexity": val["perplexity"],
-            "val/accuracy_excl_padding": val["accuracy"]}
+            "val/accuracy_excl_padding": val["accuracy"], **_bits_per_byte(val)}
 
 
 def epoch_row(epoch: int, state, val: dict, *, epoch_seconds: float, learning_rate: float | None) -> dict:
@@ -60,6 +70,7 @@ def epoch_row(epoch: int, state, val: dict, *, epoch_seconds: float, learning_ra
         "train/real_tokens_per_sec": float(sums.real_targets) / max(state.train_seconds, 1e-9),  # training phase only
         "epoch_time_s": epoch_seconds,  # training and validation of this epoch (after a resume: only the part run now)
         "train/distinct_batch_shapes": len(state.batch_shapes),  # so far in the run
+        **_bits_per_byte(val),
     }
 
 
@@ -143,8 +154,14 @@ class MetricRows:
         for sink in self.sinks:
             sink.evaluation(self, row)
 
+    def drop_epoch_row(self, epoch: int) -> None:
+        """Forget the last epoch row when it is ``epoch``'s: a resume that continues an epoch which ``max_steps``
+        had cut records its row again at the epoch's real end."""
+        if self.epoch_rows and self.epoch_rows[-1]["epoch"] == epoch:
+            self.epoch_rows.pop()
+
     def log_epoch(self, row: dict) -> dict:
-        row = {column: row.get(column) for column in EPOCH_COLUMNS}
+        row = {column: row.get(column) for column in EPOCH_COLUMNS + [c for c in OPTIONAL_EPOCH_COLUMNS if c in row]}
         self.epoch_rows.append(row)
         for sink in self.sinks:
             sink.epoch(self, row)
@@ -152,7 +169,8 @@ class MetricRows:
 
     # -- reading them -------------------------------------------------------------------------------
     def epochs_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.epoch_rows, columns=EPOCH_COLUMNS)
+        optional = [c for c in OPTIONAL_EPOCH_COLUMNS if any(c in row for row in self.epoch_rows)]
+        return pd.DataFrame(self.epoch_rows, columns=EPOCH_COLUMNS + optional)
 
     def steps_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.step_rows, columns=STEP_COLUMNS)
@@ -180,7 +198,7 @@ class MetricRows:
                 warnings.warn("The metric rows before the checkpoint could not be read back from the metrics CSVs of "
                               "its run folder; the results and files hold only the rows from here on. Keep the CSVs "
                               "beside the checkpoints (in output_dir) to resume with every row.", UserWarning,
-                              stacklevel=3)
+                              stacklevel=caller_stacklevel())
                 rows = {"steps": [], "evals": [], "epochs": []}
         self.step_rows, self.eval_rows, self.epoch_rows = (list(rows[k]) for k in ("steps", "evals", "epochs"))
 
@@ -189,5 +207,5 @@ class MetricRows:
             return next((found for sink in self.sinks if (found := sink.read_back(counts, run_dir)) is not None), None)
         except Exception as error:  # noqa: BLE001 - an unreadable file must not stop the resume (nor hang other ranks)
             warnings.warn(f"The metrics files could not be read back ({type(error).__name__}: {error}).", UserWarning,
-                          stacklevel=4)
+                          stacklevel=caller_stacklevel())
             return None

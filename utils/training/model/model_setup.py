@@ -32,10 +32,12 @@ class ModelSetup:
         return self.train_model.no_sync() if ctx.enabled and not last_micro_batch else contextlib.nullcontext()
 
 
-def set_up_model(model: nn.Module, settings: FineTuneSettings, probe: dict, pad_token_id: int, *, ctx: DistContext,
-                 device: torch.device) -> ModelSetup:
-    """``probe``: one collated batch with padding, on ``device`` (both start-up probes run on it)."""
-    caller = ModelCaller(model)
+def set_up_model(model: nn.Module, settings: FineTuneSettings, probe: dict, sizes: tuple[int, int | None], *,
+                 ctx: DistContext, device: torch.device) -> ModelSetup:
+    """``probe``: one collated batch with padding, on ``device`` (both start-up probes run on it); ``sizes``: the
+    pad id and the vocabulary (which tells a tuple output's logits apart)."""
+    pad_token_id, vocab_size = sizes
+    caller = ModelCaller(model, vocab_size)
     # Only on CUDA, where it unlocks the flash kernel; on CPU it was not measured to help.
     caller.mask_free = device.type == "cuda" and mask_free_is_exact(model, caller, probe)
     # Losses from hidden states and the head's weight (no full logits) only where that is the model's own loss

@@ -15,21 +15,34 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
 from ..distributed import launched_by_torchrun
+from ..engine import RunHooks
 from ..metrics import safe_exp
+from ..loss import check_token_bytes, unwrap
 from ..outcome import OutcomeKind
 from ..model import detect_pad_token_id, pad_is_eos
 from ..previous_interface import DefaultInt, settings_from_call
-from .search_space import DEFAULT_SEARCH_SPACE, parse_search_space, suggest  # noqa: F401 (DEFAULT_SEARCH_SPACE: API)
-from .search_study import first_try_of, join_model, model_record, open_study, setup_record
+from .objectives import (OBJECTIVES, canonical_objectives, cost_of, objective_values, pareto_columns, pareto_front,
+                         trials_frame)
+from .search_space import accepted, parse_model_space, parse_search_space, reference_point, suggest
+from .search_study import (SETUP_ATTR, family_record, first_try_of, join_model, model_differences, model_record,
+                           open_study, setup_record, shapes_fingerprint)
 from ..settings import FineTuneSettings
-from ..data import train_and_val_sources
+from ..checkpoints import checkpoints_folder
+from ..data import source_options, train_and_val_sources
+from ..warn import caller_stacklevel
 
 N_TRIALS_DEFAULT = DefaultInt(10)
+# Points the model constraints refuse are not trained and not counted in n_trials; past this many in one call the
+# search stops (the constraint refuses nearly everything TPE proposes).
+MAX_REFUSED_POINTS = 100
+
+
+class RefusedPoint(Exception):
+    """Raised inside a trial whose model parameters ``model_constraints`` refuse: recorded as pruned, not trained."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +52,7 @@ N_TRIALS_DEFAULT = DefaultInt(10)
 class SearchRequest:
     """One search call: built once from ``test_hyperparameter_search``'s arguments, read everywhere after."""
 
-    new_model: object  # () -> a fresh model for one trial
+    new_model: object  # () -> a fresh model for one trial; with a model space: (model parameters dict) -> model
     config: object
     train_data: object
     val_data: object
@@ -55,6 +68,11 @@ class SearchRequest:
     heartbeat_interval: int = 60
     progress: bool | str = True
     prepared: tuple = field(default=(None, None), repr=False)  # (train, val) sources, filled by prepare()
+    model_space: dict = field(default_factory=dict)  # parsed: {name: (kind, args)}, passed to new_model
+    model_constraints: object = None  # (model parameters dict) -> bool, or None
+    objectives: tuple = ("val_loss",)  # all minimised
+    token_bytes: object = None  # the caller's bytes per token id (bits per byte without a tokenizer that says)
+    recorded_model: dict | None = field(default=None, repr=False)  # the study's model (family) record, once joined
 
     @classmethod
     def from_call(cls, arguments: dict) -> "SearchRequest":
@@ -67,6 +85,16 @@ class SearchRequest:
         if "deterministic" in positional:
             keywords["deterministic"] = positional["deterministic"]
         space = parse_search_space(positional.get("search_space", arguments["search_space"]))
+        model_space = parse_model_space(arguments["model_space"], space)
+        constraints = arguments["model_constraints"]
+        if constraints is not None and (not callable(constraints) or not model_space):
+            raise ValueError("model_constraints must be a function of the model_space parameters (a dict) returning "
+                             "True for the points a model can be built from, and needs model_space.")
+        if arguments["token_bytes"] is not None:
+            check_token_bytes(arguments["token_bytes"])  # before any trial
+        objectives = canonical_objectives(arguments["objectives"],
+                                          bytes_known=arguments["tokenizer"] is not None
+                                          or arguments["token_bytes"] is not None)
         extras = {name: keywords.pop(name) for name in ("device", "heartbeat_interval", "progress") if name in keywords}
         clashing = {setting for setting, _, _ in space.values()} & set(keywords)
         if clashing:
@@ -83,15 +111,31 @@ class SearchRequest:
                              "under torchrun or with fsdp=True. Search with fsdp=False in one process per GPU (several "
                              "processes may share one storage, see README), then train the best parameters with "
                              "test_fine_tuning under torchrun.")
-        return cls(new_model=model_source(arguments["model_factory"], arguments["model"]), config=arguments["config"],
-                   train_data=arguments["train_data"], val_data=val_data, n_trials=int(n_trials), space=space,
-                   fixed=fixed, storage=arguments["storage"], study_name=arguments["study_name"],
-                   timeout=arguments["timeout"], pruning=arguments["pruning"], tokenizer=arguments["tokenizer"],
-                   **extras)
+        if model_space:
+            reference_point(model_space, constraints)  # refuses constraints that accept nothing, before any trial
+        return cls(new_model=model_source(arguments["model_factory"], arguments["model"], bool(model_space)),
+                   config=arguments["config"], train_data=arguments["train_data"], val_data=val_data,
+                   n_trials=int(n_trials), space=space, fixed=fixed, storage=arguments["storage"],
+                   study_name=arguments["study_name"], timeout=arguments["timeout"], pruning=arguments["pruning"],
+                   tokenizer=arguments["tokenizer"], model_space=model_space, model_constraints=constraints,
+                   objectives=objectives, token_bytes=arguments["token_bytes"], **extras)
 
     @property
     def fixed_settings(self) -> FineTuneSettings:
         return settings_from_call(dict(self.fixed, progress=False))[0]
+
+    def config_for(self, model_params: dict):
+        """The config a trial trains with: a copy of ``config`` with the model parameters set on it (the config
+        itself without a model space or config)."""
+        if not model_params or self.config is None:
+            return self.config
+        trial_config = copy.deepcopy(self.config)
+        for name, value in model_params.items():
+            setattr(trial_config, name, value)
+        return trial_config
+
+    def build_model(self, model_params: dict):
+        return self.new_model(dict(model_params)) if self.model_space else self.new_model()
 
     @property
     def output_dir(self) -> Path:
@@ -106,10 +150,8 @@ class SearchRequest:
         eos_is_pad = pad_is_eos(pad_token_id, self.config, self.tokenizer)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
-        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id,
-                                              settings.padding_multiple(device), eos_is_pad, settings.val_fraction,
-                                              settings.random_seed, settings.stream_buffer_size,
-                                              settings.bad_examples)
+        self.prepared = train_and_val_sources(self.train_data, self.val_data,
+                                              source_options(settings, device, pad_token_id, eos_is_pad))
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -130,9 +172,26 @@ def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
     return None, val_data, dict(zip(("search_space", "random_seed", "deterministic"), positional))
 
 
-def model_source(model_factory, model):
-    """A function returning a fresh model per trial; an instance is deep-copied, never trained itself."""
+def model_source(model_factory, model, from_params: bool = False):
+    """A function returning a fresh model per trial; an instance is deep-copied, never trained itself. With a model
+    space (``from_params``) the factory takes the trial's model parameters as one dict."""
     given = model if model is not None else model_factory
+    if from_params:
+        if isinstance(given, nn.Module) or not callable(given):
+            raise TypeError("model_space needs model_factory: a function taking the trial's model parameters as a dict "
+                            "and returning a fresh model built from them (an instance cannot be rebuilt with other "
+                            "parameters), e.g. lambda p: GPT2LMHeadModel(GPT2Config(n_layer=p['n_layer'], ...)).")
+        import inspect
+
+        try:
+            inspect.signature(given).bind({})
+        except TypeError:
+            raise TypeError(f"model_space is given, so model_factory is called with the trial's model parameters as "
+                            f"one dict, but {getattr(given, '__qualname__', given)!r} does not take one argument. "
+                            "Define it as def make_model(params): ... (params['n_layer'], ...).") from None
+        except ValueError:  # no signature to read (a builtin): it will tell at the first trial
+            pass
+        return given
     if isinstance(given, nn.Module):
         return lambda: copy.deepcopy(given)
     if callable(given):
@@ -149,37 +208,49 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
 
     request.prepare()
     setup = setup_record(request.fixed_settings, request.space, *request.prepared)
+    if request.model_space:
+        setup["model_space"] = {name: [kind, list(args)] for name, (kind, args) in request.model_space.items()}
+    if request.objectives != ("val_loss",):  # a study of before the objectives were recorded has the default
+        setup["objectives"] = list(request.objectives)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress; Optuna's info lines would repeat it
     try:
-        study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request.pruning),
-                           request.fixed["random_seed"], setup)
+        study = open_study(request.storage, request.heartbeat_interval, request.study_name, _pruner(request),
+                           request.fixed["random_seed"], setup, directions=len(request.objectives))
         _check_study_folder(request.output_dir / study.study_name, study)
         join_model(study, _first_model_record(request), request.storage)
+        request.recorded_model = study.user_attrs[SETUP_ATTR]["model"]
         bar = _TrialBar(request.n_trials, enabled=bool(request.progress))
+        refused = []
         try:
-            _optimize(study, lambda trial: _objective(fine_tune, request, study, trial), request, bar)
+            _optimize(study, lambda trial: _objective(fine_tune, request, study, trial), request, bar, refused)
         except KeyboardInterrupt:
-            warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
+            warnings.warn("Search interrupted; returning the trials so far.",
+                          UserWarning, stacklevel=caller_stacklevel())
         finally:
             bar.close()
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return _results(study, bar.finished, request.output_dir)
+    return _results(study, bar.finished - len(refused), request)
 
 
-def _optimize(study, objective, request: SearchRequest, bar) -> None:
+def _optimize(study, objective, request: SearchRequest, bar, refused: list) -> None:
     """``study.optimize`` for this call's trials, going on when a trial was taken from this process: on a shared
     storage another process's heartbeat check marks a trial failed when this process stalled past the grace period
     (a loaded machine, a Drive stall); Optuna then raises while recording the result, and the study retries the
-    trial's parameters itself."""
+    trial's parameters itself. Points the model constraints refuse are recorded but not counted (``refused``)."""
     import optuna
 
     started, begun = [], time.monotonic()
 
     def counted(trial):
         started.append(trial.number)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except RefusedPoint as point:
+            started.remove(trial.number)
+            refused.append(trial.number)
+            raise optuna.TrialPruned(str(point)) from None
 
     while request.n_trials is None or len(started) < request.n_trials:
         timeout = None if request.timeout is None else request.timeout - (time.monotonic() - begun)
@@ -188,7 +259,13 @@ def _optimize(study, objective, request: SearchRequest, bar) -> None:
         try:
             study.optimize(counted, n_trials=None if request.n_trials is None else request.n_trials - len(started),
                            timeout=timeout, catch=(Exception,), callbacks=[bar.update])
-            return
+            if request.n_trials is None:
+                return
+            if len(refused) >= MAX_REFUSED_POINTS:
+                warnings.warn(f"model_constraints refused {len(refused)} of the points the sampler proposed; the "
+                              "search stops here. Narrow model_space to the points a model can be built from.",
+                              UserWarning, stacklevel=caller_stacklevel())
+                return
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # the two ways Optuna refuses the result
             taken = [t for t in study.get_trials(deepcopy=False) if t.number == started[-1]] if started else []
             if not taken or taken[0].state != optuna.trial.TrialState.FAIL:
@@ -196,15 +273,24 @@ def _optimize(study, objective, request: SearchRequest, bar) -> None:
             bar.update(study, taken[0])  # it ran in this call (Optuna skipped the callbacks)
             warnings.warn(f"Trial {started[-1]} was marked failed by another process while this one still ran it (its "
                           "heartbeat stalled past the grace period); the study retries its parameters. Going on.",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=caller_stacklevel())
 
 
 def _first_model_record(request: SearchRequest):
-    """() -> the record of the model the first trial trains (built once; that trial then takes this instance)."""
+    """() -> the record of the study's model. Without a model space: the model the first trial trains (built once;
+    that trial then takes this instance). With one: the family, from the model built at the reference point (the
+    first point the constraints accept), which no trial takes."""
     made = {}
 
     def record() -> dict:
-        if "record" not in made:
+        if "record" in made:
+            return made["record"]
+        if request.model_space:
+            point = reference_point(request.model_space, request.model_constraints)
+            reference = request.build_model(point)
+            made["record"] = family_record(request.new_model, point, reference, request.config_for(point))
+            del reference
+        else:
             first, factory = request.new_model(), request.new_model
             made["record"] = model_record(first, request.config)
             waiting = [first]
@@ -219,7 +305,7 @@ def _check_study_folder(folder: Path, study) -> None:
     (in memory, or a deleted database): new trials would start there and be refused one by one."""
     known = {trial.number for trial in study.get_trials(deepcopy=False)}
     foreign = sorted(path.name for path in folder.glob("trial-*")
-                     if (path / "checkpoints").is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
+                     if checkpoints_folder(path).is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
     if foreign:
         raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have "
                          f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): they are from an earlier "
@@ -227,8 +313,12 @@ def _check_study_folder(folder: Path, study) -> None:
                          "away.")
 
 
-def _objective(fine_tune, request: SearchRequest, study, trial) -> float:
+def _objective(fine_tune, request: SearchRequest, study, trial):
     params = {name: suggest(trial, name, kind, args) for name, (setting, kind, args) in request.space.items()}
+    model_params = {name: suggest(trial, name, kind, args) for name, (kind, args) in request.model_space.items()}
+    if not accepted(request.model_constraints, model_params):
+        trial.set_user_attr("reason", f"model_constraints refuse {model_params}: not trained, not counted")
+        raise RefusedPoint(f"model_constraints refuse {model_params}")
     first_try = first_try_of(study, trial)
     # Per study, so a second study never meets the first's checkpoints; a retried trial continues in the folder
     # of the trial it retries, from that trial's last checkpoint.
@@ -238,12 +328,19 @@ def _objective(fine_tune, request: SearchRequest, study, trial) -> float:
         resume_from_checkpoint=first_try is not None and request.fixed_settings.writes_checkpoints,
         progress=request.progress == "all", wandb_group=study.study_name,
         wandb_run_name=f"{study.study_name}-trial-{trial.number}"))
-    return _run_trial(fine_tune, trial, request, settings)
+    return _run_trial(fine_tune, (study, trial), request, settings, model_params)
 
 
-def _pruner(pruning):
+def _pruner(request: SearchRequest):
     import optuna
 
+    pruning = request.pruning
+    if len(request.objectives) > 1:
+        if pruning not in (True, False, None):
+            warnings.warn("Optuna's pruners compare one value per step, so trials of a search with several "
+                          "objectives are not pruned; the pruner passed is not used.", UserWarning,
+                          stacklevel=caller_stacklevel())
+        return optuna.pruners.NopPruner()
     if pruning is True:
         # Two finished trials are enough to call a trial hopeless on tiny searches (Optuna's default is 5).
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
@@ -252,8 +349,46 @@ def _pruner(pruning):
     return pruning  # an Optuna pruner instance
 
 
-def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSettings) -> float:
+def _check_trial_model(request: SearchRequest, study, trial, model, record: dict, model_params: dict) -> None:
+    """Refuse, at this trial, a model other than the study's (no model space) or other than its parameters describe:
+    a config field that contradicts them, another class than the family's, or other shapes than the same parameters
+    gave before."""
+    recorded = request.recorded_model
+    if not request.model_space:
+        if record != recorded:
+            raise ValueError(f"model_factory returned another model at trial {trial.number} than the study's "
+                             f"({model_differences(recorded, record)}); a study compares one model. Make the factory "
+                             "build the same model on every call, or search the model's parameters with model_space.")
+        return
+    if record["class"] != recorded["reference"]["class"]:
+        raise ValueError(f"model_factory returned a {record['class']} for {model_params}, but the study's family is "
+                         f"{recorded['reference']['class']}: one study searches one model family.")
+    model_config = getattr(unwrap(model), "config", None)
+    contradicted = [f"model.config.{name} is {getattr(model_config, name)!r}, the trial's parameter {value!r}"
+                    for name, value in model_params.items()
+                    if hasattr(model_config, name) and getattr(model_config, name) != value]
+    if contradicted:
+        raise ValueError(f"model_factory did not build the model its parameters describe: {'; '.join(contradicted)}. "
+                         "Build the model from the params dict the factory is given.")
+    fingerprint = shapes_fingerprint(record)
+    same = [(recorded["reference"]["n_parameters"], shapes_fingerprint(recorded["reference"]), "the reference model")
+            ] if model_params == recorded["reference_params"] else []
+    same += [(t.user_attrs["n_parameters"], t.user_attrs["model_fingerprint"], f"trial {t.number}")
+             for t in study.get_trials(deepcopy=False)
+             if t.number != trial.number and "model_fingerprint" in t.user_attrs
+             and {name: t.params.get(name) for name in model_params} == model_params]
+    for n_parameters, other, where in same:
+        if other != fingerprint:
+            raise ValueError(f"model_factory built another model from the same parameters {model_params}: "
+                             f"{record['n_parameters']:,} parameters (shapes {fingerprint}) at trial {trial.number}, "
+                             f"{n_parameters:,} (shapes {other}) for {where}. The model must depend on its parameters "
+                             "only (not on a counter, a global or the time).")
+
+
+def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTuneSettings, model_params: dict):
     import optuna
+
+    study, trial = study_trial
 
     def report(step, val_loss, final):
         trial.report(val_loss, step)
@@ -263,10 +398,18 @@ def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSetti
 
     model = None
     train, val = request.prepared
+    trial_config = request.config_for(model_params)
     try:
-        model = request.new_model()
-        results = fine_tune(model, request.config, train, val, settings, tokenizer=request.tokenizer,
-                            device=request.device, on_evaluation=report)
+        model = request.build_model(model_params)
+        record = model_record(model, trial_config)
+        _check_trial_model(request, study, trial, model, record, model_params)
+        for key, value in (("model_class", record["class"]), ("n_parameters", record["n_parameters"]),
+                           ("model_fingerprint", shapes_fingerprint(record))):
+            trial.set_user_attr(key, value)
+        hooks = RunHooks(on_evaluation=report if len(request.objectives) == 1 else None,
+                         token_bytes=request.token_bytes)
+        results = fine_tune(model, trial_config, train, val, settings, tokenizer=request.tokenizer,
+                            device=request.device, hooks=hooks)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         if isinstance(error, torch.OutOfMemoryError):
@@ -280,6 +423,8 @@ def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSetti
             torch.cuda.empty_cache()
     if results["resumed_from_step"] is not None:
         trial.set_user_attr("resumed_from_step", results["resumed_from_step"])
+    for key, value in cost_of(results, record["n_parameters"]).items():
+        trial.set_user_attr(key, value)
     outcome = results["outcome"]
     if outcome.kind is OutcomeKind.INTERRUPTED:
         raise KeyboardInterrupt
@@ -287,11 +432,21 @@ def _run_trial(fine_tune, trial, request: SearchRequest, settings: FineTuneSetti
         trial.set_user_attr("reason", outcome.reason)
         raise optuna.TrialPruned(outcome.reason)
     loss = results["final_val_loss"]
+    values = objective_values(results, record["n_parameters"], request.objectives)
     if outcome.kind is OutcomeKind.NON_FINITE or loss is None or not math.isfinite(loss):
         trial.set_user_attr("reason", f"non-finite loss: {results['stop_reason']}")
-        return math.nan  # Optuna records a NaN objective as a failed trial
+        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)  # Optuna records a failed trial
+    if any(value is None for value in values):
+        trial.set_user_attr("reason", f"objective {request.objectives} not measured: {values}")
+        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)
     trial.set_user_attr("val_perplexity", results["val_perplexity"])
-    return loss
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _first_value(trial):
+    """A trial's (first) objective value, or None (multi-objective trials have no ``value``)."""
+    values = trial.values
+    return values[0] if values else None
 
 
 class _TrialBar:
@@ -306,61 +461,58 @@ class _TrialBar:
 
     def update(self, study, trial) -> None:
         self.finished += 1
-        if self.bar is None:
+        if self.bar is None or "not counted" in str(trial.user_attrs.get("reason")):
             return
         self.bar.update(1)
-        completed = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
+        values = [_first_value(t) for t in study.trials]
+        completed = [v for v in values if v is not None and math.isfinite(v)]
         if completed:
-            self.bar.set_postfix(best_val_loss=f"{min(t.value for t in completed):.4f}")
+            self.bar.set_postfix(best=f"{min(completed):.4f}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def trials_frame(study) -> pd.DataFrame:
-    rows = []
-    for trial in study.trials:
-        duration = ((trial.datetime_complete - trial.datetime_start).total_seconds()
-                    if trial.datetime_complete and trial.datetime_start else None)
-        rows.append({"number": trial.number, "state": trial.state.name, "value": trial.value,
-                     **{f"params_{k}": v for k, v in trial.params.items()}, "duration_s": duration,
-                     "reason": trial.user_attrs.get("reason"), "retry_of": trial.system_attrs.get("failed_trial")})
-    return pd.DataFrame(rows)
-
-
-def _results(study, trials_run: int, output_dir: Path) -> dict:
+def _results(study, trials_run: int, request: SearchRequest) -> dict:
     import optuna
 
-    frame = trials_frame(study)
+    frame = trials_frame(study, request.objectives)
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = min(completed, key=lambda t: t.value) if completed else None
+    best = min(completed, key=_first_value) if completed else None
     if best is None:
         warnings.warn("No trial of the search completed; see the 'reason' column of results['trials'].", UserWarning,
-                      stacklevel=3)
+                      stacklevel=caller_stacklevel())
+    best_loss = None if best is None else best.user_attrs.get("val_loss", _first_value(best))
+    best_model_params = None if best is None else {name: best.params[name] for name in request.model_space}
+    columns = pareto_columns(request.objectives)
+    pareto = pareto_front(frame, columns)
     return {
-        "best_params": dict(best.params) if best else None,
-        "best_value": best.value if best else None,
-        "best_val_perplexity": safe_exp(best.value) if best else None,
+        "best_params": None if best is None else {k: v for k, v in best.params.items() if k not in request.model_space},
+        "best_model_params": best_model_params,
+        "best_config": None if best is None else request.config_for(best_model_params),
+        "best_value": _first_value(best) if best else None,
+        "best_val_perplexity": safe_exp(best_loss) if best else None,
         "best_trial_number": best.number if best else None,
+        "objectives": request.objectives, "pareto": pareto, "pareto_objectives": columns,
         "trials": frame, "trials_df": frame, "study": study, "study_name": study.study_name,
         "n_trials": trials_run, "n_trials_in_study": len(study.trials),
         "n_completed_in_study": len(completed),
-        "all_trials": [{"number": t.number, "value": t.value, "params": dict(t.params)} for t in study.trials],
-        "plot_paths": _plots(study, len(completed), output_dir),
+        "all_trials": [{"number": t.number, "value": _first_value(t), "params": dict(t.params)} for t in study.trials],
+        "plot_paths": _plots(study, len(completed), request.output_dir, (frame, pareto, columns, OBJECTIVES)),
     }
 
 
-def _plots(study, n_completed: int, output_dir: Path) -> dict[str, str]:
+def _plots(study, n_completed: int, output_dir: Path, front: tuple) -> dict[str, str]:
     """The search's figures (``plots.search_figures``): trial values and best so far, each parameter against the
-    objective, and importances once enough trials completed."""
+    objective, importances once enough trials completed, and the Pareto front of the costs against the loss."""
     if n_completed == 0:
         return {}
     from ..metrics import save_search_plots
 
     try:
-        return save_search_plots(study, output_dir)
+        return save_search_plots(study, output_dir, front)
     except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
         warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning,
-                      stacklevel=4)
+                      stacklevel=caller_stacklevel())
         return {}

@@ -15,7 +15,7 @@ LEGACY_NAMES = {"lr": "learning_rate", "wd": "weight_decay", "warmup": "warmup_s
 # both span orders of magnitude. Every other range is linear.
 LOG_SCALE_SETTINGS = ("learning_rate", "weight_decay")
 KINDS = ("log", "float", "int", "categorical")
-NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "wandb_run_name", "wandb_group", "progress"}
+NOT_SEARCHABLE = set(FineTuneSettings.names_where(search=False))  # declared in settings.py
 
 
 def parse_search_space(space: dict | None) -> dict[str, tuple[str, str, tuple]]:
@@ -46,8 +46,71 @@ def parse_search_space(space: dict | None) -> dict[str, tuple[str, str, tuple]]:
     return parsed
 
 
-def _parse_spec(name, setting, spec):
-    bad = ValueError(f"search_space[{name!r}] = {spec!r} is not a spec. Use ('log', low, high), ('float', low, high), "
+def parse_model_space(space: dict | None, search_space: dict) -> dict[str, tuple[str, tuple]]:
+    """``{name: (kind, args)}`` for the model's parameters (both spec forms, as :func:`parse_search_space`; a float
+    ``(low, high)`` is linear); raises ``ValueError`` before any trial on a bad entry or a name that is also a
+    ``test_fine_tuning`` keyword or a ``search_space`` name (one name, one meaning)."""
+    if space is None:
+        return {}
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"model_space must be a non-empty dict of name -> spec (e.g. {{'n_layer': ('int', 1, 4), "
+                         f"'n_embd': [64, 128]}}), got {space!r}.")
+    keywords = FineTuneSettings.keyword_names() | set(LEGACY_NAMES)
+    parsed = {}
+    for name, spec in space.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"model_space names {name!r}: names are passed to model_factory as dict keys and set on "
+                             "the config, so they must be identifiers such as 'n_layer'.")
+        if name in keywords or name in search_space:
+            raise ValueError(f"model_space names {name!r}, which is also a test_fine_tuning keyword or a search_space "
+                             "name; search training keywords in search_space and the model's own parameters in "
+                             "model_space, each name in one of them.")
+        kind, args = _parse_spec(name, None, spec, what="model_space")
+        parsed[name] = (kind, args)
+    return parsed
+
+
+def model_points(model_space: dict, limit: int = 100_000):
+    """The space's points in order, floats at their low end (the points a constraint can be checked on up front);
+    at most ``limit`` of them."""
+    import itertools
+
+    axes = [args[0] if kind == "categorical" else (range(args[0], args[1] + 1) if kind == "int" else [args[0]])
+            for kind, args in model_space.values()]
+    for values in itertools.islice(itertools.product(*axes), limit):
+        yield dict(zip(model_space, values))
+
+
+def reference_point(model_space: dict, constraints) -> dict:
+    """The first point of the space the constraints accept: the study's reference model is built from it before any
+    trial. Raises ``ValueError`` when the constraints accept none of the points checked."""
+    checked = 0
+    for point in model_points(model_space):
+        checked += 1
+        if constraints is None or _accepts(constraints, point):
+            return point
+    floats = [name for name, (kind, _) in model_space.items() if kind in ("float", "log")]
+    raise ValueError(f"model_constraints accept none of the {checked:,} points of model_space checked"
+                     f"{' (float parameters at their low end: ' + ', '.join(floats) + ')' if floats else ''}, so "
+                     "every trial would be refused. Widen model_space or correct the constraint (it returns True "
+                     "for the parameters a model can be built with, e.g. lambda p: p['n_embd'] % p['n_head'] == 0).")
+
+
+def _accepts(constraints, point: dict) -> bool:
+    verdict = constraints(dict(point))
+    if verdict is None:  # a forgotten return would refuse every point
+        raise TypeError(f"model_constraints must return True or False for a dict of model parameters; it returned "
+                        f"None for {point}.")
+    return bool(verdict)
+
+
+def accepted(constraints, point: dict) -> bool:
+    """Whether ``constraints`` (None: everything) accept the model parameters ``point``."""
+    return constraints is None or _accepts(constraints, point)
+
+
+def _parse_spec(name, setting, spec, what="search_space"):
+    bad = ValueError(f"{what}[{name!r}] = {spec!r} is not a spec. Use ('log', low, high), ('float', low, high), "
                      "('int', low, high), ('categorical', [choices]), a list of choices or a (low, high) tuple.")
     if isinstance(spec, list):
         kind, args = "categorical", (spec,)
@@ -70,11 +133,11 @@ def _parse_spec(name, setting, spec):
         raise bad
     low, high = args
     if not low < high:
-        raise ValueError(f"search_space[{name!r}]: low ({low}) must be below high ({high}).")
+        raise ValueError(f"{what}[{name!r}]: low ({low}) must be below high ({high}).")
     if kind == "log" and low <= 0:
-        raise ValueError(f"search_space[{name!r}]: a log range needs low > 0, got {low}. Use ('float', {low}, {high}).")
+        raise ValueError(f"{what}[{name!r}]: a log range needs low > 0, got {low}. Use ('float', {low}, {high}).")
     if kind == "int" and not all(isinstance(v, int) for v in args):
-        raise ValueError(f"search_space[{name!r}]: an int range needs int bounds, got {args}.")
+        raise ValueError(f"{what}[{name!r}]: an int range needs int bounds, got {args}.")
     return kind, args
 
 

@@ -18,17 +18,16 @@ import warnings
 from pathlib import Path
 
 from ..loss import unwrap
-from .search_space import NOT_SEARCHABLE
+from ..settings import FineTuneSettings
+from ..warn import caller_stacklevel
 
 SETUP_ATTR = "tier3_setup"
 DEFAULT_SHARED_STUDY = "tier3-search"
 CREATION_TRIES = 8
 # Settings that do not change a trial's value: where it writes, what it logs or shows, how often it checkpoints,
-# which weights the model holds at the end. Every other resolved setting is part of a study's set-up.
-NOT_IN_SETUP = NOT_SEARCHABLE | {"use_wandb", "wandb_project", "wandb_mode", "save_plots", "log_every",
-                                 "log_grad_dist_every", "log_grad_histogram", "keep_checkpoints", "checkpoint_every",
-                                 "checkpoint_every_minutes", "checkpoint_staging_dir", "async_checkpoints",
-                                 "load_best_model_at_end", "process_timeout_minutes"}
+# which weights the model holds at the end (declared in settings.py). Every other resolved setting is part of a
+# study's set-up.
+NOT_IN_SETUP = set(FineTuneSettings.names_where(setup=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +108,10 @@ def _stale_callback_keyword() -> str:
 # ----------------------------------------------------------------------------------------------
 # Opening a study
 # ----------------------------------------------------------------------------------------------
-def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner, seed: int, setup: dict):
-    """Create or join the study, refuse another set-up, then sample with a seed of this process's own."""
+def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner, seed: int, setup: dict, *,
+               directions: int = 1):
+    """Create or join the study (``directions`` objectives, all minimised), refuse another set-up, then sample with
+    a seed of this process's own."""
     import optuna
 
     shared = is_shared(storage)
@@ -120,8 +121,8 @@ def open_study(storage, heartbeat_interval: int, study_name: str | None, pruner,
 
     def create():
         opened["storage"] = open_storage(storage, heartbeat_interval)
-        return optuna.create_study(storage=opened["storage"], study_name=name, direction="minimize",
-                                   load_if_exists=True)
+        return optuna.create_study(storage=opened["storage"], study_name=name,
+                                   directions=["minimize"] * directions, load_if_exists=True)
 
     study = _retry_concurrent_creation(create)
     join_setup(study, setup, storage)
@@ -196,23 +197,26 @@ def join_setup(study, setup: dict, storage) -> None:
 
 
 def join_model(study, model, storage) -> None:
-    """Record the model in the study's set-up, or refuse another one before any trial, naming what differs.
+    """Record the model (or, with a model space, the model family) in the study's set-up, or refuse another one
+    before any trial, naming what differs.
 
-    ``model``: () -> this call's :func:`model_record`. A study with trials but no recorded model was recorded
-    before the model was part of the set-up: it adopts this call's, with a warning (its trials cannot tell).
+    ``model``: () -> this call's :func:`model_record` or :func:`family_record`. A study with trials but no recorded
+    model was recorded before the model was part of the set-up: it adopts this call's, with a warning (its trials
+    cannot tell).
     """
     recorded = study.user_attrs[SETUP_ATTR]
     this = model()
     if "model" not in recorded:
         if study.get_trials(deepcopy=False):
+            described = this.get("reference", this)
             warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included "
-                          f"the model; this call's model ({this['class']}, {this['n_parameters']:,} parameters) is "
-                          "recorded now, and its earlier trials are taken to have used the same. If they did not, "
-                          "pass another study_name.", UserWarning, stacklevel=4)
+                          f"the model; this call's model ({described['class']}, {described['n_parameters']:,} "
+                          "parameters) is recorded now, and its earlier trials are taken to have used the same. If "
+                          "they did not, pass another study_name.", UserWarning, stacklevel=caller_stacklevel())
         study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its model first
     if recorded["model"] != this:
-        _refuse(study, storage, [model_differences(recorded["model"], this)])
+        _refuse(study, storage, [family_differences(recorded["model"], this)])
 
 
 def _refuse(study, storage, differences: list) -> None:
@@ -244,6 +248,38 @@ def model_record(model, config) -> dict:
     return json.loads(json.dumps({"class": type(model).__qualname__,
                                   "n_parameters": sum(p.numel() for p in model.parameters()),
                                   "parameters": parameters, "config": fields}))
+
+
+def shapes_fingerprint(record: dict) -> str:
+    """16 hex digits of sha256 over a model record's parameter names and shapes."""
+    return hashlib.sha256(json.dumps(record["parameters"]).encode()).hexdigest()[:16]
+
+
+def family_record(factory, reference_params: dict, model, config) -> dict:
+    """A model family's record: the factory (by qualified name, as classes are), and the model it builds from the
+    reference parameters with the config they fill (its class, shapes and fixed config fields)."""
+    return json.loads(json.dumps({"factory": getattr(factory, "__qualname__", type(factory).__qualname__),
+                                  "reference_params": reference_params,
+                                  "reference": model_record(model, config)}))
+
+
+def family_differences(recorded: dict, this: dict) -> str:
+    """What differs between two recorded models or model families, in a few words each."""
+    if "reference" not in recorded or "reference" not in this:
+        if "reference" in recorded or "reference" in this:
+            searched = "the study" if "reference" in recorded else "this call"
+            return (f"model family: {searched} searches the model's parameters (model_space) and the other does not; "
+                    "one study holds one kind of search")
+        return model_differences(recorded, this)
+    parts = []
+    if recorded["factory"] != this["factory"]:
+        parts.append(f"model_factory {recorded['factory']} vs {this['factory']}")
+    if recorded["reference_params"] != this["reference_params"]:
+        parts.append(f"reference point {recorded['reference_params']} vs {this['reference_params']}")
+    if recorded["reference"] != this["reference"]:
+        parts.append(model_differences(recorded["reference"], this["reference"]).replace(
+            "model differs (study vs this call)", f"the model built from {this['reference_params']} differs"))
+    return "model family differs (study vs this call): " + "; ".join(parts or ["another family"])
 
 
 def model_differences(recorded: dict, this: dict) -> str:

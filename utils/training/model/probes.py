@@ -1,0 +1,302 @@
+"""Start-up probes of the model's behaviour: what a causal LM must do, checked on a few real lines before step 1.
+
+Three probes, each one or two evaluation-mode forwards of two lines of ``PROBE_LENGTH`` tokens made from the user's
+own data (real lines joined, so a short-line corpus still reaches positions past 17):
+
+* ``"examples"`` - changing one example of a batch leaves the other's logits unchanged (a sequence-first layer fed
+  batch-first tensors, or a normalisation over the batch, mixes them);
+* ``"causal"`` - changing the tokens after position t leaves the logits at positions <= t unchanged, for every t
+  in steps of ``CAUSAL_STRIDE`` and the last one (all in one batch of rows, run after ``"examples"`` passed);
+* ``"padding"`` - the real positions' logits do not change when the batch is padded further on the right by
+  ``EXTRA_PADDING``. Left padding (models that take an ``attention_mask``) is measured and recorded, not refused:
+  the package never gives a model left padding (it moves it to the right).
+
+A failure is refused before any optimizer step, naming the module that explains it where one does
+(:mod:`suspects`) and the fix; ``skip_model_checks`` opts out of a probe for a model meant to differ (a
+prefix LM). ``results["model_checks"]`` says what ran and what it found.
+
+Tolerance (CLAUDE.md, "Float tolerances"): the compared forwards differ only in batch shape and in values the
+compared positions must not depend on, so a correct model differs by float32 re-association alone: at most
+``terms * eps`` relative to the logits' magnitude, ``terms`` = the longest sum in the forward (the widest layer or
+the probe's positions) times the number of layers whose rounding adds up. A real leak moves logits by percent.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
+from ..settings import MODEL_CHECKS as PROBES
+from .embeddings import one_cpu_thread
+from .suspects import Suspects, watch
+
+PROBE_LENGTH = 24  # positions probed; > 17 so a mask that fails from a middle position on is reached
+EXTRA_PADDING = 8  # pad positions added on the right (and, where a mask is taken, on the left)
+CAUSAL_STRIDE = 8  # cutoffs t = 0, 8, 16, ... and the last position but one
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@dataclass
+class ProbeLines:
+    """Two real lines of equal length, the tokens that replace them, and the pad id."""
+
+    lines: torch.Tensor  # (2, length) long
+    replacements: torch.Tensor  # (2, length): never equal to lines
+    pad_token_id: int
+
+
+def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, length: int, seed: int) -> ProbeLines:
+    """Two lines of ``length`` real tokens from ``batches`` (their real positions joined in order and cycled)."""
+    pool = torch.cat([batch["input_ids"][row][batch["attention_mask"][row].bool()].cpu()
+                      for batch in batches for row in range(batch["input_ids"].shape[0])])
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(len(pool), (1,), generator=generator))
+    index = (start + torch.arange(2 * length)) % len(pool)
+    lines = pool[index].view(2, length).long()
+    # Another id at every position, drawn uniformly among the others (an offset of 1..vocab-1 modulo the vocabulary).
+    offsets = torch.randint(1, max(vocab_size, 2), lines.shape, generator=generator)
+    return ProbeLines(lines, (lines + offsets) % max(vocab_size, 2), pad_token_id)
+
+
+def probe_length(limit: int | None, longest: int) -> int:
+    """Positions to probe: ``PROBE_LENGTH``, fewer when the model's positions (declared, or the longest line its
+    first forward took when nothing declares them) leave no room for ``EXTRA_PADDING`` after them."""
+    room = (limit if limit is not None else longest) - EXTRA_PADDING
+    return max(2, min(PROBE_LENGTH, room))
+
+
+def trusted_by_construction(model: nn.Module) -> str | None:
+    """Why a model needs no probe: a Hugging Face decoder-only causal LM whose forward is transformers' own, without
+    hooks (causal, per-example and right-padding-exact by construction); None for every other model."""
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or "forward" in vars(inner):
+        return None
+    owner = next(klass for klass in type(inner).__mro__ if "forward" in vars(klass))
+    if type(inner).__name__ not in hf_causal_lm_class_names() or not owner.__module__.startswith("transformers."):
+        return None
+    if any(getattr(module, kind) for module in inner.modules()
+           for kind in ("_forward_pre_hooks", "_forward_hooks")):
+        return None
+    return (f"{type(inner).__name__} is a Hugging Face causal LM whose forward is transformers' own: causal, "
+            "per-example and exact under right padding by construction")
+
+
+class ModelProbes:
+    """Runs the probes on one model; ``report`` collects what each found, ``refusal`` the first failure's message."""
+
+    def __init__(self, model: nn.Module, lines: ProbeLines, skip: tuple = (), vocab_size: int | None = None):
+        self.model, self.lines, self.skip = model, lines, tuple(skip)
+        self.caller = ModelCaller(model, vocab_size)
+        self.report: dict = {}
+        self.suspects = Suspects()
+        self.terms = _rounding_terms(model, lines.lines.shape[1] + EXTRA_PADDING)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        device = base_device(self.model)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "right_padded": True}
+        return self.caller(self.model, batch).float().cpu()
+
+    def tolerance(self, logits: torch.Tensor) -> float:
+        eps = torch.finfo(next(self.model.parameters()).dtype).eps  # half-precision weights round more
+        return self.terms * max(eps, EPS32) * max(float(logits.abs().max()), EPS32)
+
+    def run(self) -> str | None:
+        """Every probe not skipped; the refusal message of the first that failed (examples, causal, padding)."""
+        lines = self.lines.lines
+        with eval_mode(self.model), full_float32_matmuls(), one_cpu_thread(base_device(self.model)):
+            with watch(unwrap(self.model), tuple(lines.shape)) as self.suspects:
+                base = self.forward(lines)
+            tolerance = self.tolerance(base)
+            failures = []
+            for name, probe in (("examples", self.examples), ("causal", self.causal), ("padding", self.padding)):
+                if name in self.skip:
+                    self.report[name] = {"ran": False, "why": "skip_model_checks"}
+                    continue
+                message = probe(base, tolerance)
+                if message:
+                    failures.append(message)
+                    break  # the later probes batch rows together or read positions: not meaningful after a failure
+        return failures[0] if failures else None
+
+    def _record(self, name: str, difference: float, tolerance: float, **found) -> bool:
+        passed = difference <= tolerance
+        self.report[name] = {"ran": True, "passed": passed, "max_difference": difference, "tolerance": tolerance,
+                             **found}
+        return passed
+
+    # -- the probes ------------------------------------------------------------------------------------------
+    def examples(self, base: torch.Tensor, tolerance: float) -> str | None:
+        changed = self.lines.lines.clone()
+        changed[1] = self.lines.replacements[1]
+        difference = float((self.forward(changed)[0] - base[0]).abs().max())
+        if self._record("examples", difference, tolerance):
+            return None
+        return examples_message(difference, tolerance, self.suspects)
+
+    def causal(self, base: torch.Tensor, tolerance: float) -> str | None:
+        line, replacement = self.lines.lines[0], self.lines.replacements[0]
+        length = len(line)
+        cutoffs = sorted(set(range(0, length - 1, CAUSAL_STRIDE)) | {length - 2})
+        rows = line.repeat(len(cutoffs), 1)
+        for row, cutoff in enumerate(cutoffs):
+            rows[row, cutoff + 1:] = replacement[cutoff + 1:]
+        logits = self.forward(rows)
+        first, worst = None, 0.0
+        for row, cutoff in enumerate(cutoffs):
+            moved = (logits[row, :cutoff + 1] - base[0, :cutoff + 1]).abs().amax(dim=-1)
+            worst = max(worst, float(moved.max()))
+            bad = torch.nonzero(moved > tolerance).flatten()
+            if len(bad) and (first is None or int(bad[0]) < first[0]):
+                first = (int(bad[0]), cutoff)
+        found = {"first_position_seeing_future": None if first is None else first[0], "positions_probed": length}
+        if self._record("causal", worst, tolerance, **found):
+            return None
+        return causal_message(first, worst, tolerance, self.suspects)
+
+    def padding(self, base: torch.Tensor, tolerance: float) -> str | None:
+        lines, pad = self.lines.lines, self.lines.pad_token_id
+        length = lines.shape[1]
+        pads = torch.full((2, EXTRA_PADDING), pad, dtype=lines.dtype)
+        real, none = torch.ones_like(lines), torch.zeros_like(pads)
+        right = self.forward(torch.cat([lines, pads], 1), torch.cat([real, none], 1))[:, :length]
+        difference = float((right - base).abs().max())
+        found = {"extra_pad_positions": EXTRA_PADDING}
+        if self.caller.accepts_attention_mask:
+            left = self.forward(torch.cat([pads, lines], 1), torch.cat([none, real], 1))[:, EXTRA_PADDING:]
+            left_difference = float((left - base).abs().max())
+            found["left_max_difference"] = left_difference
+            found["left"] = ("unchanged" if left_difference <= tolerance else
+                             "changed (recorded, not refused: the package pads on the right only)")
+        if self._record("padding", difference, tolerance, **found):
+            return None
+        return padding_message(difference, tolerance, self.suspects)
+
+
+def base_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def full_float32_matmuls():
+    """TF32 off for the probes (its 10-bit mantissa would make the float32 bound meaningless on a GPU)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _rounding_terms(model: nn.Module, positions: int) -> int:
+    """``terms`` of the tolerance: the longest sum (the widest dimension of a weight matrix other than the
+    vocabulary, or the positions an attention row sums over) times the layers whose rounding errors add up
+    (the weight matrices, each one matmul deep)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vocab_rows = max((p.shape[0] for p in matrices), default=0)
+    widest = max([positions] + [d for p in matrices for d in p.shape[-2:] if d != vocab_rows])
+    return widest * max(1, len(matrices))
+
+
+# -- messages ------------------------------------------------------------------------------------------------
+def _names(labels: list[str]) -> str:
+    return ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+
+
+def _sizes(difference: float, tolerance: float) -> str:
+    return f"by up to {difference:.3g} (float32 rounding allows {tolerance:.2g})"
+
+
+def examples_message(difference: float, tolerance: float, suspects: Suspects) -> str:
+    head = (f"The model mixes the examples of a batch: changing example 2 of a 2-example batch changed example 1's "
+            f"logits {_sizes(difference, tolerance)}, so every example's loss depends on what else is in its batch "
+            "and the numbers change with the batch size. ")
+    if suspects.sequence_first:
+        cause = (f"{_names(suspects.sequence_first)} {'is' if len(suspects.sequence_first) == 1 else 'are'} "
+                 "sequence-first (batch_first=False, torch's default) but received (batch, seq, ...) tensors, so "
+                 "it treats the batch as the sequence: build it with batch_first=True (or transpose its input).")
+    elif suspects.batch_norms:
+        cause = (f"{_names(suspects.batch_norms)} normalise over the batch (no running statistics): normalise over "
+                 "the features instead (nn.LayerNorm(d_model)).")
+    else:
+        cause = ("Likely causes: a sequence-first layer (nn.TransformerEncoderLayer, nn.MultiheadAttention, nn.LSTM "
+                 "with batch_first=False, their default) fed (batch, seq) tensors - pass batch_first=True; or a "
+                 "normalisation over the batch dimension (a mean or norm over dim 0) - normalise over the features.")
+    return head + cause + " A model meant to couple its examples: skip_model_checks=('examples',)."
+
+
+def causal_message(first: tuple[int, int] | None, difference: float, tolerance: float, suspects: Suspects) -> str:
+    position, cutoff = first if first is not None else (0, 0)
+    head = (f"The model sees the future: the logits at position {position} (counting from 0) changed "
+            f"{_sizes(difference, tolerance)} when only the tokens after position {cutoff} changed, so a position "
+            "can read the token it is asked to predict (the training loss falls towards 0 and the model is useless "
+            "for generation). ")
+    if position > 0:
+        head += f"Positions before {position} do not: the model sees ahead from position {position} on. "
+    if suspects.leaky_masks:
+        module, row = suspects.leaky_masks[0]
+        cause = (f"The attention mask given to {module} lets row {row} attend to later columns: build it with "
+                 "nn.Transformer.generate_square_subsequent_mask(seq_len) (and pass is_causal=True).")
+    elif suspects.unmasked_attention:
+        cause = (f"{_names(suspects.unmasked_attention)} ran without a causal mask: pass "
+                 "mask=nn.Transformer.generate_square_subsequent_mask(seq_len) and is_causal=True (with "
+                 "F.scaled_dot_product_attention: is_causal=True).")
+    elif suspects.sequence_norms or suspects.masked_attention:
+        norms = (f"{_names(suspects.sequence_norms)} normalise over the sequence" if suspects.sequence_norms else
+                 "every attention layer had a causal mask, so likely a normalisation, mean or pooling over the "
+                 "sequence dimension (dim 1)")
+        cause = (f"{norms}: it mixes later positions into earlier ones. Normalise over the features "
+                 "(nn.LayerNorm(d_model)), or over the positions up to each one only.")
+    else:
+        cause = ("Likely causes: attention without a causal mask (pass mask=nn.Transformer."
+                 "generate_square_subsequent_mask(seq_len) and is_causal=True; F.scaled_dot_product_attention("
+                 "..., is_causal=True)), or a normalisation or mean over the sequence dimension.")
+    return (head + cause + " A model meant to see ahead (a prefix LM, a bidirectional encoder): "
+            "skip_model_checks=('causal',).")
+
+
+def padding_message(difference: float, tolerance: float, suspects: Suspects) -> str:
+    return (f"The model's predictions depend on the padding after them: with {EXTRA_PADDING} more pad positions on "
+            f"the right the logits at the real positions changed {_sizes(difference, tolerance)}, so the same text "
+            "scores differently in every batch. Likely causes: a normalisation or scale over the padded length (a "
+            "mean or sum over the sequence dimension, a division by seq_len), or an attention mask applied the wrong "
+            "way round (1 = real token, 0 = padding). A model meant to differ: skip_model_checks=('padding',).")
+
+
+def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int, limit: int | None, skip,
+                seed: int) -> dict:
+    """The probes on ``model`` over lines of ``source`` (the training data's ``BatchSource``, or a list of collated
+    batches): ``results["model_checks"]``; raises ``ValueError`` with the cause and the fix when one fails."""
+    skip = PROBES if skip is True else tuple(skip or ())
+    trusted = trusted_by_construction(model)
+    if trusted:
+        return {name: {"ran": False, "why": trusted} for name in PROBES}
+    if set(skip) >= set(PROBES):
+        return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
+    batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
+    longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
+    probes, refusal = None, None
+    if limit is None:
+        # Nothing says how long a line the model takes (rotary or hand-made positions): the full probe length is
+        # tried, and where the model fails on it (a table of fixed size) lines no longer than the data's are used.
+        try:
+            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed), skip,
+                                 vocab_size)
+            refusal = probes.run()
+        except (IndexError, RuntimeError):
+            probes = None
+    if probes is None:
+        lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
+        probes = ModelProbes(model, lines, skip, vocab_size)
+        refusal = probes.run()
+    if refusal:
+        raise ValueError(refusal)
+    for name in PROBES:
+        probes.report.setdefault(name, {"ran": False, "why": "an earlier probe failed"})
+    return probes.report
+
