@@ -236,3 +236,44 @@ def test_short_lines_and_no_declared_positions_still_probe_past_position_17():
     with pytest.raises(ValueError, match=r"logits at position 17"):
         test_fine_tuning(RotaryLike(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines,
                          lines[:4], **QUIET)
+
+
+# -- review of issue 45: a cause named right, a correct model never refused -------------------------------------
+class LSTMSequenceFirst(nn.Module):
+    """nn.LSTM's default batch_first=False fed (batch, seq, d): it runs over the batch, so example 2 reads example
+    1 but example 1 never reads example 2 (changing only the second example shows nothing)."""
+
+    def __init__(self, d_model=32):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(VOCAB, d_model), nn.LSTM(d_model, d_model), nn.Linear(d_model,
+                                                                                                            VOCAB)
+
+    def forward(self, idx):
+        return self.head(self.rnn(self.embed(idx))[0])
+
+
+def test_a_sequence_first_lstm_fed_batch_first_is_named_as_mixing_examples_not_as_seeing_the_future():
+    message = _refused(LSTMSequenceFirst(), r"mixes the examples of a batch")
+    assert "rnn (LSTM)" in message and "batch_first=True" in message
+
+
+class FunctionalDropout(TinyCausalLM):
+    """Causal, but F.dropout's default training=True keeps it on in evaluation mode: its forwards are random."""
+
+    def forward(self, idx):
+        return nn.functional.dropout(super().forward(idx), 0.1)
+
+
+def test_a_model_random_in_evaluation_mode_is_not_refused_as_mixing_examples_but_warned():
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match=r"random numbers in evaluation mode.*training=self.training"):
+        results = test_fine_tuning(FunctionalDropout(vocab_size=VOCAB), CONFIG, lines, lines[:4], **QUIET)
+    assert all(not check["ran"] and "random" in check["why"] for check in results["model_checks"].values())
+
+
+def test_a_model_with_only_8_learned_positions_is_probed_within_them():
+    lines = random_lines(16, seed=1, low=3, high=9, vocab_size=VOCAB)  # lines fit the model's 8 positions
+    checks = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB, max_len=8), SimpleNamespace(vocab_size=VOCAB,
+                              pad_token_id=0), lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert checks["causal"]["positions_probed"] + checks["padding"]["extra_pad_positions"] <= 8
