@@ -93,3 +93,64 @@ def test_the_top_level_of_training_is_small():
     assert len(modules) <= 15 and len(seams) >= 4, (
         f"utils/training/ holds {len(modules)} modules beside {len(seams)} subpackages: a module belongs in the "
         f"subpackage of its seam")
+
+
+MAX_PARAMETERS = 8
+# The front door's public signatures (and the previous module's helpers) keep the keywords callers pass.
+FRONT_DOOR = {("utils/tier3_training_utilities.py", name) for name in
+              ("test_fine_tuning", "test_hyperparameter_search", "_run_validation_epoch", "_compute_loss_and_backward")}
+
+
+def test_no_function_takes_more_than_8_parameters():
+    wide = []
+    for path in sorted((ROOT / "utils").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                count = len(names) - (names[:1] in (["self"], ["cls"])) + bool(args.vararg) + bool(args.kwarg)
+                if count > MAX_PARAMETERS and (str(path.relative_to(ROOT)), node.name) not in FRONT_DOOR:
+                    wide.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({count})")
+    assert not wide, f"functions over {MAX_PARAMETERS} parameters (pass an object holding what goes together): {wide}"
+
+
+def _top_level_names(path: Path) -> set:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                names |= {t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                          if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_every_name_has_one_import_path():
+    """A module imports a name from the module that defines it, or from a seam's ``__init__`` (its contract): no
+    module passes on a name it imported, so each name has one home (``to_device`` once had two)."""
+    paths = {_module_name(p): p for p in sorted((ROOT / "utils").rglob("*.py"))}
+    relayed = []
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level or not node.module:
+                continue
+            target = ".".join(package[:len(package) - node.level + 1] + [node.module])
+            if target not in paths or paths[target].name == "__init__.py":
+                continue
+            defined = _top_level_names(paths[target])
+            relayed += [f"{name} imports {alias.name} from {target}" for alias in node.names
+                        if alias.name not in defined and f"{target}.{alias.name}" not in paths]
+    assert not relayed, f"names imported from a module that only passes them on: {relayed}"
+
+
+def test_no_warning_counts_its_stack_levels():
+    """A counted ``stacklevel=N`` breaks when a call is added between the user and the warning:
+    ``warn.caller_stacklevel()`` walks the stack to the user's line instead."""
+    counted = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sorted((ROOT / "utils").rglob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.keyword) and node.arg == "stacklevel" and isinstance(node.value, ast.Constant)]
+    assert not counted, f"counted stacklevels: {counted}; pass stacklevel=caller_stacklevel()"

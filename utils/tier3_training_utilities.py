@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import types
 
 import torch
 
 from .training.engine import RunHooks, fine_tune
-from .training.evaluation import evaluate
+from .training.evaluation import EvalCall, evaluate
 from .training.model import check_model_against_data, detect_pad_token_id, pad_is_eos
 from .training.loss import ModelCaller, byte_lengths_tensor, vocab_size_of
 from .training.previous_interface import CLIP_NORM_DEFAULT, PREVIOUS_DEFAULTS, settings_from_call
@@ -27,20 +26,17 @@ __all__ = ["test_fine_tuning", "test_hyperparameter_search", "evaluate_perplexit
 
 
 def __getattr__(name):
-    # ``wandb`` as a module attribute, imported on first use: callers patch
-    # ``utils.tier3_training_utilities.wandb`` with a mock, and the import stays lazy otherwise.
+    # The previous module imported ``wandb`` here and its callers use (and patch) this attribute; it is imported
+    # when first asked for, since importing wandb costs seconds and W&B is optional.
     if name == "wandb":
         return importlib.import_module("wandb")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _wandb_module():
-    """A caller's mock of ``utils.tier3_training_utilities.wandb`` if there is one, else ``import wandb``
-    (which honours a mock placed in ``sys.modules``)."""
-    patched = globals().get("wandb")
-    if patched is not None and not isinstance(patched, types.ModuleType):
-        return patched
-    return importlib.import_module("wandb")
+    """The W&B module a run logs to: what a caller assigned to this module's ``wandb`` (or patched it with), else
+    ``import wandb`` (which honours a module placed in ``sys.modules``)."""
+    return globals().get("wandb") or importlib.import_module("wandb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +71,8 @@ def _run_validation_epoch(model, data, pad_token_id, *, batch_size=8, device=Non
     source = batch_source(data, pad_token_id, what="validation data",
                           pad_is_eos=pad_is_eos(pad_token_id, getattr(model, "config", None), tokenizer))
     return evaluate(model, source, pad_token_id, batch_size=batch_size,
-                    device=device or next(model.parameters()).device, caller=caller, ctx=ctx, autocast=autocast)
+                    device=device or next(model.parameters()).device, ctx=ctx,
+                    call=EvalCall(caller=caller, autocast=autocast))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +143,9 @@ def evaluate_perplexity(model, data, config=None, batch_size=8, tokenizer=None, 
         model.to(device)
     device = next(model.parameters()).device
     check_model_against_data(model, config, [source], pad_token_id, device, tokenizer)
+    byte_lengths = byte_lengths_tensor(tokenizer, token_bytes, vocab_size_of(model, config), device)
     result = evaluate(model, source, pad_token_id, batch_size=batch_size, device=device,
-                      token_bytes=byte_lengths_tensor(tokenizer, token_bytes, vocab_size_of(model, config), device))
+                      call=EvalCall(token_bytes=byte_lengths))
     return {"loss": result["loss"], "perplexity": result["perplexity"], "accuracy": result["accuracy"],
             "bits_per_byte": result["bits_per_byte"],
             "tokens": result["real_tokens"], "padded_tokens": result["padded_tokens"],

@@ -15,6 +15,7 @@ import socket
 import urllib.parse
 import warnings
 from dataclasses import dataclass
+from ..training.warn import caller_stacklevel
 
 SPLITS = ("train", "validation", "test")
 GENSIM_EXCERPT = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -68,7 +69,8 @@ def load_wikitext(split: str = "train", source: str = "offline", min_words: int 
     if not _warned_unreachable:
         _warned_unreachable.append(True)  # once per process: every split and call would repeat it
         warnings.warn(f"WikiText-2 is not available ({unreachable}); using the offline Wikipedia excerpt shipped with "
-                      "gensim instead (source='offline' says so without trying).", UserWarning, stacklevel=2)
+                      "gensim instead (source='offline' says so without trying).",
+                      UserWarning, stacklevel=caller_stacklevel())
     return TextSplit(list(_offline_splits(min_words)[split]), OFFLINE_SOURCE, split)
 
 

@@ -19,12 +19,12 @@ from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbS
                       set_aside_earlier_outputs)
 from .loss import byte_lengths_tensor, vocab_size_of
 from .outcome import Outcome
-from .checkpoints import OutputDirLock, claim_run_id, resume, step_folders
+from .checkpoints import OutputDirLock, checkpoints_folder, claim_run_id, resume, step_folders
 from .previous_interface import previous_result_keys
-from .reproducibility import deterministic_algorithms, seed_everything, set_rng_state
-from .data import synthetic_sequences, train_and_val_sources
+from .reproducibility import deterministic_algorithms, random_state_kept, seed_everything
+from .data import source_options, synthetic_sequences, train_and_val_sources
 from .settings import FineTuneSettings
-from .trainer import RunData, Trainer
+from .trainer import RunData, RunRecord, Trainer
 from .warn import caller_stacklevel
 
 
@@ -98,10 +98,10 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
         if settings.precision_from_previous_keyword:
             warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
                           f"previous module; training in float32 on {device.type}. For CPU autocast pass "
-                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=4)
+                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=caller_stacklevel())
         else:
             warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in "
-                          f"float32 on {device.type}.", UserWarning, stacklevel=4)
+                          f"float32 on {device.type}.", UserWarning, stacklevel=caller_stacklevel())
     seed_everything(settings.random_seed)
     config = config if config is not None else getattr(model, "config", None)
     _check_parameters(model, settings, device)
@@ -115,7 +115,7 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     output_dir = Path(settings.output_dir)
     run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
                           writes_checkpoints=settings.writes_checkpoints,
-                          has_checkpoints=bool(step_folders(output_dir / "checkpoints"))) if ctx.is_main else ""
+                          has_checkpoints=bool(step_folders(checkpoints_folder(output_dir)))) if ctx.is_main else ""
     tracker, wandb = build_metrics(settings, ctx, hooks)
     # Sharded, each process holds a slice of every gradient: rank 0 alone cannot take a layer's norm, and asking
     # the others would put a collective into rank 0's step only (the processes then deadlock or abort).
@@ -123,14 +123,12 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if wandb and settings.fsdp:
         tracker.message("fsdp=True: per-layer gradient norms and histograms are not logged to W&B (each process "
                         "holds a shard of each gradient); train/grad_norm, the global norm, is.")
-    trainer = Trainer(model, settings, run_data, ctx=ctx, device=device, tracker=tracker, run_id=run_id,
-                      on_evaluation=hooks.on_evaluation, gradient_stats=gradient_stats)
-    resumed = resume(trainer)
-    _start_tracker(trainer, model)
+    trainer = Trainer(model, settings, run_data, ctx=ctx, device=device,
+                      record=RunRecord(tracker, run_id, gradient_stats), on_evaluation=hooks.on_evaluation)
+    resumed = resume(trainer)  # the whole state, the random state included
+    with random_state_kept():  # the sinks' start (W&B) must not move the random state the run continues with
+        _start_tracker(trainer, model)
     if resumed is not None:
-        # One per process that wrote it; a changed world size reuses them in turn.
-        rng = resumed["trainer_state.pt"]["rng"]
-        set_rng_state(rng[ctx.rank % len(rng)])  # last: nothing may draw random numbers after
         tracker.message(f"Resumed from {resumed['folder']} (optimizer step {trainer.state.global_step}).")
     return trainer, resumed
 
@@ -176,11 +174,10 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
             raise ValueError("train_data=None needs the vocabulary size for synthetic data: set config.vocab_size.")
         warnings.warn("train_data=None: training on a SYNTHETIC set of 256 variable-length sequences (arithmetic "
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=caller_stacklevel())
         train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train, val = train_and_val_sources(train_data, val_data, pad_token_id, settings.padding_multiple(device),
-                                       pad_is_eos(pad_token_id, config, tokenizer), settings.val_fraction,
-                                       settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
+    train, val = train_and_val_sources(train_data, val_data, source_options(settings, device, pad_token_id,
+                                                                          pad_is_eos(pad_token_id, config, tokenizer)))
     sizes = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     vocab_size = sizes.vocab_size
     # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
@@ -192,8 +189,9 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
                       "token of your vocabulary: lines ending in it lose that token as a target. Set "
                       "config.pad_token_id (or tokenizer.pad_token_id) to an id the tokenizer never produces, e.g. a "
-                      "new '<pad>' token.", UserWarning, stacklevel=5)
-    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks=model_checks)
+                      "new '<pad>' token.", UserWarning, stacklevel=caller_stacklevel())
+    return RunData(train, val, pad_token_id, pad_source, vocab_size, model_checks=model_checks,
+                   val_held_out=val_data is None)
 
 
 _VOCABULARY_ROUNDING = 128  # HF configs pad the embedding to a multiple of 64 or 128 for faster matmuls
@@ -299,5 +297,6 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
             unfinished.append(what)
     if unfinished:
         warnings.warn(f"Interrupted while writing {' and '.join(unfinished)}; the results are returned without them "
-                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).", UserWarning, stacklevel=5)
+                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).",
+                      UserWarning, stacklevel=caller_stacklevel())
     results["unfinished_outputs"] = unfinished

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -11,17 +12,27 @@ from .loss import ModelCaller, TokenSums, bits_per_byte, count_real_target_bytes
 from .metrics import safe_exp
 
 
-def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, caller: ModelCaller | None = None,
-             ctx: DistContext | None = None, autocast=contextlib.nullcontext, token_bytes=None) -> dict:
+@dataclass(frozen=True)
+class EvalCall:
+    """How each validation batch is computed and counted: the model call (None: a plain ``ModelCaller``), the
+    autocast context, and ``token_bytes`` (bytes per token id, a tensor on the device) for bits per byte."""
+
+    caller: ModelCaller | None = None
+    autocast: object = contextlib.nullcontext
+    token_bytes: torch.Tensor | None = None
+
+
+def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, ctx: DistContext | None = None,
+             call: EvalCall = EvalCall()) -> dict:
     """Loss, perplexity, accuracy and token counts over all real targets of ``source`` (every process's shard);
-    with ``token_bytes`` (bytes per token id, a tensor on ``device``) also the bytes those targets stand for and
-    bits per byte, from the same loss sums (``bits_per_byte`` None without it).
+    with ``call.token_bytes`` also the bytes those targets stand for and bits per byte, from the same loss sums
+    (``bits_per_byte`` None without it).
 
     The sums stay on the device until the end: one all-reduce and one host read per pass.
     """
     model = unwrap(model)  # DDP's forward would sync buffers; shards here may differ in batch count
     ctx = ctx or DistContext()
-    caller = caller or ModelCaller(model)
+    caller, autocast, token_bytes = call.caller or ModelCaller(model), call.autocast, call.token_bytes
     totals, target_bytes = TokenSums(), torch.zeros((), dtype=torch.float64, device=device)
     with eval_mode(model):
         for planned in source.eval_plan(batch_size, world_size=ctx.world_size, rank=ctx.rank):

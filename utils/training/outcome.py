@@ -87,10 +87,14 @@ def non_finite_validation(when: str, loss: float, best_epoch: int | None, best_v
         "model's weights are finite but produce non-finite logits: lower learning_rate or use precision='fp32'."))
 
 
-def early_stopped(patience: int, best_val_loss: float, best_epoch: int) -> Outcome:
+def early_stopped(state, patience: int | None, finished: bool) -> Outcome | None:
+    """Early stopping once ``patience`` validations in a row did not improve on the best (``state``: TrainState),
+    unless the run ends here anyway."""
+    if not patience or state.epochs_without_improvement < patience or finished:
+        return None
     return Outcome(OutcomeKind.STOPPED_EARLY,
                    f"early stopping: validation loss (excl. padding) did not improve for {patience} epoch(s); "
-                   f"best {best_val_loss:.4f} at epoch {best_epoch}")
+                   f"best {state.best_val_loss:.4f} at epoch {state.best_epoch}")
 
 
 def out_of_memory_message(global_step: int, batch_size: int, accumulation: int) -> str:

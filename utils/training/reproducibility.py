@@ -30,6 +30,16 @@ def set_rng_state(state: dict) -> None:
 
 
 @contextlib.contextmanager
+def random_state_kept():
+    """The random state as it was before the block, whatever the block draws."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+@contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """``torch.use_deterministic_algorithms`` for the duration of a call, then the caller's setting again."""
     if not enabled:

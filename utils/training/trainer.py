@@ -12,21 +12,20 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from pathlib import Path
 
 import torch
 
 from .data import BatchSource, PlanSettings, run_length, to_device
-from .checkpoints import FORMAT_VERSION, META_KEY as FORMAT_KEY, RunCheckpoints, load_model_and_optimizer
+from .checkpoints import FORMAT_VERSION, META_KEY as FORMAT_KEY, RunCheckpoints, load_model_and_optimizer, run_folder_of
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, local_weights, replicated_value
-from .evaluation import evaluate
+from .evaluation import EvalCall, evaluate
 from .metrics import GradientStats, MetricRows, epoch_line, epoch_row, eval_row, step_row
 from .loss import TokenSums, count_real_targets
 from .model import set_up_model
 from .optim import build_optimizer, build_scheduler, rate_from_schedule
 from .outcome import (COMPLETED, Outcome, OutcomeKind, StopTraining, early_stopped, non_finite_step,
                       non_finite_validation, nothing_to_train, out_of_memory_message)
-from .reproducibility import rng_state
+from .reproducibility import rng_state, set_rng_state
 from .settings import FineTuneSettings
 from .train_state import TrainState
 
@@ -39,6 +38,7 @@ class RunData:
     pad_token_id: int
     pad_source: str
     vocab_size: int
+    val_held_out: bool = False  # validation held out of train_data by val_fraction (val_data=None)
     token_bytes: torch.Tensor | None = None  # bytes of text per token id on the run's device (bits per byte), or None
     model_checks: dict = field(default_factory=dict)  # what the start-up probes of the model found (model/probes.py)
 
@@ -59,13 +59,21 @@ def forward_backward(model, batch, pad_token_id, *, caller, loss_divisor=None, a
     return sums
 
 
+@dataclass
+class RunRecord:
+    """Where a run's facts go: its metric rows (the sinks that consume them are rank 0's), the run id its
+    checkpoints carry, and W&B's per-layer gradient statistics when it logs them."""
+
+    tracker: MetricRows
+    run_id: str = ""
+    gradient_stats: GradientStats | None = None
+
+
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
-                 tracker: MetricRows, run_id: str = "", on_evaluation=None,
-                 gradient_stats: GradientStats | None = None):
+                 record: RunRecord, on_evaluation=None):
         self.model, self.settings, self.data, self.ctx, self.device = model, settings, data, ctx, device
-        self.tracker, self.run_id = tracker, run_id  # the metric rows (the sinks that consume them are rank 0's)
-        self.gradient_stats = gradient_stats  # W&B's per-layer gradient norms and histograms, when it logs them
+        self.tracker, self.run_id, self.gradient_stats = record.tracker, record.run_id, record.gradient_stats
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for the start-up probes
         self.setup = set_up_model(model, settings, probe, (data.pad_token_id, data.vocab_size), ctx=ctx, device=device)
@@ -83,7 +91,7 @@ class Trainer:
         # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
         self.stop_flag = torch.zeros((), device=device)
         self.best_weights = None  # the best epoch's weights on the CPU, when load_best_model_at_end
-        self.checkpoints = RunCheckpoints(settings, ctx, device, sharded=self.setup.sharded, note=tracker.message)
+        self.checkpoints = RunCheckpoints(settings, ctx, device, sharded=self.setup.sharded, note=self.tracker.message)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -109,7 +117,7 @@ class Trainer:
                     self.checkpoints.save(self, best=improved)
                 finished = self.length.ends_after(epoch, state.global_step)
                 stop = self.after_validation(val, final=finished, when=f"epoch {epoch + 1}")
-                if stop or (stop := self.early_stopping(finished)) or finished:
+                if stop or (stop := early_stopped(state, settings.early_stopping_patience, finished)) or finished:
                     return stop or COMPLETED
             return COMPLETED
         except KeyboardInterrupt:
@@ -236,8 +244,8 @@ class Trainer:
 
     def validate(self) -> dict:
         return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
-                        device=self.device, caller=self.caller, ctx=self.ctx, autocast=self.amp.autocast,
-                        token_bytes=self.data.token_bytes)
+                        device=self.device, ctx=self.ctx,
+                        call=EvalCall(self.caller, self.amp.autocast, self.data.token_bytes))
 
     def evaluate_mid_epoch(self, epoch: int) -> None:
         """``eval_every``: validate inside the epoch (eval mode draws no random numbers: training is unchanged)."""
@@ -269,12 +277,6 @@ class Trainer:
             self.best_weights = local_weights(self.model)  # the CPU copy of every (local) weight
         return improved
 
-    def early_stopping(self, finished: bool) -> Outcome | None:
-        state, patience = self.state, self.settings.early_stopping_patience
-        if patience and state.epochs_without_improvement >= patience and not finished:
-            return early_stopped(patience, state.best_val_loss, state.best_epoch)
-        return None
-
     # -- what a checkpoint carries ----------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a checkpoint carries, one entry per file. Called on every process: it gathers each one's RNG state."""
@@ -287,20 +289,27 @@ class Trainer:
                                               "val": all_gather_objects(self.data.val.state_dict(), self.ctx)}}}
 
     def load_state_dict(self, files: dict) -> None:
+        """A loaded checkpoint folder back into this run, all of it: weights, optimizer, schedule, scaler, counters,
+        rows, the sources' positions, the checkpoint folders and best weights, and last the random state."""
         load_model_and_optimizer(self.model, self.optimizer, files)
         trainer_state = files["trainer_state.pt"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         rate_from_schedule(self.optimizer, self.scheduler)
         self.amp.load_state_dict(trainer_state["scaler"])
-        self.state = TrainState.from_dict(trainer_state["state"])
+        self.state = state = TrainState.from_dict(trainer_state["state"])
         # The rows are read back from the metrics files of the run the checkpoint belongs to (rank 0 reads them).
-        run_dir = Path(files["folder"]).parent.parent if "folder" in files else Path(self.settings.output_dir)
-        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_dir)
+        self.tracker.load_state_dict(trainer_state["tracker"], ctx=self.ctx, run_dir=run_folder_of(files["folder"]))
+        # A run that max_steps ended inside an epoch recorded that epoch there; continued, its row comes again.
+        if state.step_in_epoch and not self.length.nothing_left(state.epoch, state.global_step):
+            self.tracker.drop_epoch_row(state.epoch + 1)
         # Each source takes back its own state and refuses, naming the example, when its data changed.
         sources = trainer_state.get("data") or {"train": trainer_state.get("stream")}  # "stream": before the contract
         for name, source in (("train", self.data.train), ("val", self.data.val)):
             if sources.get(name):
                 source.load_state_dict(sources[name][self.ctx.rank])
+        self.best_weights = self.checkpoints.resume_from(files, state, self.model)
+        rng = trainer_state["rng"]  # one per process that wrote it; a changed world size reuses them in turn
+        set_rng_state(rng[self.ctx.rank % len(rng)])
 
     def checkpoint_meta(self) -> dict:
         """What identifies the run a checkpoint belongs to (compared on resume) and where it stands."""

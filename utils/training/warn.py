@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,10 @@ def _in_package(filename: str) -> bool:
 def caller_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` made by the function calling this: the caller of the OUTERMOST
     frame inside ``utils``, so a warning names the user's line even when the package is re-entered through
-    Optuna or another library in between (a search trial)."""
+    Optuna or another library in between (a search trial). In a background thread (the checkpoint writer, a
+    watch) no user's line called it: the warning names its own line."""
+    if threading.current_thread() is not threading.main_thread():
+        return 1
     frame, level, outermost = sys._getframe(1), 1, 1
     while frame is not None:
         if _in_package(frame.f_code.co_filename):

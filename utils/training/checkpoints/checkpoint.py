@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint_format import FORMAT_VERSION, META_KEY, SEALED_FROM
+from ..warn import caller_stacklevel
 
 STEP_PREFIX = "step-"
+CHECKPOINTS = "checkpoints"  # a run's checkpoints: output_dir/checkpoints/step-N (and best/)
 META_SEAL = "meta_sha256"  # meta.json's own sha256, over its content without this key (canonical JSON)
 
 
@@ -80,6 +82,17 @@ class _HashingWriter:
 
 
 _CRC32_OPTION = threading.Lock()  # one save at a time switches torch's process-wide option
+
+
+def checkpoints_folder(output_dir) -> Path:
+    """Where a run writing into ``output_dir`` keeps its checkpoints (the one place the layout is spelled)."""
+    return Path(output_dir) / CHECKPOINTS
+
+
+def run_folder_of(checkpoint_folder) -> Path:
+    """The output_dir a checkpoint folder (``.../checkpoints/step-N``) belongs to: the inverse of
+    :func:`checkpoints_folder`."""
+    return Path(checkpoint_folder).parent.parent
 
 
 @contextmanager
@@ -355,5 +368,6 @@ def find_resumable(checkpoints_dir: Path, damaged: list | None = None) -> dict |
             reason = f"{type(error).__name__}: {error}"
             if damaged is not None:
                 damaged.append((folder, reason))
-            warnings.warn(f"Skipping checkpoint {folder}: it is damaged ({reason}).", UserWarning, stacklevel=2)
+            warnings.warn(f"Skipping checkpoint {folder}: it is damaged ({reason}).", UserWarning,
+                          stacklevel=caller_stacklevel())
     return None

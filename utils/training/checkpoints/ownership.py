@@ -10,6 +10,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from ..warn import caller_stacklevel
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -54,7 +55,8 @@ def _recorded_run_id(path: Path) -> str | None:
         return json.loads(path.read_text()).get("run_id")
     except (OSError, ValueError, AttributeError) as error:
         warnings.warn(f"{path} is damaged ({type(error).__name__}: {error}); it is rewritten with a new run id. The "
-                      "checkpoints in this folder are still used when resuming.", UserWarning, stacklevel=4)
+                      "checkpoints in this folder are still used when resuming.",
+                      UserWarning, stacklevel=caller_stacklevel())
         return None
 
 
@@ -96,20 +98,36 @@ class OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The token tells this lock from one another process (or a later run of this process) wrote.
         me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
-        while True:
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._take_over_if_stale(me)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(me, handle)
-            break
+        while not self._create(me):
+            self._take_over_if_stale(me)
         self.me, self.folder = me, FolderWatch(self.path.parent)
         _HELD[str(self.path.parent.resolve())] = self
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
+
+    def _create(self, owner: dict) -> bool:
+        """Create the lock holding ``owner``, unless one exists. A hard link of a complete file makes it appear
+        whole: a process reading it at that moment never sees it empty (and takes no live owner for a dead one).
+        Where links are not supported (some network mounts), O_EXCL and a write."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{owner['token']}.tmp")
+        tmp.write_text(json.dumps(owner))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(owner, handle)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _read_owner(self) -> tuple[dict, float, str | None]:
         """The lock's owner, its age, and its raw text (None when the lock is gone)."""
@@ -152,7 +170,8 @@ class OutputDirLock:
             if self._read_owner()[2] == text:
                 if owner.get("pid") != me["pid"]:
                     warnings.warn(f"Taking over the lock of a run that is no longer alive (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}) in {self.path.parent}.", UserWarning, stacklevel=4)
+                                  f"{owner.get('host')}) in {self.path.parent}.",
+                                  UserWarning, stacklevel=caller_stacklevel())
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:
@@ -186,16 +205,12 @@ class OutputDirLock:
                          f"run (pid {self.me['pid']}) was writing into {self.path.parent}")
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: if another process created it meanwhile, it is theirs and this run stops writing
-            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not self._create(self.me):  # another process created it meanwhile: theirs, and this run stops writing
             return self._hold_unlocked()
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(self.me, handle)
         if not replaced:  # a deleted output_dir took the lock with it: warned as such
             warnings.warn(f"{self.path} was removed while this run (pid {self.me['pid']}) writes into "
                           f"{self.path.parent}; it is restored, so no other run starts there meanwhile. Remove it "
-                          "only after the run ends.", UserWarning, stacklevel=1)
+                          "only after the run ends.", UserWarning, stacklevel=caller_stacklevel())
         return True
 
     def __exit__(self, *exc) -> None:
@@ -223,12 +238,10 @@ def lost_ownership(output_dir) -> str | None:
 
 class FolderWatch:
     """Notices an ``output_dir`` deleted under a live run (its files then come back in a new, empty folder):
-    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once per folder."""
-
-    _warned: set[str] = set()
+    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once a run."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        self.folder, self.warned = Path(folder), False
         self.identity, self.had_run_file = self._identity(), (self.folder / RUN_FILE).exists()
 
     def _identity(self):
@@ -242,11 +255,11 @@ class FolderWatch:
         self.had_run_file = self.had_run_file or (self.folder / RUN_FILE).exists()
         identity = self._identity()
         replaced = identity != self.identity or (self.had_run_file and not (self.folder / RUN_FILE).exists())
-        if not replaced or self.identity is None or str(self.folder) in FolderWatch._warned:
+        if not replaced or self.identity is None or self.warned:
             return replaced
-        FolderWatch._warned.add(str(self.folder))
+        self.warned = True
         warnings.warn(f"output_dir {self.folder} was deleted while this run was writing into it: the checkpoints and "
                       "metrics files written before are gone, and the run goes on writing into a new, recreated folder "
                       "(its checkpoints from here on). If that was not meant, stop the run and restore the folder.",
-                      UserWarning, stacklevel=1)
+                      UserWarning, stacklevel=caller_stacklevel())
         return True

@@ -1,24 +1,20 @@
-"""Resuming a run: which checkpoint, whether it belongs to this run, and where the best weights are.
+"""Resuming a run: which checkpoint, and whether it belongs to this run.
 
-What a checkpoint holds is ``Trainer.state_dict()``; this module decides whether and how to load one.
+What a checkpoint holds is ``Trainer.state_dict()`` and ``Trainer.load_state_dict`` takes all of it back; this
+module decides whether to load one.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint_format import check_format
-from .run_checkpoints import saved_weights
 from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
+from ..settings import MATCH, PER_PROCESS, FineTuneSettings
 
-# Settings that fix the data's order or the optimisation: resuming with other values would not continue the
-# same run. n_epochs and max_steps may be raised (the schedule is rebuilt for the new total; max_steps continues
-# the epoch it had ended), not lowered below what was trained; pad_to_multiple_of may change (plans are made on
-# real lengths).
-RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "shuffle", "random_seed", "group_by_length",
-                   "max_tokens_per_batch", "learning_rate", "weight_decay", "lr_schedule", "warmup_ratio",
-                   "warmup_steps", "max_grad_norm", "precision")
+# Settings a resume compares with the checkpoint's (declared MATCH or PER_PROCESS in settings.py): resuming with
+# other values would not continue the same run. RAISE (n_epochs, max_steps) is checked against the position below.
+RESUME_SETTINGS = FineTuneSettings.names_where(resume=MATCH) + FineTuneSettings.names_where(resume=PER_PROCESS)
 
 
 def resume(trainer) -> dict | None:
@@ -52,11 +48,8 @@ def resume(trainer) -> dict | None:
                              f"(…/checkpoints/step-N) or resume_from_checkpoint=True for the newest.") from error
     check_format(loaded["meta"], loaded["folder"])  # first: the facts below compare only within one format
     check_resumable(trainer, loaded["meta"])
-    trainer.load_state_dict(loaded)
-    continue_cut_epoch(trainer)
-    trainer.checkpoints.last_checkpoint = str(loaded["folder"])
-    restore_best(trainer, loaded)
-    abandon_newer(trainer, Path(loaded["folder"]))
+    trainer.load_state_dict(loaded)  # the run's whole state, its random state included
+    abandon_newer(trainer, Path(loaded["folder"]))  # after: best/ stays when it is the resumed line's
     return loaded
 
 
@@ -91,6 +84,7 @@ def abandon_newer(trainer, resumed: Path) -> None:
 
 def check_resumable(trainer, meta: dict) -> None:
     """Refuse a resume that would not continue the same run, naming what differs and the way out."""
+    check_settings(trainer, meta)  # first: a setting that shapes the data is named, not blamed on the data
     if meta["data_fingerprint"] != trainer.fingerprints["train"]:
         raise ValueError("Cannot resume: the checkpoint was made on different training data (its fingerprint "
                          "differs). Pass the same train_data, or start fresh with resume_from_checkpoint=False.")
@@ -98,14 +92,7 @@ def check_resumable(trainer, meta: dict) -> None:
         raise ValueError("Cannot resume: the checkpoint was made with different validation data (its fingerprint "
                          "differs), so best-model and early-stopping decisions would compare other numbers. Pass "
                          "the same val_data, or start fresh with resume_from_checkpoint=False.")
-    settings = trainer.settings.as_dict()
     world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
-    for name in RESUME_SETTINGS:
-        if world_changed and name in PER_PROCESS_SETTINGS:
-            continue  # compared per optimizer step (all processes) by check_world_size_change
-        if name in meta["settings"] and meta["settings"][name] != settings[name]:
-            raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
-                             f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")
     if world_changed:
         check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.data.train.state_per_process)
     step, max_steps = meta.get("step", 0), trainer.settings.max_steps
@@ -120,38 +107,18 @@ def check_resumable(trainer, meta: dict) -> None:
                          f"n_epochs={n_epochs}. Pass n_epochs >= {epoch + (1 if step_in_epoch else 0)}, or resume from "
                          "an earlier checkpoint folder, or start fresh.")
 
-def continue_cut_epoch(trainer) -> None:
-    """A run that ``max_steps`` ended inside an epoch validated and recorded that epoch there; when a raised
-    ``max_steps`` continues the epoch, its row is recorded again at the epoch's real end, so the early one goes."""
-    state, rows = trainer.state, trainer.tracker.epoch_rows
-    continued = not trainer.length.nothing_left(state.epoch, state.global_step)
-    if state.step_in_epoch and rows and rows[-1]["epoch"] == state.epoch + 1 and continued:
-        rows.pop()
-
-
-def restore_best(trainer, loaded: dict) -> None:
-    """``best/`` counts only if intact and the best the checkpoint recorded; else the checkpoint's own weights
-    may be the best."""
-    state, best = trainer.state, trainer.checkpoints.folder / "best"
-    if state.best_epoch is None:
-        return
-    try:
-        best_meta = ckpt.verify_folder(best)
-        matches = ((best_meta.get("best_epoch"), best_meta.get("best_val_loss"))
-                   == (state.best_epoch, state.best_val_loss))
-    except OSError as error:
-        matches = False
-        if best.exists():
-            warnings.warn(f"Skipping {best}: it is damaged ({error}).", UserWarning, stacklevel=3)
-    if matches:
-        trainer.checkpoints.best_checkpoint = str(best)
-        if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = saved_weights(trainer.model, ckpt.load_checkpoint(best))
-    elif state.best_epoch == state.epoch and state.step_in_epoch == 0:
-        # The checkpoint ends the best epoch: its own weights are the best.
-        trainer.checkpoints.best_checkpoint = str(loaded["folder"])
-        if trainer.settings.load_best_model_at_end:
-            trainer.best_weights = saved_weights(trainer.model, loaded)
-    elif trainer.settings.load_best_model_at_end:
-        warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
-                      "the best weights are lost unless a later epoch improves on them.", UserWarning, stacklevel=3)
+def check_settings(trainer, meta: dict) -> None:
+    """The settings declared MATCH (and PER_PROCESS, on the same number of processes) equal the checkpoint's; a
+    setting declared MATCH only while it is used (``when``) is compared only then."""
+    settings, rules = trainer.settings.as_dict(), FineTuneSettings.rules()
+    world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
+    used = {None: True, "stream": any(source.state_per_process for source in (trainer.data.train, trainer.data.val)),
+            "held_out": trainer.data.val_held_out}
+    for name in RESUME_SETTINGS:
+        if world_changed and name in PER_PROCESS_SETTINGS:
+            continue  # compared per optimizer step (all processes) by check_world_size_change
+        if not used[rules[name].when]:
+            continue
+        if name in meta["settings"] and meta["settings"][name] != settings[name]:
+            raise ValueError(f"Cannot resume: the checkpoint was made with {name}={meta['settings'][name]!r}, this "
+                             f"run has {name}={settings[name]!r}. Use the checkpoint's value, or start fresh.")

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from . import sharded_checkpoint
+from . import checkpoint as ckpt, sharded_checkpoint
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from .ownership import OutputDirTaken, lost_ownership
 from ..distributed import DistContext, any_rank, barrier, is_sharded, local_weights_of
 from ..outcome import Outcome, OutcomeKind
 from ..settings import FineTuneSettings
+from ..warn import caller_stacklevel
 
 
 class RunCheckpoints:
     def __init__(self, settings: FineTuneSettings, ctx: DistContext, device: torch.device, *, sharded: bool,
                  note=print):
         self.settings, self.ctx, self.device, self.sharded = settings, ctx, device, sharded
-        self.folder = Path(settings.output_dir) / "checkpoints"
+        self.folder = ckpt.checkpoints_folder(settings.output_dir)
         # Rank 0 writes, in a background thread while training goes on; FSDP's sharded saves are collectives.
         self.writer = CheckpointWriter(
             self.folder, settings.keep_checkpoints, staging_dir=settings.checkpoint_staging_folder(),
@@ -35,6 +36,35 @@ class RunCheckpoints:
         self.error = None  # a failed last write when the run ended for another reason
         self.pending = None  # the write still in flight when Ctrl-C stopped the run's end from waiting for it
         self.last_clock = time.monotonic()
+
+    def resume_from(self, loaded: dict, state, model) -> dict | None:
+        """A resumed run stands on the loaded folder (its last checkpoint); ``best/`` counts only if intact and the
+        best the checkpoint recorded, else the checkpoint's own weights may be the best. Returns the best weights
+        to restore at the end (``load_best_model_at_end``), else None."""
+        self.last_checkpoint = str(loaded["folder"])
+        best, want_weights = self.folder / "best", self.settings.load_best_model_at_end
+        if state.best_epoch is None:
+            return None
+        try:
+            best_meta = ckpt.verify_folder(best)
+            matches = ((best_meta.get("best_epoch"), best_meta.get("best_val_loss"))
+                       == (state.best_epoch, state.best_val_loss))
+        except OSError as error:
+            matches = False
+            if best.exists():
+                warnings.warn(f"Skipping {best}: it is damaged ({error}).", UserWarning, stacklevel=caller_stacklevel())
+        if matches:
+            self.best_checkpoint = str(best)
+            return saved_weights(model, ckpt.load_checkpoint(best)) if want_weights else None
+        if state.best_epoch == state.epoch and state.step_in_epoch == 0:
+            # The checkpoint ends the best epoch: its own weights are the best.
+            self.best_checkpoint = str(loaded["folder"])
+            return saved_weights(model, loaded) if want_weights else None
+        if want_weights:
+            warnings.warn(f"{best} does not hold the best epoch ({state.best_epoch}) that {loaded['folder']} records; "
+                          "the best weights are lost unless a later epoch improves on them.", UserWarning,
+                          stacklevel=caller_stacklevel())
+        return None
 
     def due(self, global_step: int, at_sync_point: bool) -> bool:
         """A step-count checkpoint (``checkpoint_every``) or one by the clock (``checkpoint_every_minutes``)."""
@@ -74,8 +104,8 @@ class RunCheckpoints:
         # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
         # point anyway), instead of the others waiting forever in the next collective.
         if any_rank(failed is not None, self.ctx, self.device):
-            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
-                                       f"free space and access under {self.settings.output_dir}, then resume.")
+            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Resume "
+                                       "(resume_from_checkpoint=True) once the cause is fixed.")
         if self.writer:
             # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
             # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
@@ -88,7 +118,7 @@ class RunCheckpoints:
     def check_ownership(self) -> None:
         """Stop (all ranks) before writing when another process took ``output_dir``'s lock (it was removed under
         this run and someone started there): two runs would overwrite each other's checkpoints and metrics."""
-        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main and self.writer else None
+        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main else None  # the lock is rank 0's
         if any_rank(lost is not None, self.ctx, self.device):
             raise OutputDirTaken(f"Training stopped: {lost or 'rank 0 lost the lock of output_dir'}. Its checkpoints "
                                  "written before are intact; resume there (resume_from_checkpoint=True) once the "
@@ -123,7 +153,8 @@ class RunCheckpoints:
                                 "stopped the wait for it. It completes in the background while this Python process "
                                 "lives; until then the newest complete checkpoint is "
                                 f"{self.last_checkpoint or 'none'}")
-                warnings.warn(f"Not waiting for the last checkpoint: {self.pending}.", UserWarning, stacklevel=2)
+                warnings.warn(f"Not waiting for the last checkpoint: {self.pending}.", UserWarning,
+                              stacklevel=caller_stacklevel())
         together = outcome is not None and outcome.kind is not OutcomeKind.INTERRUPTED  # all ranks end at this point
         if together:  # they agree on a failure, and return only once rank 0's last write is complete
             if any_rank(failed is not None, self.ctx, self.device):
@@ -131,9 +162,10 @@ class RunCheckpoints:
             barrier(self.ctx)
         if failed and together and outcome.kind is not OutcomeKind.NON_FINITE:
             raise CheckpointWriteError(f"{failed}. Resume from the last checkpoint under {self.folder} once "
-                                       "the cause is fixed (free space, access to output_dir).")
+                                       "the cause is fixed.")
         if failed:
-            warnings.warn(f"The last checkpoint was not written: {failed}.", UserWarning, stacklevel=2)
+            warnings.warn(f"The last checkpoint was not written: {failed}.",
+                          UserWarning, stacklevel=caller_stacklevel())
         self.error = failed
 
     def result_keys(self) -> dict:

@@ -19,9 +19,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from . import checkpoint as ckpt
 from ..distributed import barrier
+from ..settings import PER_PROCESS, FineTuneSettings
 
 # Per-process settings: with another number of processes, their product with it must stay (see below).
-PER_PROCESS_SETTINGS = ("batch_size", "max_tokens_per_batch")
+PER_PROCESS_SETTINGS = FineTuneSettings.names_where(resume=PER_PROCESS)
 
 
 def _dcp_state(model, optimizer=None) -> dict:

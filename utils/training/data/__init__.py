@@ -6,10 +6,11 @@ from .example_checks import check_pad_token_id
 from .examples import Example, synthetic_sequences, to_examples
 from .loaders import LoaderBatches
 from .source_contract import BatchSource
-from .sources import batch_source, run_length, train_and_val_sources
+from .sources import SourceOptions, batch_source, run_length, source_options, train_and_val_sources
 from .streaming import StreamBatches
 from .table_batches import ExampleBatches
 
 __all__ = ["BatchSource", "Example", "ExampleBatches", "LoaderBatches", "MEGA_BATCH_FACTOR", "PaddingCollator",
-           "PlanSettings", "StreamBatches", "batch_source", "check_pad_token_id", "run_length", "shard_batches",
-           "synthetic_sequences", "to_device", "to_examples", "train_and_val_sources"]
+           "PlanSettings", "SourceOptions", "StreamBatches", "batch_source", "check_pad_token_id", "run_length",
+           "shard_batches", "source_options", "synthetic_sequences", "to_device", "to_examples",
+           "train_and_val_sources"]

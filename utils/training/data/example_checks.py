@@ -15,6 +15,7 @@ import torch
 
 from ..loss import IGNORE_INDEX
 from ..settings import BAD_EXAMPLES
+from ..warn import caller_stacklevel
 
 
 def length_fix(limit: int) -> str:
@@ -67,9 +68,10 @@ def no_real_target_error(what: str, pad_token_id: int) -> ValueError:
                       f"pad_token_id={pad_token_id}). Check the pad id and that the data is not all padding.")
 
 
-def warn_skipped_without_target(skipped: int, total: int, first: int, what: str, stacklevel: int = 5) -> None:
+def warn_skipped_without_target(skipped: int, total: int, first: int, what: str) -> None:
     warnings.warn(f"Skipped {skipped} of {total} examples of the {what} (the first: example {first}): they have no "
-                  "real target token (all padding, masked, or a single token).", UserWarning, stacklevel=stacklevel)
+                  "real target token (all padding, masked, or a single token).",
+                  UserWarning, stacklevel=caller_stacklevel())
 
 
 def check_loader_batch(batch, what: str) -> None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .collate import PaddingCollator, to_device  # noqa: F401 (callers import them from here)
 from .example_checks import no_real_target_error, warn_skipped_without_target
 from ..loss import IGNORE_INDEX, real_token_mask, shifted_targets
+from ..warn import caller_stacklevel
 
 
 @dataclass
@@ -130,7 +130,7 @@ def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos
         raise no_real_target_error(what, pad_token_id)
     if len(kept) < len(examples):
         first = next(i for i, ex in enumerate(examples) if ex.real_targets() == 0)
-        warn_skipped_without_target(len(examples) - len(kept), len(examples), first, what, stacklevel=3)
+        warn_skipped_without_target(len(examples) - len(kept), len(examples), first, what)
     return kept
 
 
@@ -142,7 +142,8 @@ def warn_if_eos_padding_is_ambiguous(parsed, cut, pad_token_id: int, what: str) 
             f"{padded} examples of the {what} end in a run of the pad id {pad_token_id}, which is also the EOS id, and "
             "carry no attention_mask. The rule applied: the first of each trailing run is the line's real EOS and "
             "counts as a target; right for lines that ended in their EOS, one extra target per line for lines that "
-            "did not. Pass attention_mask (e.g. the tokenizer's output) to be exact.", UserWarning, stacklevel=4)
+            "did not. Pass attention_mask (e.g. the tokenizer's output) to be exact.",
+            UserWarning, stacklevel=caller_stacklevel())
 
 
 def split_positions(n: int, val_fraction: float, seed: int):

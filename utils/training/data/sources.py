@@ -19,9 +19,6 @@ from .source_contract import BatchSource
 from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream
 from .table_batches import ExampleBatches
 
-__all__ = ["BatchSource", "ExampleBatches", "LoaderBatches", "StreamBatches", "batch_source", "RunLength", "run_length",
-           "steps_per_epoch", "train_and_val_sources"]
-
 
 def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",
                  pad_is_eos: bool = False, buffer_size: int = DEFAULT_BUFFER_SIZE,
@@ -37,16 +34,35 @@ def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None,
                           PaddingCollator(pad_token_id, pad_to_multiple_of), what)
 
 
-def train_and_val_sources(train_data, val_data, pad_token_id: int, pad_to_multiple_of: int | None, pad_is_eos: bool,
-                          val_fraction: float, seed: int, buffer_size: int = DEFAULT_BUFFER_SIZE,
-                          bad_examples: str = "error"):
+@dataclass(frozen=True)
+class SourceOptions:
+    """What the data seam takes from a run's settings, the device and the pad id to build its sources."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None
+    pad_is_eos: bool
+    val_fraction: float
+    seed: int
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    bad_examples: str = "error"
+
+
+def source_options(settings, device, pad_token_id: int, pad_is_eos: bool) -> SourceOptions:
+    """The data settings of a run (``FineTuneSettings``) on ``device``, in the one form the sources take."""
+    return SourceOptions(pad_token_id, settings.padding_multiple(device), pad_is_eos, settings.val_fraction,
+                         settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
+
+
+def train_and_val_sources(train_data, val_data, options: SourceOptions):
     """Batch sources for training and validation; ``val_data=None`` holds out a seeded ``val_fraction``."""
-    train = batch_source(train_data, pad_token_id, pad_to_multiple_of, "training data", pad_is_eos, buffer_size,
-                         bad_examples)
+    def source(data, what):
+        return batch_source(data, options.pad_token_id, options.pad_to_multiple_of, what, options.pad_is_eos,
+                            options.buffer_size, options.bad_examples)
+
+    train = source(train_data, "training data")
     if val_data is not None:
-        return train, batch_source(val_data, pad_token_id, pad_to_multiple_of, "validation data", pad_is_eos,
-                                   buffer_size, bad_examples)
-    return train.split(val_fraction, seed)
+        return train, source(val_data, "validation data")
+    return train.split(options.val_fraction, options.seed)
 
 
 def steps_per_epoch(source: BatchSource, spec: PlanSettings, n_epochs: int, max_steps: int | None) -> list:

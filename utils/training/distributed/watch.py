@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from .processes import DistContext
+from ..warn import caller_stacklevel
 
 KEY_PREFIX = "tier3-heartbeat"
 # Every process counts its runs alike (each fine_tune call builds one watch on every rank): the heartbeats of an
@@ -84,7 +85,7 @@ class ProcessWatch:
         except Exception as error:  # noqa: BLE001 - the run goes on; only the early naming of a stall is lost
             warnings.warn(f"The process watch cannot reach torchrun's store at {address[0]}:{address[1]} "
                           f"({type(error).__name__}: {error}); a stopped process is then found only by the "
-                          "process group's timeout, without its name.", UserWarning, stacklevel=2)
+                          "process group's timeout, without its name.", UserWarning, stacklevel=caller_stacklevel())
             return self
         self.started = self.store_answered = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="tier3-process-watch", daemon=True)

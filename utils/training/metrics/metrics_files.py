@@ -21,6 +21,7 @@ import pandas as pd
 
 from .plots import FILE_NAMES as PLOT_FILE_NAMES
 from .rows import STEP_COLUMNS, RowSink
+from ..warn import caller_stacklevel
 
 # What a run writes at the top of its output_dir (checkpoints, run.json and W&B's folders are kept apart: W&B names
 # each run's folder itself, wandb/run-<time>-<id>).
@@ -171,7 +172,7 @@ class MetricsFiles(RowSink):
         if len(rows) < count:
             warnings.warn(f"{path} holds {len(rows)} of the {count} rows the checkpoint counts (it was changed or "
                           "lost since); the results and the files hold only those. Keep the metrics files beside "
-                          "the checkpoints to resume with every row.", UserWarning, stacklevel=4)
+                          "the checkpoints to resume with every row.", UserWarning, stacklevel=caller_stacklevel())
         if cut and len(data) > end:
             if count == 0 and path.name == "metrics_evals.csv":
                 path.unlink()  # an uninterrupted run has no evals file before its first evaluation

@@ -17,6 +17,7 @@ import warnings
 import pandas as pd
 
 from ..distributed import DistContext, broadcast_object
+from ..warn import caller_stacklevel
 
 EPOCH_COLUMNS = [
     "epoch", "global_step",
@@ -153,6 +154,12 @@ class MetricRows:
         for sink in self.sinks:
             sink.evaluation(self, row)
 
+    def drop_epoch_row(self, epoch: int) -> None:
+        """Forget the last epoch row when it is ``epoch``'s: a resume that continues an epoch which ``max_steps``
+        had cut records its row again at the epoch's real end."""
+        if self.epoch_rows and self.epoch_rows[-1]["epoch"] == epoch:
+            self.epoch_rows.pop()
+
     def log_epoch(self, row: dict) -> dict:
         row = {column: row.get(column) for column in EPOCH_COLUMNS + [c for c in OPTIONAL_EPOCH_COLUMNS if c in row]}
         self.epoch_rows.append(row)
@@ -191,7 +198,7 @@ class MetricRows:
                 warnings.warn("The metric rows before the checkpoint could not be read back from the metrics CSVs of "
                               "its run folder; the results and files hold only the rows from here on. Keep the CSVs "
                               "beside the checkpoints (in output_dir) to resume with every row.", UserWarning,
-                              stacklevel=3)
+                              stacklevel=caller_stacklevel())
                 rows = {"steps": [], "evals": [], "epochs": []}
         self.step_rows, self.eval_rows, self.epoch_rows = (list(rows[k]) for k in ("steps", "evals", "epochs"))
 
@@ -200,5 +207,5 @@ class MetricRows:
             return next((found for sink in self.sinks if (found := sink.read_back(counts, run_dir)) is not None), None)
         except Exception as error:  # noqa: BLE001 - an unreadable file must not stop the resume (nor hang other ranks)
             warnings.warn(f"The metrics files could not be read back ({type(error).__name__}: {error}).", UserWarning,
-                          stacklevel=4)
+                          stacklevel=caller_stacklevel())
             return None

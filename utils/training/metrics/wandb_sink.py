@@ -9,6 +9,7 @@ import warnings
 
 from .gradient_stats import GradientStats
 from .rows import RowSink
+from ..warn import caller_stacklevel
 
 # W&B's x-axis for every row: the package's optimizer step. W&B's own ``step=`` must only increase, so rows sent
 # out of order (or again, after a resume) were dropped; a custom step metric takes any order.
@@ -95,7 +96,7 @@ class WandbSink(RowSink):
             self.run.finish()
         except KeyboardInterrupt:  # a Ctrl-C while W&B uploads must not lose the results being returned
             warnings.warn("W&B was interrupted while closing its run; run `wandb sync` on its folder to upload the "
-                          "rest.", UserWarning, stacklevel=3)
+                          "rest.", UserWarning, stacklevel=caller_stacklevel())
         except Exception as error:  # noqa: BLE001
             self._fail(error)
         self.run, self.gradients.enabled = None, False
@@ -112,6 +113,6 @@ class WandbSink(RowSink):
             "is still in the returned results and in the CSV files of output_dir. Install wandb, run `wandb login`, "
             "or pass wandb_mode='offline' to log without a network.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         self.run, self.gradients.enabled = None, False

@@ -27,12 +27,13 @@ from ..model import detect_pad_token_id, pad_is_eos
 from ..previous_interface import DefaultInt, settings_from_call
 from .objectives import (OBJECTIVES, canonical_objectives, cost_of, objective_values, pareto_columns, pareto_front,
                          trials_frame)
-from .search_space import (DEFAULT_SEARCH_SPACE, accepted, parse_model_space, parse_search_space,  # noqa: F401
-                           reference_point, suggest)  # DEFAULT_SEARCH_SPACE: API
+from .search_space import accepted, parse_model_space, parse_search_space, reference_point, suggest
 from .search_study import (SETUP_ATTR, family_record, first_try_of, join_model, model_differences, model_record,
                            open_study, setup_record, shapes_fingerprint)
 from ..settings import FineTuneSettings
-from ..data import train_and_val_sources
+from ..checkpoints import checkpoints_folder
+from ..data import source_options, train_and_val_sources
+from ..warn import caller_stacklevel
 
 N_TRIALS_DEFAULT = DefaultInt(10)
 # Points the model constraints refuse are not trained and not counted in n_trials; past this many in one call the
@@ -149,10 +150,8 @@ class SearchRequest:
         eos_is_pad = pad_is_eos(pad_token_id, self.config, self.tokenizer)
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
-        self.prepared = train_and_val_sources(self.train_data, self.val_data, pad_token_id,
-                                              settings.padding_multiple(device), eos_is_pad, settings.val_fraction,
-                                              settings.random_seed, settings.stream_buffer_size,
-                                              settings.bad_examples)
+        self.prepared = train_and_val_sources(self.train_data, self.val_data,
+                                              source_options(settings, device, pad_token_id, eos_is_pad))
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -226,7 +225,8 @@ def run_search(fine_tune, request: SearchRequest) -> dict:
         try:
             _optimize(study, lambda trial: _objective(fine_tune, request, study, trial), request, bar, refused)
         except KeyboardInterrupt:
-            warnings.warn("Search interrupted; returning the trials so far.", UserWarning, stacklevel=3)
+            warnings.warn("Search interrupted; returning the trials so far.",
+                          UserWarning, stacklevel=caller_stacklevel())
         finally:
             bar.close()
     finally:
@@ -264,7 +264,7 @@ def _optimize(study, objective, request: SearchRequest, bar, refused: list) -> N
             if len(refused) >= MAX_REFUSED_POINTS:
                 warnings.warn(f"model_constraints refused {len(refused)} of the points the sampler proposed; the "
                               "search stops here. Narrow model_space to the points a model can be built from.",
-                              UserWarning, stacklevel=4)
+                              UserWarning, stacklevel=caller_stacklevel())
                 return
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # the two ways Optuna refuses the result
             taken = [t for t in study.get_trials(deepcopy=False) if t.number == started[-1]] if started else []
@@ -273,7 +273,7 @@ def _optimize(study, objective, request: SearchRequest, bar, refused: list) -> N
             bar.update(study, taken[0])  # it ran in this call (Optuna skipped the callbacks)
             warnings.warn(f"Trial {started[-1]} was marked failed by another process while this one still ran it (its "
                           "heartbeat stalled past the grace period); the study retries its parameters. Going on.",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=caller_stacklevel())
 
 
 def _first_model_record(request: SearchRequest):
@@ -305,7 +305,7 @@ def _check_study_folder(folder: Path, study) -> None:
     (in memory, or a deleted database): new trials would start there and be refused one by one."""
     known = {trial.number for trial in study.get_trials(deepcopy=False)}
     foreign = sorted(path.name for path in folder.glob("trial-*")
-                     if (path / "checkpoints").is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
+                     if checkpoints_folder(path).is_dir() and path.name[len("trial-"):] not in {str(n) for n in known})
     if foreign:
         raise ValueError(f"{folder} holds checkpoints of trials that study {study.study_name!r} does not have "
                          f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): they are from an earlier "
@@ -338,7 +338,8 @@ def _pruner(request: SearchRequest):
     if len(request.objectives) > 1:
         if pruning not in (True, False, None):
             warnings.warn("Optuna's pruners compare one value per step, so trials of a search with several "
-                          "objectives are not pruned; the pruner passed is not used.", UserWarning, stacklevel=5)
+                          "objectives are not pruned; the pruner passed is not used.", UserWarning,
+                          stacklevel=caller_stacklevel())
         return optuna.pruners.NopPruner()
     if pruning is True:
         # Two finished trials are enough to call a trial hopeless on tiny searches (Optuna's default is 5).
@@ -385,8 +386,6 @@ def _check_trial_model(request: SearchRequest, study, trial, model, record: dict
 
 
 def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTuneSettings, model_params: dict):
-    import optuna
-
     study, trial = study_trial
 
     def report(step, val_loss, final):
@@ -420,9 +419,16 @@ def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTun
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return _trial_value(trial, results, record["n_parameters"], request.objectives)
+
+
+def _trial_value(trial, results: dict, n_parameters: int, objectives: tuple):
+    """Record a trained trial's cost and outcome; its objective value(s), or raise how it ended (pruned, Ctrl-C)."""
+    import optuna
+
     if results["resumed_from_step"] is not None:
         trial.set_user_attr("resumed_from_step", results["resumed_from_step"])
-    for key, value in cost_of(results, record["n_parameters"]).items():
+    for key, value in cost_of(results, n_parameters).items():
         trial.set_user_attr(key, value)
     outcome = results["outcome"]
     if outcome.kind is OutcomeKind.INTERRUPTED:
@@ -431,13 +437,14 @@ def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTun
         trial.set_user_attr("reason", outcome.reason)
         raise optuna.TrialPruned(outcome.reason)
     loss = results["final_val_loss"]
-    values = objective_values(results, record["n_parameters"], request.objectives)
+    values = objective_values(results, n_parameters, objectives)
+    failed = math.nan if len(values) == 1 else tuple(math.nan for _ in values)  # Optuna records a failed trial
     if outcome.kind is OutcomeKind.NON_FINITE or loss is None or not math.isfinite(loss):
         trial.set_user_attr("reason", f"non-finite loss: {results['stop_reason']}")
-        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)  # Optuna records a failed trial
+        return failed
     if any(value is None for value in values):
-        trial.set_user_attr("reason", f"objective {request.objectives} not measured: {values}")
-        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)
+        trial.set_user_attr("reason", f"objective {objectives} not measured: {values}")
+        return failed
     trial.set_user_attr("val_perplexity", results["val_perplexity"])
     return values[0] if len(values) == 1 else tuple(values)
 
@@ -481,7 +488,7 @@ def _results(study, trials_run: int, request: SearchRequest) -> dict:
     best = min(completed, key=_first_value) if completed else None
     if best is None:
         warnings.warn("No trial of the search completed; see the 'reason' column of results['trials'].", UserWarning,
-                      stacklevel=3)
+                      stacklevel=caller_stacklevel())
     best_loss = None if best is None else best.user_attrs.get("val_loss", _first_value(best))
     best_model_params = None if best is None else {name: best.params[name] for name in request.model_space}
     columns = pareto_columns(request.objectives)
@@ -513,5 +520,5 @@ def _plots(study, n_completed: int, output_dir: Path, front: tuple) -> dict[str,
         return save_search_plots(study, output_dir, front)
     except Exception as error:  # noqa: BLE001 - a plot must never lose the search's results
         warnings.warn(f"Could not draw the search's plots ({type(error).__name__}: {error}).", UserWarning,
-                      stacklevel=4)
+                      stacklevel=caller_stacklevel())
         return {}

@@ -15,7 +15,7 @@ LEGACY_NAMES = {"lr": "learning_rate", "wd": "weight_decay", "warmup": "warmup_s
 # both span orders of magnitude. Every other range is linear.
 LOG_SCALE_SETTINGS = ("learning_rate", "weight_decay")
 KINDS = ("log", "float", "int", "categorical")
-NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "wandb_run_name", "wandb_group", "progress"}
+NOT_SEARCHABLE = set(FineTuneSettings.names_where(search=False))  # declared in settings.py
 
 
 def parse_search_space(space: dict | None) -> dict[str, tuple[str, str, tuple]]:

@@ -18,18 +18,16 @@ import warnings
 from pathlib import Path
 
 from ..loss import unwrap
-from .search_space import NOT_SEARCHABLE
+from ..settings import FineTuneSettings
+from ..warn import caller_stacklevel
 
 SETUP_ATTR = "tier3_setup"
 DEFAULT_SHARED_STUDY = "tier3-search"
 CREATION_TRIES = 8
 # Settings that do not change a trial's value: where it writes, what it logs or shows, how often it checkpoints,
-# which weights the model holds at the end. Every other resolved setting is part of a study's set-up.
-NOT_IN_SETUP = NOT_SEARCHABLE | {"use_wandb", "wandb_project", "wandb_mode", "save_plots", "log_every",
-                                 "log_grad_dist_every", "log_grad_histogram", "keep_checkpoints", "checkpoint_every",
-                                 "checkpoint_every_minutes", "checkpoint_staging_dir", "async_checkpoints",
-                                 "load_best_model_at_end", "process_timeout_minutes",
-                                 "skip_model_checks"}
+# which weights the model holds at the end (declared in settings.py). Every other resolved setting is part of a
+# study's set-up.
+NOT_IN_SETUP = set(FineTuneSettings.names_where(setup=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +212,7 @@ def join_model(study, model, storage) -> None:
             warnings.warn(f"Study {study.study_name!r} in {_where(storage)} was recorded before its set-up included "
                           f"the model; this call's model ({described['class']}, {described['n_parameters']:,} "
                           "parameters) is recorded now, and its earlier trials are taken to have used the same. If "
-                          "they did not, pass another study_name.", UserWarning, stacklevel=4)
+                          "they did not, pass another study_name.", UserWarning, stacklevel=caller_stacklevel())
         study.set_user_attr(SETUP_ATTR, dict(recorded, model=this))
         recorded = study.user_attrs[SETUP_ATTR]  # re-read: another process may have recorded its model first
     if recorded["model"] != this:

@@ -1,0 +1,141 @@
+"""Every setting declares its rules next to its default (issue 44): its check, what a resume may do with it,
+whether it is part of a study's set-up and whether it can be searched. The lists the resume, the sharded
+checkpoints and the search use are derived from the declarations; the twelve settings once in none of the lists
+have a decided rule, and each refusing rule is tested on a resume."""
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models import TinyCausalLM
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.checkpoints.resume import RESUME_SETTINGS
+from utils.training.checkpoints.sharded_checkpoint import PER_PROCESS_SETTINGS
+from utils.training.search.search_space import NOT_SEARCHABLE
+from utils.training.search.search_study import NOT_IN_SETUP
+from utils.training.settings import (FREE, GROUPS, MATCH, PER_PROCESS, RAISE, RESUME_CONDITIONS, RESUME_RULES,
+                                     FineTuneSettings, setting)
+
+VOCAB, PAD = 50, 0
+CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
+# The twelve settings that were in none of the resume, per-process and study lists, and their decided rules
+# (the reasons are beside each declaration in settings.py and in CLAUDE.md's decisions table).
+TWELVE = {"n_epochs": RAISE, "max_steps": RAISE, "pad_to_multiple_of": FREE, "stream_buffer_size": MATCH,
+          "bad_examples": MATCH, "val_fraction": MATCH, "loss_path": MATCH, "compile": MATCH, "deterministic": FREE,
+          "fsdp": FREE, "early_stopping_patience": FREE, "eval_every": FREE}
+
+
+def undeclared(settings_class) -> list:
+    """Fields whose rules are missing or not one of the declared kinds."""
+    bad = []
+    for field in dataclasses.fields(settings_class):
+        rules = field.metadata.get("tier3_rules")
+        if (rules is None or not callable(rules.check) or rules.resume not in RESUME_RULES
+                or not isinstance(rules.setup, bool) or not isinstance(rules.search, bool)
+                or rules.group not in GROUPS or rules.when not in RESUME_CONDITIONS
+                or (rules.when is not None and rules.resume != MATCH)):
+            bad.append(field.name)
+    return bad
+
+
+def test_every_setting_declares_its_four_rules():
+    assert not undeclared(FineTuneSettings), "declare each setting with settings.setting(...)"
+    assert len(dataclasses.fields(FineTuneSettings)) >= 43
+
+
+def test_a_setting_without_declared_rules_is_caught():
+    with_plain = dataclasses.make_dataclass("WithPlain", [("extra", int, dataclasses.field(default=1))],
+                                            bases=(FineTuneSettings,))
+    declared = dataclasses.make_dataclass("Declared", [("extra", int, setting(1, check=lambda name, value: None,
+                                                                              resume=FREE, setup=False, search=False,
+                                                                              group="run"))],
+                                          bases=(FineTuneSettings,))
+    assert undeclared(with_plain) == ["extra"]
+    assert undeclared(declared) == []
+    with pytest.raises(KeyError):
+        with_plain().validate()  # validate() runs the declared checks: an undeclared field cannot pass it
+
+
+def test_the_lists_are_derived_from_the_declarations():
+    rules = FineTuneSettings.rules()
+    assert NOT_SEARCHABLE == {name for name, r in rules.items() if not r.search}
+    assert NOT_IN_SETUP == {name for name, r in rules.items() if not r.setup}
+    assert set(PER_PROCESS_SETTINGS) == {name for name, r in rules.items() if r.resume == PER_PROCESS}
+    assert set(RESUME_SETTINGS) == {name for name, r in rules.items() if r.resume in (MATCH, PER_PROCESS)}
+    assert NOT_SEARCHABLE <= NOT_IN_SETUP  # what cannot be searched does not change a trial's value either
+
+
+def test_the_twelve_settings_have_their_decided_rules():
+    rules = FineTuneSettings.rules()
+    assert {name: rules[name].resume for name in TWELVE} == TWELVE
+
+
+# -- the refusing rules on a resume ------------------------------------------------------------------------
+class Reiterable:
+    """A stream: an iterable of examples without a length (iterating starts over)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _lines(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _fit(train, val, out, **keywords):
+    torch.manual_seed(0)
+    settings = dict(batch_size=4, learning_rate=3e-3, progress=False, save_plots=False, output_dir=str(out),
+                    checkpoint_every=2)
+    return test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, train, val, **dict(settings, **keywords))
+
+
+STREAM = dict(max_steps=4, stream_buffer_size=8)
+
+
+@pytest.mark.parametrize("name,value", [("stream_buffer_size", 16), ("bad_examples", "skip")])
+def test_a_stream_resumed_with_another_setting_is_refused_naming_it(tmp_path, name, value):
+    rows = _lines(40)
+    _fit(Reiterable(rows), _lines(8, seed=1), tmp_path, **STREAM)
+    with pytest.raises(ValueError, match=f"{name}=.*this run has {name}={value!r}"):
+        _fit(Reiterable(rows), _lines(8, seed=1), tmp_path, resume_from_checkpoint=True,
+             **dict(STREAM, **{name: value}))
+
+
+def test_stream_settings_are_free_where_no_stream_is_read(tmp_path):
+    rows = _lines(16)
+    first = _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1)
+    resumed = _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, resume_from_checkpoint=True,
+                   stream_buffer_size=16, bad_examples="skip")
+    assert resumed["resumed_from_step"] == first["global_step"] and resumed["global_step"] == 2 * first["global_step"]
+
+
+def test_another_val_fraction_is_refused_naming_it_when_validation_is_held_out(tmp_path):
+    rows = _lines(20)
+    _fit(rows, None, tmp_path, n_epochs=1, val_fraction=0.2)
+    with pytest.raises(ValueError, match="val_fraction=0.2, this run has val_fraction=0.3"):
+        _fit(rows, None, tmp_path, n_epochs=2, val_fraction=0.3, resume_from_checkpoint=True)
+    # With val_data given, val_fraction is not used: another value changes nothing and is accepted.
+    first = _fit(rows, _lines(8, seed=1), tmp_path / "given", n_epochs=1, val_fraction=0.2)
+    resumed = _fit(rows, _lines(8, seed=1), tmp_path / "given", n_epochs=2, val_fraction=0.3,
+                   resume_from_checkpoint=True)
+    assert resumed["resumed_from_step"] == first["global_step"]
+
+
+def test_another_loss_path_is_refused_naming_it(tmp_path):
+    rows = _lines(16)
+    _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1, loss_path="chunked")
+    with pytest.raises(ValueError, match="loss_path='chunked', this run has loss_path='auto'"):
+        _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, loss_path="auto", resume_from_checkpoint=True)
+
+
+def test_another_compile_is_refused_naming_it(tmp_path):
+    rows = _lines(16)
+    _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1)
+    with pytest.raises(ValueError, match="compile=False, this run has compile=True"):
+        _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, compile=True, resume_from_checkpoint=True)
