@@ -196,7 +196,9 @@ class DeletesFolderAt(nn.Module):
             self.calls += 1
             if self.calls == self.at:
                 wait_for_checkpoint_writes()  # deleted between two writes (one in flight would fail, and say so)
-                shutil.rmtree(self.folder)
+                gone = self.folder.with_name("deleted")
+                os.replace(self.folder, gone)  # gone at once (the run's lock check may not restore into it)
+                shutil.rmtree(gone)
         return self.lm(idx)
 
 

@@ -66,10 +66,10 @@ def test_two_processes_search_depth_width_and_rate_on_a_journal_each_trial_train
         assert t.user_attrs["train_seconds"] > 0
     assert len({t.user_attrs["n_parameters"] for t in trials}) >= 3
 
-    # The rerun of the same call adds new points.
-    assert _worker(tmp_path, storage, 2, "ok", keywords).wait(timeout=300) == 0
+    # The rerun of the same call adds a new point.
+    assert _worker(tmp_path, storage, 1, "ok", keywords).wait(timeout=300) == 0
     study = _journal(storage)
-    assert len(study.trials) == 10 and len({tuple(sorted(t.params.items())) for t in study.trials}) == 10
+    assert len(study.trials) == 9 and len({tuple(sorted(t.params.items())) for t in study.trials}) == 9
 
     # The best trial's value is test_fine_tuning's on model_factory(best model parameters), exactly.
     # The workers' own call (its factory is the study's), joining with no trial of its own: the results.
@@ -98,7 +98,7 @@ def test_two_processes_search_depth_width_and_rate_on_a_journal_each_trial_train
     with pytest.raises(ValueError, match=r"another set-up.*config.vocab_size 50 vs 64"):
         test_hyperparameter_search(lambda p: architecture(p), **dict(call, config=SimpleNamespace(
             vocab_size=64, pad_token_id=0)))
-    assert len(built) <= 1 and len(_journal(storage).trials) == 10  # at most the reference model, no trial
+    assert len(built) <= 1 and len(_journal(storage).trials) == 9  # at most the reference model, no trial
 
 
 def test_a_killed_architecture_trial_resumes_from_its_own_checkpoint_to_the_uninterrupted_value(tmp_path):
@@ -129,13 +129,13 @@ def _non_dominated(points: dict) -> set:
 
 
 def test_two_objective_search_returns_exactly_the_non_dominated_trials_and_draws_them(tmp_path):
-    result = test_hyperparameter_search(lambda p: architecture(p), CONFIG, TRAIN, VAL, n_trials=6,
+    result = test_hyperparameter_search(lambda p: architecture(p), CONFIG, TRAIN, VAL, n_trials=5,
                                         search_space=LEARNING_RATE, model_space=MODEL_SPACE,
                                         objectives=("val_loss", "params"), output_dir=str(tmp_path), progress=False)
     study = result["study"]
     assert result["objectives"] == ("val_loss", "n_parameters") and len(study.directions) == 2
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(completed) == 6
+    assert len(completed) == 5
     points = {t.number: tuple(t.values) for t in completed}
     assert all(values[1] == tiny_parameters(t.params["n_layer"], t.params["n_embd"])
                for t, values in zip(completed, points.values()))
@@ -227,3 +227,21 @@ def test_points_the_constraints_refuse_are_not_trained_nor_counted():
     refused = trials[trials["state"] == "PRUNED"]
     assert all("model_constraints refuse" in reason for reason in refused["reason"])
     assert all(row.params_n_embd % row.params_n_head for row in refused.itertuples())
+
+
+def test_trials_of_other_architectures_are_pruned_at_the_steps_the_others_reported(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="p")
+    for n_layer, n_embd, learning_rate in ((1, 32, 1e-3), (1, 64, 1e-3), (3, 32, 3.0)):
+        study.enqueue_trial({"n_layer": n_layer, "n_embd": n_embd, "learning_rate": learning_rate})
+    with pytest.warns(UserWarning, match="recorded before its set-up included the model"):
+        result = test_hyperparameter_search(lambda p: architecture(p), CONFIG, TRAIN, VAL, n_trials=3,
+                                            storage=storage, study_name="p", model_space=MODEL_SPACE,
+                                            search_space={"learning_rate": ("log", 1e-5, 10.0)}, n_epochs=1,
+                                            eval_every=2, **QUIET)
+    assert list(result["trials"]["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    first, second, pruned = result["study"].trials
+    # The architecture does not change the steps: every trial reports at the same optimizer steps.
+    assert list(first.intermediate_values) == list(second.intermediate_values)
+    assert set(pruned.intermediate_values) < set(first.intermediate_values)  # stopped before its end
+    assert pruned.user_attrs["n_parameters"] == tiny_parameters(3, 32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import errno
 import os
 import shutil
 import threading
@@ -185,6 +186,43 @@ def _tensors(value, path):
             yield from _tensors(item, path + (i,))
 
 
+def state_bytes(state) -> int:
+    """The bytes of the tensors in a nested state: about what its files take (the pickled rest is small)."""
+    return sum(t.numel() * t.element_size() for _, t in _tensors(state, ()))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for place in (folder, *folder.parents):  # the folder itself may not exist yet (or any more)
+        try:
+            return shutil.disk_usage(place).free
+        except OSError:
+            continue
+    return None
+
+
+def write_failure(step: int, folder: Path, error: BaseException, needed: int, *, staging: bool, keep: int) -> str:
+    """What stopped a checkpoint write, for the user. A full disk is named by the folder on it and the bytes the
+    checkpoint needs: torch reports it as "[enforce fail at inline_container.cc] unexpected pos", which names
+    neither (its zip writer sees a short write); ENOSPC/EDQUOT, or less free space than needed, tell it."""
+    causes, cause = [], error
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    free = _free_bytes(Path(folder))
+    full = (any(getattr(c, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for c in causes)
+            or (free is not None and free < needed))
+    if not full:
+        return (f"checkpoint step-{step} could not be written to {folder} ({type(error).__name__}: {error}); the "
+                "checkpoints before it are intact")
+    advice = ("free space there, or pass checkpoint_staging_dir= a folder on a disk with room (None writes straight "
+              "into output_dir)" if staging else
+              f"free space there, keep fewer checkpoints (keep_checkpoints={keep}: each takes about this much), "
+              "or pass another output_dir")
+    return (f"checkpoint step-{step} could not be written: the disk holding {folder} is full "
+            f"({'unknown' if free is None else format(free, ',')} bytes free; the checkpoint needs about "
+            f"{needed:,} bytes). To go on: {advice}. The checkpoints before it are intact")
+
+
 def _set_niceness(thread_id: int, niceness: int | None) -> None:
     if niceness is None:
         return
@@ -331,7 +369,8 @@ class CheckpointWriter:
                           "These tensors are copied at once from now on; the next checkpoint holds them.",
                           UserWarning, stacklevel=caller_stacklevel())
         except BaseException as error:  # noqa: BLE001 - kept and raised in the training thread
-            self.error = (f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
+            self.error = (str(error) if isinstance(error, CheckpointWriteError) else
+                          f"checkpoint step-{step} could not be written to {self.staging_dir or self.checkpoints_dir}"
                           f" ({type(error).__name__}: {error}); the checkpoints before it are intact")
             warnings.warn(f"Background write failed: {self.error}.", UserWarning, stacklevel=caller_stacklevel())
         finally:
@@ -343,14 +382,31 @@ class CheckpointWriter:
             shutil.rmtree(local / (".tmp-" + name), ignore_errors=True)
 
     def _write(self, step, files, meta, best, on_written, before_publish=None) -> None:
+        """Errors raise as :class:`CheckpointWriteError` naming the folder; a full disk with the bytes needed."""
         local = self.staging_dir if self.staging_dir is not None else self.checkpoints_dir
         self.activity = f"writing its files into {local}"
-        step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, before_publish=before_publish)
+        try:
+            step_folder, best_folder = ckpt.save_step(local, step, files, meta, best, before_publish=before_publish)
+        except SnapshotChanged:
+            raise
+        except Exception as error:
+            self._drop_unpublished(step)  # the partial files would hold the space a resume needs
+            needed = state_bytes(files) + (state_bytes(files.get("model.pt")) if best else 0)
+            raise CheckpointWriteError(write_failure(step, local, error, needed, staging=local != self.checkpoints_dir,
+                                                     keep=self.keep)) from error
         if self.staging_dir is not None:  # best/ first here too: a step folder's best/ exists after any kill
             self.activity = f"copying it from {local} into {self.checkpoints_dir}"
-            if best_folder is not None:
-                best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
-            step_folder = ckpt.publish_folder(step_folder, self.checkpoints_dir)
+            try:
+                if best_folder is not None:
+                    best_folder = ckpt.publish_folder(best_folder, self.checkpoints_dir)
+                step_folder = ckpt.publish_folder(step_folder, self.checkpoints_dir)
+            except Exception as error:
+                for name in (step_folder.name, "best"):
+                    shutil.rmtree(self.checkpoints_dir / (".tmp-" + name), ignore_errors=True)
+                needed = sum(f.stat().st_size for folder in (step_folder, best_folder) if folder is not None
+                             and folder.parent == local for f in folder.iterdir())
+                raise CheckpointWriteError(write_failure(step, self.checkpoints_dir, error, needed, staging=False,
+                                                         keep=self.keep)) from error
             shutil.rmtree(local, ignore_errors=True)
         self.activity = f"removing older checkpoints from {self.checkpoints_dir} (keep_checkpoints={self.keep})"
         ckpt.prune_checkpoints(self.checkpoints_dir, self.keep)

@@ -98,20 +98,36 @@ class OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The token tells this lock from one another process (or a later run of this process) wrote.
         me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
-        while True:
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._take_over_if_stale(me)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                json.dump(me, handle)
-            break
+        while not self._create(me):
+            self._take_over_if_stale(me)
         self.me, self.folder = me, FolderWatch(self.path.parent)
         _HELD[str(self.path.parent.resolve())] = self
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self
+
+    def _create(self, owner: dict) -> bool:
+        """Create the lock holding ``owner``, unless one exists. A hard link of a complete file makes it appear
+        whole: a process reading it at that moment never sees it empty (and takes no live owner for a dead one).
+        Where links are not supported (some network mounts), O_EXCL and a write."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{owner['token']}.tmp")
+        tmp.write_text(json.dumps(owner))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(owner, handle)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _read_owner(self) -> tuple[dict, float, str | None]:
         """The lock's owner, its age, and its raw text (None when the lock is gone)."""
@@ -189,12 +205,8 @@ class OutputDirLock:
                          f"run (pid {self.me['pid']}) was writing into {self.path.parent}")
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: if another process created it meanwhile, it is theirs and this run stops writing
-            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not self._create(self.me):  # another process created it meanwhile: theirs, and this run stops writing
             return self._hold_unlocked()
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(self.me, handle)
         if not replaced:  # a deleted output_dir took the lock with it: warned as such
             warnings.warn(f"{self.path} was removed while this run (pid {self.me['pid']}) writes into "
                           f"{self.path.parent}; it is restored, so no other run starts there meanwhile. Remove it "
@@ -226,12 +238,10 @@ def lost_ownership(output_dir) -> str | None:
 
 class FolderWatch:
     """Notices an ``output_dir`` deleted under a live run (its files then come back in a new, empty folder):
-    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once per folder."""
-
-    _warned: set[str] = set()
+    the folder missing, another folder in its place, or its ``run.json`` gone. Warns once a run."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        self.folder, self.warned = Path(folder), False
         self.identity, self.had_run_file = self._identity(), (self.folder / RUN_FILE).exists()
 
     def _identity(self):
@@ -245,9 +255,9 @@ class FolderWatch:
         self.had_run_file = self.had_run_file or (self.folder / RUN_FILE).exists()
         identity = self._identity()
         replaced = identity != self.identity or (self.had_run_file and not (self.folder / RUN_FILE).exists())
-        if not replaced or self.identity is None or str(self.folder) in FolderWatch._warned:
+        if not replaced or self.identity is None or self.warned:
             return replaced
-        FolderWatch._warned.add(str(self.folder))
+        self.warned = True
         warnings.warn(f"output_dir {self.folder} was deleted while this run was writing into it: the checkpoints and "
                       "metrics files written before are gone, and the run goes on writing into a new, recreated folder "
                       "(its checkpoints from here on). If that was not meant, stop the run and restore the folder.",

@@ -104,8 +104,8 @@ class RunCheckpoints:
         # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
         # point anyway), instead of the others waiting forever in the next collective.
         if any_rank(failed is not None, self.ctx, self.device):
-            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Check "
-                                       f"free space and access under {self.settings.output_dir}, then resume.")
+            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Resume "
+                                       "(resume_from_checkpoint=True) once the cause is fixed.")
         if self.writer:
             # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
             # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
@@ -118,7 +118,7 @@ class RunCheckpoints:
     def check_ownership(self) -> None:
         """Stop (all ranks) before writing when another process took ``output_dir``'s lock (it was removed under
         this run and someone started there): two runs would overwrite each other's checkpoints and metrics."""
-        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main and self.writer else None
+        lost = lost_ownership(self.settings.output_dir) if self.ctx.is_main else None  # the lock is rank 0's
         if any_rank(lost is not None, self.ctx, self.device):
             raise OutputDirTaken(f"Training stopped: {lost or 'rank 0 lost the lock of output_dir'}. Its checkpoints "
                                  "written before are intact; resume there (resume_from_checkpoint=True) once the "
@@ -162,7 +162,7 @@ class RunCheckpoints:
             barrier(self.ctx)
         if failed and together and outcome.kind is not OutcomeKind.NON_FINITE:
             raise CheckpointWriteError(f"{failed}. Resume from the last checkpoint under {self.folder} once "
-                                       "the cause is fixed (free space, access to output_dir).")
+                                       "the cause is fixed.")
         if failed:
             warnings.warn(f"The last checkpoint was not written: {failed}.",
                           UserWarning, stacklevel=caller_stacklevel())
