@@ -238,25 +238,25 @@ def test_short_lines_and_no_declared_positions_still_probe_past_position_17():
                          lines[:4], **QUIET)
 
 
-# -- review of issue 45: a cause named right, a correct model never refused -------------------------------------
-class LSTMSequenceFirst(nn.Module):
-    """nn.LSTM's default batch_first=False fed (batch, seq, d): it runs over the batch, so example 2 reads example
-    1 but example 1 never reads example 2 (changing only the second example shows nothing)."""
-
-    def __init__(self, d_model=32):
+class LSTMLM(nn.Module):
+    def __init__(self, batch_first):
         super().__init__()
-        self.embed, self.rnn, self.head = nn.Embedding(VOCAB, d_model), nn.LSTM(d_model, d_model), nn.Linear(d_model,
-                                                                                                            VOCAB)
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+        self.rnn = nn.LSTM(16, 16, batch_first=batch_first)
 
     def forward(self, idx):
         return self.head(self.rnn(self.embed(idx))[0])
 
 
-def test_a_sequence_first_lstm_fed_batch_first_is_named_as_mixing_examples_not_as_seeing_the_future():
-    message = _refused(LSTMSequenceFirst(), r"mixes the examples of a batch")
-    assert "rnn (LSTM)" in message and "batch_first=True" in message
+def test_an_lstm_fed_batch_first_tensors_without_batch_first_is_named_and_a_correct_one_passes():
+    message = _refused(LSTMLM(batch_first=False), r"mixes the examples of a batch")
+    assert "lm.rnn (LSTM) is sequence-first (batch_first=False" in message
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    checks = test_fine_tuning(LSTMLM(batch_first=True), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["passed"] for name in ("examples", "causal", "padding"))
 
 
+# -- review of issue 45: a cause named right, a correct model never refused -----------------------------------
 class FunctionalDropout(TinyCausalLM):
     """Causal, but F.dropout's default training=True keeps it on in evaluation mode: its forwards are random."""
 

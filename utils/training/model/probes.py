@@ -151,8 +151,9 @@ class ModelProbes:
 
     # -- the probes ------------------------------------------------------------------------------------------
     def examples(self, base: torch.Tensor, tolerance: float) -> str | None:
-        # Both directions: a sequence-first RNN (or a cumulative sum over dim 0) makes example 2 read example 1
-        # but never the reverse, and would otherwise fail the causal probe under the wrong cause.
+        # Each way round: a sequence-first layer that is causal along what it takes for the sequence (a masked
+        # encoder, an LSTM, a cumulative sum over dim 0) lets example 2 read example 1 but never the reverse; a
+        # reversed one the other way. Missed here, either would fail the causal probe under the wrong cause.
         difference = 0.0
         for changed_row, kept_row in ((0, 1), (1, 0)):
             changed = self.lines.lines.clone()
