@@ -52,7 +52,7 @@ def main() -> None:
     search = test_hyperparameter_search(
         sized_gpt2, config, train, val, n_trials=args.trials, n_epochs=args.epochs, model_space=MODEL_SPACE,
         search_space={"learning_rate": ("log", 3e-4, 3e-3)}, objectives=("val_loss", "n_parameters"),
-        batch_size=16, tokenizer=tokenizer, output_dir=args.out, progress=False)
+        batch_size=16, tokenizer=tokenizer, output_dir=args.out, progress=False, study_name="architecture-search")
     trials = search["trials"].sort_values(["n_parameters", "val_loss"])
     on_front = set(search["pareto"]["number"])
     print(f"{len(train)} training / {len(val)} validation lines, vocabulary {len(tokenizer)}, {args.epochs} epochs, "

@@ -25,7 +25,7 @@ def _work_in_tmp(tmp_path, monkeypatch):
 # scripts/test.sh` runs them a second time under torch's portable kernels (ATEN_CPU_CAPABILITY=default): torch
 # picks its float32 kernels per instruction set, and a tolerance that holds on one CPU must hold on every CPU.
 NUMERICS_MODULES = {"test_loss", "test_memory_lean_loss", "test_accumulation", "test_input_forms", "test_fine_tuning",
-                    "test_real_text", "test_large_data", "test_conformance", "test_checkpoints"}
+                    "test_real_text", "test_large_data", "test_conformance", "test_checkpoints", "test_bits_per_byte"}
 
 
 def pytest_collection_modifyitems(config, items):

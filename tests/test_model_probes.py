@@ -236,3 +236,21 @@ def test_short_lines_and_no_declared_positions_still_probe_past_position_17():
     with pytest.raises(ValueError, match=r"logits at position 17"):
         test_fine_tuning(RotaryLike(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines,
                          lines[:4], **QUIET)
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+        self.rnn = nn.LSTM(16, 16, batch_first=batch_first)
+
+    def forward(self, idx):
+        return self.head(self.rnn(self.embed(idx))[0])
+
+
+def test_an_lstm_fed_batch_first_tensors_without_batch_first_is_named_and_a_correct_one_passes():
+    message = _refused(LSTMLM(batch_first=False), r"mixes the examples of a batch")
+    assert "lm.rnn (LSTM) is sequence-first (batch_first=False" in message
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    checks = test_fine_tuning(LSTMLM(batch_first=True), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["passed"] for name in ("examples", "causal", "padding"))

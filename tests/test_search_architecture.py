@@ -227,3 +227,21 @@ def test_points_the_constraints_refuse_are_not_trained_nor_counted():
     refused = trials[trials["state"] == "PRUNED"]
     assert all("model_constraints refuse" in reason for reason in refused["reason"])
     assert all(row.params_n_embd % row.params_n_head for row in refused.itertuples())
+
+
+def test_trials_of_other_architectures_are_pruned_at_the_steps_the_others_reported(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="p")
+    for n_layer, n_embd, learning_rate in ((1, 32, 1e-3), (1, 64, 1e-3), (3, 32, 3.0)):
+        study.enqueue_trial({"n_layer": n_layer, "n_embd": n_embd, "learning_rate": learning_rate})
+    with pytest.warns(UserWarning, match="recorded before its set-up included the model"):
+        result = test_hyperparameter_search(lambda p: architecture(p), CONFIG, TRAIN, VAL, n_trials=3,
+                                            storage=storage, study_name="p", model_space=MODEL_SPACE,
+                                            search_space={"learning_rate": ("log", 1e-5, 10.0)}, n_epochs=1,
+                                            eval_every=2, **QUIET)
+    assert list(result["trials"]["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    first, second, pruned = result["study"].trials
+    # The architecture does not change the steps: every trial reports at the same optimizer steps.
+    assert list(first.intermediate_values) == list(second.intermediate_values)
+    assert set(pruned.intermediate_values) < set(first.intermediate_values)  # stopped before its end
+    assert pruned.user_attrs["n_parameters"] == tiny_parameters(3, 32)

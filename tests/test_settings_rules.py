@@ -96,21 +96,41 @@ def _fit(train, val, out, **keywords):
 
 
 STREAM = dict(max_steps=4, stream_buffer_size=8)
+STREAM_ROWS, VAL_ROWS, LIST_ROWS = _lines(40), _lines(8, seed=1), _lines(16)
+
+
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory):
+    """A finished stream run with checkpoints: each refused resume below leaves it as it is."""
+    out = tmp_path_factory.mktemp("stream")
+    _fit(Reiterable(STREAM_ROWS), VAL_ROWS, out, **STREAM)
+    return out
+
+
+@pytest.fixture(scope="module")
+def list_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("list")
+    _fit(LIST_ROWS, VAL_ROWS, out, n_epochs=1, loss_path="chunked")
+    return out
 
 
 @pytest.mark.parametrize("name,value", [("stream_buffer_size", 16), ("bad_examples", "skip")])
-def test_a_stream_resumed_with_another_setting_is_refused_naming_it(tmp_path, name, value):
-    rows = _lines(40)
-    _fit(Reiterable(rows), _lines(8, seed=1), tmp_path, **STREAM)
+def test_a_stream_resumed_with_another_setting_is_refused_naming_it(stream_run, name, value):
     with pytest.raises(ValueError, match=f"{name}=.*this run has {name}={value!r}"):
-        _fit(Reiterable(rows), _lines(8, seed=1), tmp_path, resume_from_checkpoint=True,
+        _fit(Reiterable(STREAM_ROWS), VAL_ROWS, stream_run, resume_from_checkpoint=True,
              **dict(STREAM, **{name: value}))
 
 
+@pytest.mark.parametrize("name,value", [("loss_path", "auto"), ("compile", True)])
+def test_another_loss_path_or_compile_is_refused_naming_it(list_run, name, value):
+    with pytest.raises(ValueError, match=f"{name}=.*this run has {name}={value!r}"):
+        _fit(LIST_ROWS, VAL_ROWS, list_run, n_epochs=2, resume_from_checkpoint=True,
+             **dict({"loss_path": "chunked"}, **{name: value}))
+
+
 def test_stream_settings_are_free_where_no_stream_is_read(tmp_path):
-    rows = _lines(16)
-    first = _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1)
-    resumed = _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, resume_from_checkpoint=True,
+    first = _fit(LIST_ROWS, VAL_ROWS, tmp_path, n_epochs=1)
+    resumed = _fit(LIST_ROWS, VAL_ROWS, tmp_path, n_epochs=2, resume_from_checkpoint=True,
                    stream_buffer_size=16, bad_examples="skip")
     assert resumed["resumed_from_step"] == first["global_step"] and resumed["global_step"] == 2 * first["global_step"]
 
@@ -121,21 +141,6 @@ def test_another_val_fraction_is_refused_naming_it_when_validation_is_held_out(t
     with pytest.raises(ValueError, match="val_fraction=0.2, this run has val_fraction=0.3"):
         _fit(rows, None, tmp_path, n_epochs=2, val_fraction=0.3, resume_from_checkpoint=True)
     # With val_data given, val_fraction is not used: another value changes nothing and is accepted.
-    first = _fit(rows, _lines(8, seed=1), tmp_path / "given", n_epochs=1, val_fraction=0.2)
-    resumed = _fit(rows, _lines(8, seed=1), tmp_path / "given", n_epochs=2, val_fraction=0.3,
-                   resume_from_checkpoint=True)
+    first = _fit(rows, VAL_ROWS, tmp_path / "given", n_epochs=1, val_fraction=0.2)
+    resumed = _fit(rows, VAL_ROWS, tmp_path / "given", n_epochs=2, val_fraction=0.3, resume_from_checkpoint=True)
     assert resumed["resumed_from_step"] == first["global_step"]
-
-
-def test_another_loss_path_is_refused_naming_it(tmp_path):
-    rows = _lines(16)
-    _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1, loss_path="chunked")
-    with pytest.raises(ValueError, match="loss_path='chunked', this run has loss_path='auto'"):
-        _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, loss_path="auto", resume_from_checkpoint=True)
-
-
-def test_another_compile_is_refused_naming_it(tmp_path):
-    rows = _lines(16)
-    _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=1)
-    with pytest.raises(ValueError, match="compile=False, this run has compile=True"):
-        _fit(rows, _lines(8, seed=1), tmp_path, n_epochs=2, compile=True, resume_from_checkpoint=True)

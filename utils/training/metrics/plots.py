@@ -176,7 +176,7 @@ def _trial_points(study):
     return completed, pruned
 
 
-def _history_figure(study, completed, pruned) -> Figure:
+def _history_figure(study, completed, pruned, label: str = OBJECTIVE_LABEL) -> Figure:
     figure = Figure(figsize=(7, 4.2))
     axis = figure.subplots()
     numbers = [n for n, _, _ in completed]
@@ -187,7 +187,7 @@ def _history_figure(study, completed, pruned) -> Figure:
         axis.plot([n for n, _ in pruned], [v for _, v in pruned], "x", color="tab:gray", ls="none",
                   label="pruned trial (last validation)")
     axis.plot(numbers, best, drawstyle="steps-post", color="tab:red", lw=2, label="best so far")
-    axis.set(title=f"{_study_title(study)}: validation loss per trial", xlabel="trial number", ylabel=OBJECTIVE_LABEL)
+    axis.set(title=f"{_study_title(study)}: {label.split(' (')[0]} per trial", xlabel="trial number", ylabel=label)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     _integer_x(axis)
@@ -195,7 +195,7 @@ def _history_figure(study, completed, pruned) -> Figure:
     return figure
 
 
-def _params_figure(study, completed) -> Figure:
+def _params_figure(study, completed, label: str = OBJECTIVE_LABEL) -> Figure:
     names = sorted({name for _, _, params in completed for name in params})
     figure = Figure(figsize=(4.5 * max(1, len(names)), 4.2))
     axes = figure.subplots(1, max(1, len(names)), squeeze=False)[0]
@@ -218,7 +218,7 @@ def _params_figure(study, completed) -> Figure:
         if best_x and isinstance(best_x[0], (int, float)):
             axis.plot(best_x, [best_value], "*", color="tab:red", ms=14, ls="none", label="best")
         scale = " (log scale)" if axis.get_xscale() == "log" else ""
-        axis.set(title=f"objective vs {name}", xlabel=f"{name}{scale}", ylabel=OBJECTIVE_LABEL)
+        axis.set(title=f"objective vs {name}", xlabel=f"{name}{scale}", ylabel=label)
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.suptitle(f"{_study_title(study)}: each parameter against the objective")
@@ -256,13 +256,14 @@ def importances_note(n_completed: int) -> str:
             f"this search has {n_completed}.")
 
 
-def search_figures(study) -> dict[str, Figure]:
+def search_figures(study, label: str = OBJECTIVE_LABEL) -> dict[str, Figure]:
     """``history`` (trial values and best so far vs trial number), ``params`` (objective vs each parameter) and
     ``importances`` (a bar chart, or a note saying too few trials completed)."""
     completed, pruned = _trial_points(study)
     if not completed:
         return {}
-    return {"history": _history_figure(study, completed, pruned), "params": _params_figure(study, completed),
+    return {"history": _history_figure(study, completed, pruned, label),
+            "params": _params_figure(study, completed, label),
             "importances": _importances_figure(study, len(completed))}
 
 
@@ -301,7 +302,8 @@ def save_search_plots(study, output_dir: Path, front: tuple | None = None) -> di
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    figures = search_figures(study)
+    label = OBJECTIVE_LABEL if front is None else front[3].get(front[2][0], front[2][0])  # the (first) objective
+    figures = search_figures(study, label)
     if front is not None and figures and len(front[1]):
         figures["pareto"] = pareto_figure(*front, title=_study_title(study))
     for name, figure in figures.items():

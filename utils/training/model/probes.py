@@ -132,9 +132,11 @@ class ModelProbes:
 
     # -- the probes ------------------------------------------------------------------------------------------
     def examples(self, base: torch.Tensor, tolerance: float) -> str | None:
+        # The first example changes, the second is compared: a sequence-first layer that is causal along what it
+        # takes for the sequence (a masked encoder, an LSTM) lets the second see the first, not the other way round.
         changed = self.lines.lines.clone()
-        changed[1] = self.lines.replacements[1]
-        difference = float((self.forward(changed)[0] - base[0]).abs().max())
+        changed[0] = self.lines.replacements[0]
+        difference = float((self.forward(changed)[1] - base[1]).abs().max())
         if self._record("examples", difference, tolerance):
             return None
         return examples_message(difference, tolerance, self.suspects)
@@ -213,7 +215,7 @@ def _sizes(difference: float, tolerance: float) -> str:
 
 
 def examples_message(difference: float, tolerance: float, suspects: Suspects) -> str:
-    head = (f"The model mixes the examples of a batch: changing example 2 of a 2-example batch changed example 1's "
+    head = (f"The model mixes the examples of a batch: changing example 1 of a 2-example batch changed example 2's "
             f"logits {_sizes(difference, tolerance)}, so every example's loss depends on what else is in its batch "
             "and the numbers change with the batch size. ")
     if suspects.sequence_first:

@@ -386,8 +386,6 @@ def _check_trial_model(request: SearchRequest, study, trial, model, record: dict
 
 
 def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTuneSettings, model_params: dict):
-    import optuna
-
     study, trial = study_trial
 
     def report(step, val_loss, final):
@@ -421,9 +419,16 @@ def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTun
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return _trial_value(trial, results, record["n_parameters"], request.objectives)
+
+
+def _trial_value(trial, results: dict, n_parameters: int, objectives: tuple):
+    """Record a trained trial's cost and outcome; its objective value(s), or raise how it ended (pruned, Ctrl-C)."""
+    import optuna
+
     if results["resumed_from_step"] is not None:
         trial.set_user_attr("resumed_from_step", results["resumed_from_step"])
-    for key, value in cost_of(results, record["n_parameters"]).items():
+    for key, value in cost_of(results, n_parameters).items():
         trial.set_user_attr(key, value)
     outcome = results["outcome"]
     if outcome.kind is OutcomeKind.INTERRUPTED:
@@ -432,13 +437,14 @@ def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTun
         trial.set_user_attr("reason", outcome.reason)
         raise optuna.TrialPruned(outcome.reason)
     loss = results["final_val_loss"]
-    values = objective_values(results, record["n_parameters"], request.objectives)
+    values = objective_values(results, n_parameters, objectives)
+    failed = math.nan if len(values) == 1 else tuple(math.nan for _ in values)  # Optuna records a failed trial
     if outcome.kind is OutcomeKind.NON_FINITE or loss is None or not math.isfinite(loss):
         trial.set_user_attr("reason", f"non-finite loss: {results['stop_reason']}")
-        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)  # Optuna records a failed trial
+        return failed
     if any(value is None for value in values):
-        trial.set_user_attr("reason", f"objective {request.objectives} not measured: {values}")
-        return math.nan if len(values) == 1 else tuple(math.nan for _ in values)
+        trial.set_user_attr("reason", f"objective {objectives} not measured: {values}")
+        return failed
     trial.set_user_attr("val_perplexity", results["val_perplexity"])
     return values[0] if len(values) == 1 else tuple(values)
 
