@@ -254,3 +254,26 @@ def test_an_lstm_fed_batch_first_tensors_without_batch_first_is_named_and_a_corr
     lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
     checks = test_fine_tuning(LSTMLM(batch_first=True), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
     assert all(checks[name]["passed"] for name in ("examples", "causal", "padding"))
+
+
+# -- review of issue 45: a cause named right, a correct model never refused -----------------------------------
+class FunctionalDropout(TinyCausalLM):
+    """Causal, but F.dropout's default training=True keeps it on in evaluation mode: its forwards are random."""
+
+    def forward(self, idx):
+        return nn.functional.dropout(super().forward(idx), 0.1)
+
+
+def test_a_model_random_in_evaluation_mode_is_not_refused_as_mixing_examples_but_warned():
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match=r"random numbers in evaluation mode.*training=self.training"):
+        results = test_fine_tuning(FunctionalDropout(vocab_size=VOCAB), CONFIG, lines, lines[:4], **QUIET)
+    assert all(not check["ran"] and "random" in check["why"] for check in results["model_checks"].values())
+
+
+def test_a_model_with_only_8_learned_positions_is_probed_within_them():
+    lines = random_lines(16, seed=1, low=3, high=9, vocab_size=VOCAB)  # lines fit the model's 8 positions
+    checks = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB, max_len=8), SimpleNamespace(vocab_size=VOCAB,
+                              pad_token_id=0), lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert checks["causal"]["positions_probed"] + checks["padding"]["extra_pad_positions"] <= 8
