@@ -294,3 +294,16 @@ def test_a_model_in_bfloat16_is_probed_in_float32_and_its_weights_come_back_bit_
     after = model.state_dict()
     assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
     assert model.pos.weight.dtype == torch.float32 and model.head.weight.dtype == torch.bfloat16
+
+
+class MixesBatchesOver2(TinyCausalLM):
+    """Causal, but couples the examples of batches over 2 (the causal probe's 4 rows, not the examples probe's 2)."""
+
+    def forward(self, idx):
+        logits = super().forward(idx)
+        return logits + logits.mean(dim=0, keepdim=True) if idx.shape[0] > 2 else logits
+
+
+def test_a_model_mixing_only_larger_batches_is_named_as_mixing_examples_not_as_seeing_the_future():
+    message = _refused(MixesBatchesOver2(vocab_size=VOCAB), r"mixes the examples of a batch: in a batch of 4 examples")
+    assert "sees the future" not in message and "skip_model_checks=('examples',)" in message

@@ -186,6 +186,13 @@ class ModelProbes:
         found = {"first_position_seeing_future": None if first is None else first[0], "positions_probed": length}
         if self._record("causal", worst, tolerance, **found):
             return None
+        # Only after a failure: the failing row alone. Unchanged alone, it moved with the other rows of its batch
+        # (a model that couples examples only in batches over 2): that is the cause to name, not the future.
+        row = cutoffs.index(first[1])
+        alone = self.forward(rows[row:row + 1])[0, :first[1] + 1]
+        if float((alone - base[0, :first[1] + 1]).abs().max()) <= tolerance:
+            self.report["causal"]["mixes_examples_of_a_batch_of"] = len(cutoffs)
+            return examples_message(worst, tolerance, self.suspects, rows=len(cutoffs))
         return causal_message(first, worst, tolerance, self.suspects)
 
     def padding(self, base: torch.Tensor, tolerance: float) -> str | None:
@@ -272,10 +279,12 @@ def _sizes(difference: float, tolerance: float) -> str:
     return f"by up to {difference:.3g} (float32 rounding allows {tolerance:.2g})"
 
 
-def examples_message(difference: float, tolerance: float, suspects: Suspects) -> str:
-    head = (f"The model mixes the examples of a batch: changing one example of a 2-example batch changed the other's "
-            f"logits {_sizes(difference, tolerance)}, so every example's loss depends on what else is in its batch "
-            "and the numbers change with the batch size. ")
+def examples_message(difference: float, tolerance: float, suspects: Suspects, rows: int = 2) -> str:
+    changed = ("changing one example of a 2-example batch changed the other's logits" if rows == 2 else
+               f"in a batch of {rows} examples one example's logits differed from the same line run alone (a batch of "
+               "2 showed nothing)")
+    head = (f"The model mixes the examples of a batch: {changed} {_sizes(difference, tolerance)}, so every example's "
+            "loss depends on what else is in its batch and the numbers change with the batch size. ")
     if suspects.sequence_first:
         cause = (f"{_names(suspects.sequence_first)} {'is' if len(suspects.sequence_first) == 1 else 'are'} "
                  "sequence-first (batch_first=False, torch's default) but received (batch, seq, ...) tensors, so "
