@@ -277,3 +277,20 @@ def test_a_model_with_only_8_learned_positions_is_probed_within_them():
                               pad_token_id=0), lines, lines[:4], **QUIET)["model_checks"]
     assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
     assert checks["causal"]["positions_probed"] + checks["padding"]["extra_pad_positions"] <= 8
+
+
+def test_a_model_in_bfloat16_is_probed_in_float32_and_its_weights_come_back_bit_identical():
+    # In bfloat16 the float32 bound scaled by bfloat16's eps exceeded the logits: no causal mask passed every probe.
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="sees the future"):
+        test_fine_tuning(NoCausalMask(vocab_size=VOCAB).to(torch.bfloat16), CONFIG, lines, lines[:4],
+                         precision="bf16", **QUIET)
+    model = TinyCausalLM(vocab_size=VOCAB).to(torch.bfloat16)
+    model.pos.float()  # mixed dtypes: each tensor returns to its own
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    batch = {"input_ids": torch.randint(1, VOCAB, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    report = probe_model(model, [batch], vocab_size=VOCAB, pad_token_id=0, limit=64, skip=(), seed=0)
+    assert all(report[name]["passed"] and "float32" in report[name]["weights"] for name in ("causal", "padding"))
+    after = model.state_dict()
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
+    assert model.pos.weight.dtype == torch.float32 and model.head.weight.dtype == torch.bfloat16

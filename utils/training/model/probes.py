@@ -105,6 +105,7 @@ class ModelProbes:
         self.caller = ModelCaller(model, vocab_size)
         self.report: dict = {}
         self.suspects = Suspects()
+        self.upcast = False  # half-precision weights cast to float32 for the probes (float32_weights)
         self.terms = _rounding_terms(model, lines.lines.shape[1] + lines.extra_padding)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,7 +121,9 @@ class ModelProbes:
     def run(self) -> str | None:
         """Every probe not skipped; the refusal message of the first that failed (examples, causal, padding)."""
         lines = self.lines.lines
-        with eval_mode(self.model), full_float32_matmuls(), one_cpu_thread(base_device(self.model)):
+        with eval_mode(self.model), full_float32_matmuls(), one_cpu_thread(base_device(self.model)), \
+                float32_weights(self.model) as upcast:
+            self.upcast = upcast
             with watch(unwrap(self.model), tuple(lines.shape)) as self.suspects:
                 base = self.forward(lines)
             tolerance = self.tolerance(base)
@@ -147,6 +150,8 @@ class ModelProbes:
         passed = difference <= tolerance
         self.report[name] = {"ran": True, "passed": passed, "max_difference": difference, "tolerance": tolerance,
                              **found}
+        if self.upcast:
+            self.report[name]["weights"] = "float32 during the probes (half precision restored exactly after)"
         return passed
 
     # -- the probes ------------------------------------------------------------------------------------------
@@ -200,6 +205,37 @@ class ModelProbes:
         if self._record("padding", difference, tolerance, **found):
             return None
         return padding_message(difference, tolerance, extra)
+
+
+@contextlib.contextmanager
+def float32_weights(model: nn.Module):
+    """Half-precision weights and buffers in float32 for the block, then each back to its own dtype (exact: every
+    bfloat16/float16 value is a float32). Without it the float32 bound scaled by bfloat16's eps (2^-7) exceeded the
+    logits themselves and no leak was seen (a model without a causal mask in bfloat16 passed every probe). Costs a
+    float32 copy of the weights (less than training's weights, gradients and AdamW state); where that does not fit
+    (GPU out of memory) the probes run in the weights' own dtype, with its looser tolerance. Yields whether it cast."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in tensors]
+    cast = 0
+    try:
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
+            cast += 1
+    except torch.OutOfMemoryError:
+        pass
+    upcast = bool(tensors) and cast == len(tensors)
+    if not upcast:
+        _restore(tensors[:cast], dtypes)
+    try:
+        yield upcast
+    finally:
+        if upcast:
+            _restore(tensors, dtypes)
+
+
+def _restore(tensors: list, dtypes: list) -> None:
+    for tensor, dtype in zip(tensors, dtypes):
+        tensor.data = tensor.data.to(dtype)
 
 
 def base_device(model: nn.Module) -> torch.device:
