@@ -307,3 +307,22 @@ class MixesBatchesOver2(TinyCausalLM):
 def test_a_model_mixing_only_larger_batches_is_named_as_mixing_examples_not_as_seeing_the_future():
     message = _refused(MixesBatchesOver2(vocab_size=VOCAB), r"mixes the examples of a batch: in a batch of 4 examples")
     assert "sees the future" not in message and "skip_model_checks=('examples',)" in message
+
+
+class RotaryBlock16(RotaryLike):
+    """Correct (causal), no position table, and nanoGPT's guard on its block size of 16."""
+
+    def forward(self, idx):
+        assert idx.shape[1] <= 16, f"Cannot forward sequence of length {idx.shape[1]}, block size is only 16"
+        seq = idx.shape[1]
+        where = torch.arange(seq, device=idx.device, dtype=torch.float32)[:, None]
+        h = self.embed(idx) + torch.sin(where / 10.0 ** (torch.arange(32, device=idx.device) / 16))
+        causal = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        return self.head(self.blocks(h, mask=causal, is_causal=True))
+
+
+def test_a_model_asserting_its_block_size_is_probed_within_the_data_lengths():
+    lines = random_lines(16, seed=1, low=4, high=17, vocab_size=VOCAB)  # up to the model's 16 positions
+    checks = test_fine_tuning(RotaryBlock16(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=0),
+                              lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
