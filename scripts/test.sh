@@ -8,10 +8,18 @@ bash scripts/setup_env.sh
 if [ $# -eq 0 ]; then
     python -m ruff check utils tests
 fi
-python -m pytest -q "$@"
+# Without arguments: two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a file's
+# module fixtures are built once, and its fixed ports are used by one worker). Every test runs torch on one thread
+# (tests/conftest.py), so two workers fill two cores; alone, one pytest process left the second core to the
+# subprocesses and waits. TIER3_TEST_WORKERS changes the count.
+PARALLEL=()
+if [ $# -eq 0 ]; then
+    PARALLEL=(-n "${TIER3_TEST_WORKERS:-2}" --dist loadfile -p no:benchmark)
+fi
+python -m pytest -q "${PARALLEL[@]}" "$@"
 # Without arguments (as CI runs it): the float comparisons once more under torch's portable kernels. torch picks
 # its float32 kernels per instruction set (ATEN_CPU_CAPABILITY), so a tolerance that holds on this CPU's kernels
 # must also hold on another's; "default" differs from the native set on every avx2 or avx512 machine.
 if [ $# -eq 0 ]; then
-    ATEN_CPU_CAPABILITY=default python -m pytest -q -m numerics
+    ATEN_CPU_CAPABILITY=default python -m pytest -q "${PARALLEL[@]}" -m numerics
 fi

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -13,6 +14,13 @@ os.environ.setdefault("WANDB_INIT_TIMEOUT", "300")
 # A fixture for every module that asks for it. Imported here, not in the test module: there the test's
 # parameter of the same name would redefine the import (F811).
 from postgres import postgres_url  # noqa: F401
+
+# The tests' models are tiny: an intra-op thread pool only adds waits (on 2 loaded cores a 2-thread pool waits for
+# preempted threads: tests/test_fine_tuning.py + test_loss.py took 19-25 s with it, 7 s without). The workers the
+# tests start run with OMP_NUM_THREADS=1 (the notebook's kernel and the README snippet's process too), so
+# in-process and worker runs use one thread alike.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Batch planning: length grouping, determinism, sharding like DistributedSampler, dynamic padding (issue 8)."""
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -146,3 +147,30 @@ def test_shuffle_false_trains_in_the_given_order():
         optimizer.zero_grad()
     for p, q in zip(model.parameters(), bare.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+_TRAIN_AT_ONCE = """
+import os, pathlib, sys, time
+from utils.data import train_bpe_tokenizer
+cache = pathlib.Path(sys.argv[1])
+lines = [f"line {i} of a text that {i % 7} processes train one tokenizer on" for i in range(20)]
+(cache.parent / f"ready-{os.getpid()}").touch()
+while len(list(cache.parent.glob("ready-*"))) < 3:  # all three start training together
+    time.sleep(0.01)
+for _ in range(300):  # the same tokenizer again and again: every call trains, saves and renames it into place
+    for cached in cache.glob("bpe-*.json"):
+        cached.unlink(missing_ok=True)
+    train_bpe_tokenizer(lines, vocab_size=270, cache_dir=cache)
+"""
+
+
+def test_processes_training_the_same_tokenizer_at_once_all_succeed(tmp_path):
+    """A search in parallel processes (or two notebooks) trains one tokenizer in each: the cache must not fail one
+    of them. With one shared temporary name, a process renamed the file another was writing (FileNotFoundError)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_AT_ONCE, str(tmp_path / "cache")], cwd=root,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)

@@ -254,3 +254,56 @@ def test_an_lstm_fed_batch_first_tensors_without_batch_first_is_named_and_a_corr
     lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
     checks = test_fine_tuning(LSTMLM(batch_first=True), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
     assert all(checks[name]["passed"] for name in ("examples", "causal", "padding"))
+
+
+# -- review of issue 45: a cause named right, a correct model never refused -----------------------------------
+class FunctionalDropout(TinyCausalLM):
+    """Causal, but F.dropout's default training=True keeps it on in evaluation mode: its forwards are random."""
+
+    def forward(self, idx):
+        return nn.functional.dropout(super().forward(idx), 0.1)
+
+
+def test_a_model_random_in_evaluation_mode_is_not_refused_as_mixing_examples_but_warned():
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match=r"random numbers in evaluation mode.*training=self.training"):
+        results = test_fine_tuning(FunctionalDropout(vocab_size=VOCAB), CONFIG, lines, lines[:4], **QUIET)
+    assert all(not check["ran"] and "random" in check["why"] for check in results["model_checks"].values())
+
+
+def test_a_model_with_only_8_learned_positions_is_probed_within_them():
+    lines = random_lines(16, seed=1, low=3, high=9, vocab_size=VOCAB)  # lines fit the model's 8 positions
+    checks = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB, max_len=8), SimpleNamespace(vocab_size=VOCAB,
+                              pad_token_id=0), lines, lines[:4], **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert checks["causal"]["positions_probed"] + checks["padding"]["extra_pad_positions"] <= 8
+
+
+def test_a_model_in_bfloat16_is_probed_in_float32_and_its_weights_come_back_bit_identical():
+    # In bfloat16 the float32 bound scaled by bfloat16's eps exceeded the logits: no causal mask passed every probe.
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="sees the future"):
+        test_fine_tuning(NoCausalMask(vocab_size=VOCAB).to(torch.bfloat16), CONFIG, lines, lines[:4],
+                         precision="bf16", **QUIET)
+    model = TinyCausalLM(vocab_size=VOCAB).to(torch.bfloat16)
+    model.pos.float()  # mixed dtypes: each tensor returns to its own
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    batch = {"input_ids": torch.randint(1, VOCAB, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    report = probe_model(model, [batch], vocab_size=VOCAB, pad_token_id=0, limit=64, skip=(), seed=0)
+    assert all(report[name]["passed"] and "float32" in report[name]["weights"] for name in ("causal", "padding"))
+    after = model.state_dict()
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
+    assert model.pos.weight.dtype == torch.float32 and model.head.weight.dtype == torch.bfloat16
+
+
+class MixesBatchesOver2(TinyCausalLM):
+    """Causal, but couples the examples of batches over 2 (the causal probe's 4 rows, not the examples probe's 2)."""
+
+    def forward(self, idx):
+        logits = super().forward(idx)
+        return logits + logits.mean(dim=0, keepdim=True) if idx.shape[0] > 2 else logits
+
+
+def test_a_model_mixing_only_larger_batches_is_named_as_mixing_examples_not_as_seeing_the_future():
+    message = _refused(MixesBatchesOver2(vocab_size=VOCAB), r"mixes the examples of a batch: in a batch of 4 examples")
+    assert "sees the future" not in message and "skip_model_checks=('examples',)" in message

@@ -35,7 +35,9 @@ def train_bpe_tokenizer(texts, vocab_size: int = 4096, cache_dir: str | os.PathL
         tokenizer.train_from_iterator(texts, trainer)
         tokenizer.add_special_tokens([EOS])  # added after training: it gets the last id
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # One temporary name per process: two processes training the same tokenizer at once (a search in
+        # parallel processes, two notebooks) each rename a whole file of their own into place.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tokenizer.save(str(tmp))
         os.replace(tmp, path)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,

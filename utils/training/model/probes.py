@@ -3,13 +3,18 @@
 Three probes, each one or two evaluation-mode forwards of two lines of ``PROBE_LENGTH`` tokens made from the user's
 own data (real lines joined, so a short-line corpus still reaches positions past 17):
 
-* ``"examples"`` - changing one example of a batch leaves the other's logits unchanged (a sequence-first layer fed
-  batch-first tensors, or a normalisation over the batch, mixes them);
+* ``"examples"`` - changing one example of a batch leaves the other's logits unchanged, each way round (a
+  sequence-first layer fed batch-first tensors, or a normalisation over the batch, mixes them; a sequence-first
+  RNN only one way);
 * ``"causal"`` - changing the tokens after position t leaves the logits at positions <= t unchanged, for every t
   in steps of ``CAUSAL_STRIDE`` and the last one (all in one batch of rows, run after ``"examples"`` passed);
 * ``"padding"`` - the real positions' logits do not change when the batch is padded further on the right by
   ``EXTRA_PADDING``. Left padding (models that take an ``attention_mask``) is measured and recorded, not refused:
   the package never gives a model left padding (it moves it to the right).
+
+After a failure the first forward is repeated: a model whose evaluation-mode forwards differ by themselves (an
+``F.dropout`` left at its default ``training=True``) cannot be judged, so it is warned, not refused, and its probes
+are reported as not run.
 
 A failure is refused before any optimizer step, naming the module that explains it where one does
 (:mod:`suspects`) and the fix; ``skip_model_checks`` opts out of a probe for a model meant to differ (a
@@ -23,6 +28,7 @@ the probe's positions) times the number of layers whose rounding adds up. A real
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,6 +37,7 @@ from torch import nn
 
 from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
 from ..settings import MODEL_CHECKS as PROBES
+from ..warn import caller_stacklevel
 from .embeddings import one_cpu_thread
 from .suspects import Suspects, watch
 
@@ -47,9 +54,11 @@ class ProbeLines:
     lines: torch.Tensor  # (2, length) long
     replacements: torch.Tensor  # (2, length): never equal to lines
     pad_token_id: int
+    extra_padding: int = EXTRA_PADDING  # pad positions the padding probe adds (fewer for a model of few positions)
 
 
-def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, length: int, seed: int) -> ProbeLines:
+def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, length: int, seed: int,
+                extra_padding: int = EXTRA_PADDING) -> ProbeLines:
     """Two lines of ``length`` real tokens from ``batches`` (their real positions joined in order and cycled)."""
     pool = torch.cat([batch["input_ids"][row][batch["attention_mask"][row].bool()].cpu()
                       for batch in batches for row in range(batch["input_ids"].shape[0])])
@@ -59,14 +68,16 @@ def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, leng
     lines = pool[index].view(2, length).long()
     # Another id at every position, drawn uniformly among the others (an offset of 1..vocab-1 modulo the vocabulary).
     offsets = torch.randint(1, max(vocab_size, 2), lines.shape, generator=generator)
-    return ProbeLines(lines, (lines + offsets) % max(vocab_size, 2), pad_token_id)
+    return ProbeLines(lines, (lines + offsets) % max(vocab_size, 2), pad_token_id, extra_padding)
 
 
-def probe_length(limit: int | None, longest: int) -> int:
-    """Positions to probe: ``PROBE_LENGTH``, fewer when the model's positions (declared, or the longest line its
-    first forward took when nothing declares them) leave no room for ``EXTRA_PADDING`` after them."""
-    room = (limit if limit is not None else longest) - EXTRA_PADDING
-    return max(2, min(PROBE_LENGTH, room))
+def probe_sizes(limit: int | None, longest: int) -> tuple[int, int]:
+    """Positions to probe and pad positions after them: ``PROBE_LENGTH`` and ``EXTRA_PADDING``, fewer when the
+    model's positions (declared, or the longest line its first forward took when nothing declares them) leave no
+    room; a model of fewer than 16 positions gets about half of them each (8 positions: 4 probed, 4 padding)."""
+    room = limit if limit is not None else longest
+    padding = min(EXTRA_PADDING, max(1, room // 2))
+    return max(2, min(PROBE_LENGTH, room - padding)), padding
 
 
 def trusted_by_construction(model: nn.Module) -> str | None:
@@ -94,7 +105,8 @@ class ModelProbes:
         self.caller = ModelCaller(model, vocab_size)
         self.report: dict = {}
         self.suspects = Suspects()
-        self.terms = _rounding_terms(model, lines.lines.shape[1] + EXTRA_PADDING)
+        self.upcast = False  # half-precision weights cast to float32 for the probes (float32_weights)
+        self.terms = _rounding_terms(model, lines.lines.shape[1] + lines.extra_padding)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         device = base_device(self.model)
@@ -109,7 +121,9 @@ class ModelProbes:
     def run(self) -> str | None:
         """Every probe not skipped; the refusal message of the first that failed (examples, causal, padding)."""
         lines = self.lines.lines
-        with eval_mode(self.model), full_float32_matmuls(), one_cpu_thread(base_device(self.model)):
+        with eval_mode(self.model), full_float32_matmuls(), one_cpu_thread(base_device(self.model)), \
+                float32_weights(self.model) as upcast:
+            self.upcast = upcast
             with watch(unwrap(self.model), tuple(lines.shape)) as self.suspects:
                 base = self.forward(lines)
             tolerance = self.tolerance(base)
@@ -122,21 +136,34 @@ class ModelProbes:
                 if message:
                     failures.append(message)
                     break  # the later probes batch rows together or read positions: not meaningful after a failure
+            if failures:
+                # Only after a failure (free for a model that passes): is the model random in evaluation mode?
+                randomness = float((self.forward(lines) - base).abs().max())
+                if randomness > tolerance:
+                    self.report = {name: {"ran": False, "why": RANDOM_IN_EVAL, "max_difference": randomness}
+                                   for name in PROBES}
+                    warnings.warn(random_message(randomness, tolerance), UserWarning, stacklevel=caller_stacklevel())
+                    return None
         return failures[0] if failures else None
 
     def _record(self, name: str, difference: float, tolerance: float, **found) -> bool:
         passed = difference <= tolerance
         self.report[name] = {"ran": True, "passed": passed, "max_difference": difference, "tolerance": tolerance,
                              **found}
+        if self.upcast:
+            self.report[name]["weights"] = "float32 during the probes (half precision restored exactly after)"
         return passed
 
     # -- the probes ------------------------------------------------------------------------------------------
     def examples(self, base: torch.Tensor, tolerance: float) -> str | None:
-        # The first example changes, the second is compared: a sequence-first layer that is causal along what it
-        # takes for the sequence (a masked encoder, an LSTM) lets the second see the first, not the other way round.
-        changed = self.lines.lines.clone()
-        changed[0] = self.lines.replacements[0]
-        difference = float((self.forward(changed)[1] - base[1]).abs().max())
+        # Each way round: a sequence-first layer that is causal along what it takes for the sequence (a masked
+        # encoder, an LSTM, a cumulative sum over dim 0) lets example 2 read example 1 but never the reverse; a
+        # reversed one the other way. Missed here, either would fail the causal probe under the wrong cause.
+        difference = 0.0
+        for changed_row, kept_row in ((0, 1), (1, 0)):
+            changed = self.lines.lines.clone()
+            changed[changed_row] = self.lines.replacements[changed_row]
+            difference = max(difference, float((self.forward(changed)[kept_row] - base[kept_row]).abs().max()))
         if self._record("examples", difference, tolerance):
             return None
         return examples_message(difference, tolerance, self.suspects)
@@ -159,25 +186,63 @@ class ModelProbes:
         found = {"first_position_seeing_future": None if first is None else first[0], "positions_probed": length}
         if self._record("causal", worst, tolerance, **found):
             return None
+        # Only after a failure: the failing row alone. Unchanged alone, it moved with the other rows of its batch
+        # (a model that couples examples only in batches over 2): that is the cause to name, not the future.
+        row = cutoffs.index(first[1])
+        alone = self.forward(rows[row:row + 1])[0, :first[1] + 1]
+        if float((alone - base[0, :first[1] + 1]).abs().max()) <= tolerance:
+            self.report["causal"]["mixes_examples_of_a_batch_of"] = len(cutoffs)
+            return examples_message(worst, tolerance, self.suspects, rows=len(cutoffs))
         return causal_message(first, worst, tolerance, self.suspects)
 
     def padding(self, base: torch.Tensor, tolerance: float) -> str | None:
-        lines, pad = self.lines.lines, self.lines.pad_token_id
+        lines, pad, extra = self.lines.lines, self.lines.pad_token_id, self.lines.extra_padding
         length = lines.shape[1]
-        pads = torch.full((2, EXTRA_PADDING), pad, dtype=lines.dtype)
+        pads = torch.full((2, extra), pad, dtype=lines.dtype)
         real, none = torch.ones_like(lines), torch.zeros_like(pads)
         right = self.forward(torch.cat([lines, pads], 1), torch.cat([real, none], 1))[:, :length]
         difference = float((right - base).abs().max())
-        found = {"extra_pad_positions": EXTRA_PADDING}
+        found = {"extra_pad_positions": extra}
         if self.caller.accepts_attention_mask:
-            left = self.forward(torch.cat([pads, lines], 1), torch.cat([none, real], 1))[:, EXTRA_PADDING:]
+            left = self.forward(torch.cat([pads, lines], 1), torch.cat([none, real], 1))[:, extra:]
             left_difference = float((left - base).abs().max())
             found["left_max_difference"] = left_difference
             found["left"] = ("unchanged" if left_difference <= tolerance else
                              "changed (recorded, not refused: the package pads on the right only)")
         if self._record("padding", difference, tolerance, **found):
             return None
-        return padding_message(difference, tolerance, self.suspects)
+        return padding_message(difference, tolerance, extra)
+
+
+@contextlib.contextmanager
+def float32_weights(model: nn.Module):
+    """Half-precision weights and buffers in float32 for the block, then each back to its own dtype (exact: every
+    bfloat16/float16 value is a float32). Without it the float32 bound scaled by bfloat16's eps (2^-7) exceeded the
+    logits themselves and no leak was seen (a model without a causal mask in bfloat16 passed every probe). Costs a
+    float32 copy of the weights (less than training's weights, gradients and AdamW state); where that does not fit
+    (GPU out of memory) the probes run in the weights' own dtype, with its looser tolerance. Yields whether it cast."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in tensors]
+    cast = 0
+    try:
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
+            cast += 1
+    except torch.OutOfMemoryError:
+        pass
+    upcast = bool(tensors) and cast == len(tensors)
+    if not upcast:
+        _restore(tensors[:cast], dtypes)
+    try:
+        yield upcast
+    finally:
+        if upcast:
+            _restore(tensors, dtypes)
+
+
+def _restore(tensors: list, dtypes: list) -> None:
+    for tensor, dtype in zip(tensors, dtypes):
+        tensor.data = tensor.data.to(dtype)
 
 
 def base_device(model: nn.Module) -> torch.device:
@@ -214,10 +279,12 @@ def _sizes(difference: float, tolerance: float) -> str:
     return f"by up to {difference:.3g} (float32 rounding allows {tolerance:.2g})"
 
 
-def examples_message(difference: float, tolerance: float, suspects: Suspects) -> str:
-    head = (f"The model mixes the examples of a batch: changing example 1 of a 2-example batch changed example 2's "
-            f"logits {_sizes(difference, tolerance)}, so every example's loss depends on what else is in its batch "
-            "and the numbers change with the batch size. ")
+def examples_message(difference: float, tolerance: float, suspects: Suspects, rows: int = 2) -> str:
+    changed = ("changing one example of a 2-example batch changed the other's logits" if rows == 2 else
+               f"in a batch of {rows} examples one example's logits differed from the same line run alone (a batch of "
+               "2 showed nothing)")
+    head = (f"The model mixes the examples of a batch: {changed} {_sizes(difference, tolerance)}, so every example's "
+            "loss depends on what else is in its batch and the numbers change with the batch size. ")
     if suspects.sequence_first:
         cause = (f"{_names(suspects.sequence_first)} {'is' if len(suspects.sequence_first) == 1 else 'are'} "
                  "sequence-first (batch_first=False, torch's default) but received (batch, seq, ...) tensors, so "
@@ -262,8 +329,19 @@ def causal_message(first: tuple[int, int] | None, difference: float, tolerance: 
             "skip_model_checks=('causal',).")
 
 
-def padding_message(difference: float, tolerance: float, suspects: Suspects) -> str:
-    return (f"The model's predictions depend on the padding after them: with {EXTRA_PADDING} more pad positions on "
+RANDOM_IN_EVAL = "the model draws random numbers in evaluation mode: its forwards cannot be compared"
+
+
+def random_message(difference: float, tolerance: float) -> str:
+    return (f"The model draws random numbers in evaluation mode: two identical evaluation-mode forwards differed "
+            f"{_sizes(difference, tolerance)}, so the start-up probes (causal, examples, padding) cannot judge it and "
+            "did not run (results['model_checks'] says so), and its validation losses are noisy. The usual cause: "
+            "F.dropout(x, p) defaults to training=True, also in evaluation mode: pass training=self.training, or use "
+            "an nn.Dropout module (model.eval() switches it off).")
+
+
+def padding_message(difference: float, tolerance: float, extra_padding: int) -> str:
+    return (f"The model's predictions depend on the padding after them: with {extra_padding} more pad positions on "
             f"the right the logits at the real positions changed {_sizes(difference, tolerance)}, so the same text "
             "scores differently in every batch. Likely causes: a normalisation or scale over the padded length (a "
             "mean or sum over the sequence dimension, a division by seq_len), or an attention mask applied the wrong "
@@ -293,7 +371,8 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         except (IndexError, RuntimeError):
             probes = None
     if probes is None:
-        lines = probe_lines(batches, vocab_size, pad_token_id, probe_length(limit, longest), seed)
+        length, extra_padding = probe_sizes(limit, longest)
+        lines = probe_lines(batches, vocab_size, pad_token_id, length, seed, extra_padding)
         probes = ModelProbes(model, lines, skip, vocab_size)
         refusal = probes.run()
     if refusal:
