@@ -216,8 +216,8 @@ class OutputDirLock:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         _HELD.pop(str(self.path.parent.resolve()), None)
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None:  # a check stalled on a hung network mount must not hold up the run's end
+            self._thread.join(timeout=5 * CHECK_SECONDS)
         if self.lost is None and self._read_owner()[0].get("token") == self.me["token"]:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
