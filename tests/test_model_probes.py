@@ -326,3 +326,24 @@ def test_a_model_asserting_its_block_size_is_probed_within_the_data_lengths():
     checks = test_fine_tuning(RotaryBlock16(vocab_size=VOCAB), SimpleNamespace(vocab_size=VOCAB, pad_token_id=0),
                               lines, lines[:4], **QUIET)["model_checks"]
     assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+
+
+class BatchNormConvLM(nn.Module):
+    """A causal convolution with nn.BatchNorm1d over (batch, channels, seq): exact in evaluation mode (running
+    statistics), but while training it normalises over every example and position, the later ones included."""
+
+    def __init__(self, d_model=16, kernel=3):
+        super().__init__()
+        self.kernel, self.embed, self.head = kernel, nn.Embedding(VOCAB, d_model), nn.Linear(d_model, VOCAB)
+        self.conv, self.norm = nn.Conv1d(d_model, d_model, kernel), nn.BatchNorm1d(d_model)
+
+    def forward(self, idx):
+        h = nn.functional.pad(self.embed(idx).transpose(1, 2), (self.kernel - 1, 0))
+        return self.head(torch.relu(self.norm(self.conv(h))).transpose(1, 2))
+
+
+def test_batch_norm_with_running_statistics_passes_the_probes_but_is_warned_about_training_mode():
+    lines = random_lines(16, seed=1, low=4, high=12, vocab_size=VOCAB)
+    with pytest.warns(UserWarning, match=r"norm \(BatchNorm1d\) normalise with the batch's statistics while training"):
+        checks = test_fine_tuning(BatchNormConvLM(), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
+    assert checks["causal"]["passed"] and checks["causal"]["batch_norm_while_training"] == ["norm (BatchNorm1d)"]

@@ -379,5 +379,19 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         raise ValueError(refusal)
     for name in PROBES:
         probes.report.setdefault(name, {"ran": False, "why": "an earlier probe failed"})
+    norms = [f"{name} ({type(module).__name__})" for name, module in unwrap(model).named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+    if norms and probes.report["causal"].get("ran"):
+        # The probes run in evaluation mode, where BatchNorm uses its running statistics; training uses the batch's.
+        probes.report["causal"]["batch_norm_while_training"] = norms
+        warnings.warn(batch_norm_message(norms), UserWarning, stacklevel=caller_stacklevel())
     return probes.report
+
+
+def batch_norm_message(norms: list[str]) -> str:
+    return (f"{_names(norms)} normalise with the batch's statistics while training (their running statistics only "
+            "in evaluation mode, where the probes passed): over every example and every position of the batch, so "
+            "in training each position's output depends on the later tokens and the other examples, and a causal LM "
+            "can read a little of the future. Normalise over the features instead (nn.LayerNorm(d_model)); "
+            "skip_model_checks=('causal',) silences this for a model meant to keep it.")
 
