@@ -92,20 +92,22 @@ class RunCheckpoints:
         """Only at optimizer-step boundaries, after pending steps are recorded. Every rank takes part (each one's
         RNG state is gathered); rank 0 hands a host snapshot to the background writer and training goes on."""
         self.check_ownership()
+        step = trainer.state.global_step
+        if not self.sharded:
+            # At most one write in flight. Waited for before this checkpoint's metrics files are written: a previous
+            # write that filled the disk is named as such, not as the metrics file that found no room after it.
+            failed = self.writer.wait(f"Checkpoint step-{step}") if self.writer else None
+            # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a
+            # sync point anyway), instead of the others waiting forever in the next collective.
+            if any_rank(failed is not None, self.ctx, self.device):
+                raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. "
+                                           "Resume (resume_from_checkpoint=True) once the cause is fixed.")
         trainer.tracker.before_checkpoint()  # the rows the checkpoint counts are in the metrics files first
         self.last_clock = time.monotonic()
         if self.sharded:  # every process writes its shards, synchronously (not through the background writer)
             sharded_checkpoint.save_checkpoint(trainer, best)
             return
         files = trainer.state_dict()
-        step = trainer.state.global_step
-        # At most one write in flight.
-        failed = self.writer.wait(f"Checkpoint step-{step}") if self.writer else None
-        # All ranks learn that rank 0's previous write failed and stop together (one flag; a checkpoint is a sync
-        # point anyway), instead of the others waiting forever in the next collective.
-        if any_rank(failed is not None, self.ctx, self.device):
-            raise CheckpointWriteError(f"Training stopped: {failed or 'rank 0 could not write a checkpoint'}. Resume "
-                                       "(resume_from_checkpoint=True) once the cause is fixed.")
         if self.writer:
             # Only the optimizer update changes the trained weights and moments: the writer copies them meanwhile.
             # Frozen parameters are copied at once (a forward may update them: an EMA); so are buffers.
