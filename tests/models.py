@@ -53,6 +53,18 @@ def wait_for_checkpoint_writes():
             thread.join()
 
 
+class InfGradient(torch.autograd.Function):
+    """Identity forward; backward returns an infinite gradient (an fp16 overflow, made on purpose)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
 class StopAtForward(nn.Module):
     """Wraps ``lm``; at its ``at``-th training forward it raises KeyboardInterrupt (a notebook's stop button) or,
     with ``kill=True``, SIGKILLs its own process (no clean-up can run). ``at=None``: never."""

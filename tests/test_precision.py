@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import StopAtForward, TinyCausalLM, random_lines
+from models import InfGradient, StopAtForward, TinyCausalLM, random_lines
 from utils.tier3_training_utilities import evaluate_perplexity, test_fine_tuning
 from utils.training.checkpoints import load_checkpoint
 from utils.training.precision import Precision
@@ -18,18 +18,6 @@ VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 TRAIN, VAL = random_lines(20, seed=1), random_lines(8, seed=2)
 QUIET = dict(progress=False, save_plots=False)
-
-
-class InfGradient(torch.autograd.Function):
-    """Identity forward; backward returns an infinite gradient (an fp16 overflow, made on purpose)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
 
 
 class OverflowAt(nn.Module):

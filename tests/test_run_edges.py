@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import TinyCausalLM, random_lines, wait_for_checkpoint_writes
+from models import InfGradient, TinyCausalLM, random_lines, wait_for_checkpoint_writes
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.checkpoints import ownership
 
@@ -23,16 +23,6 @@ VOCAB, PAD = 50, 0
 CONFIG = SimpleNamespace(vocab_size=VOCAB, pad_token_id=PAD)
 TRAIN, VAL = random_lines(20, seed=1), random_lines(8, seed=2)
 QUIET = dict(progress=False, save_plots=False)
-
-
-class InfGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
 
 
 class OverflowThenNaN(nn.Module):
