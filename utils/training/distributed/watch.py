@@ -93,7 +93,12 @@ class ProcessWatch:
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.stopped.set()  # not joined: a store call in flight ends within its own short timeout
+        self.stopped.set()
+        if self.thread is not None:
+            # Joined (a store call in flight ends within its own short timeout): a daemon thread still inside a
+            # store call when the interpreter exits aborted the process ("terminate called without an active
+            # exception", SIGABRT) after a run that had completed.
+            self.thread.join(timeout=max(2 * self.period, 1.0) + 1.0)
         return False
 
     def _run(self) -> None:
