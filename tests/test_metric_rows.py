@@ -76,15 +76,11 @@ def test_a_checkpoint_after_many_steps_is_at_most_twice_the_size_of_one_after_10
     lines = [torch.randint(1, vocab, (4,), generator=g) for _ in range(LONG_STEPS)]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))  # forward(ids) -> logits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a thread pool only adds waits (5000 steps: 15 s instead of 60-76 s)
-    try:
-        result = test_fine_tuning(model, SimpleNamespace(vocab_size=vocab, pad_token_id=0), lines, lines[:4],
-                                  n_epochs=1, batch_size=1, shuffle=False, max_steps=LONG_STEPS, checkpoint_every=100,
-                                  keep_checkpoints=LONG_STEPS // 100, log_every=100, progress=False, save_plots=False,
-                                  output_dir=str(tmp_path))
-    finally:
-        torch.set_num_threads(threads)
+    # One torch thread, as every test (tests/conftest.py): 5000 steps of tiny tensors took 60-76 s on a 2-thread pool.
+    result = test_fine_tuning(model, SimpleNamespace(vocab_size=vocab, pad_token_id=0), lines, lines[:4],
+                              n_epochs=1, batch_size=1, shuffle=False, max_steps=LONG_STEPS, checkpoint_every=100,
+                              keep_checkpoints=LONG_STEPS // 100, log_every=100, progress=False, save_plots=False,
+                              output_dir=str(tmp_path))
     assert result["global_step"] == LONG_STEPS
     (state_100, folder_100), (state_long, folder_long) = (_newest_checkpoint(tmp_path, s) for s in (100, LONG_STEPS))
     assert state_long <= 2 * state_100 and folder_long <= 2 * folder_100, (state_100, state_long, folder_100,
