@@ -24,8 +24,14 @@ def train_bpe_tokenizer(texts, vocab_size: int = 4096, cache_dir: str | os.PathL
     texts = list(texts)
     digest = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}").encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / f"bpe-{vocab_size}-{digest}.json"
-    if path.exists():
-        tokenizer = Tokenizer.from_file(str(path))
+    try:
+        # Read, then parse: once open, the file's text stays whole even if another process removes or replaces
+        # it (a cache cleared by hand, or a process renaming its copy into place) between a check and the read.
+        cached = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        cached = None
+    if cached is not None:
+        tokenizer = Tokenizer.from_str(cached)
     else:
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
