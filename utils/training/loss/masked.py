@@ -168,18 +168,33 @@ def chunk_loss_and_correct(chunk_logits: torch.Tensor, targets: torch.Tensor):
 def chunk_logits_grad(chunk_logits, log_sum_exp, targets, grad_loss, out=None) -> torch.Tensor:
     """d(summed cross-entropy)/d(logits) of one chunk, times ``grad_loss``: ``softmax - one_hot`` on real rows.
 
-    Written into ``out`` when it has the working dtype (no extra chunk-sized tensor). Rows of excluded targets
-    are set to exactly zero (``masked_fill``, so even a non-finite logit there cannot leak a NaN).
+    Written into ``out`` when it has the working dtype (no extra chunk-sized tensor); ``out=chunk_logits``
+    overwrites the logits (the linear path's recomputed chunk). Rows of excluded targets are set to exactly zero
+    (even a non-finite logit there cannot leak a NaN).
     """
     dtype = loss_dtype(chunk_logits.dtype)
-    grad = out if out is not None and out.dtype == dtype else torch.empty(chunk_logits.shape, dtype=dtype,
-                                                                           device=chunk_logits.device)
-    torch.sub(chunk_logits.to(dtype), log_sum_exp[:, None], out=grad)
-    grad.exp_()
+    grad = out if out is not None and out.dtype == dtype else None
+    if grad is not None and grad.data_ptr() == chunk_logits.data_ptr():
+        # In place: exp(logits - the forward's log-sum-exp), so the linear path holds one chunk, not two.
+        torch.sub(chunk_logits, log_sum_exp[:, None], out=grad).exp_()
+    else:
+        # One fused kernel that upcasts as it reads. exp(logits - log-sum-exp) took two passes and torch.exp's
+        # slower exponential: 3x the time on CPU, which made training 0.95x as fast as F.cross_entropy's backward
+        # (benchmarks/throughput.py; CLAUDE.md "Measured numbers").
+        grad = torch.softmax(chunk_logits, dim=-1, dtype=dtype, out=grad)
     real = targets != IGNORE_INDEX
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], -real.to(dtype)[:, None])
-    grad.masked_fill_(~real[:, None], 0.0)
+    _zero_rows(grad, ~real)
     return grad.mul_(grad_loss.to(dtype))
+
+
+def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> None:
+    if grad.device.type == "cpu":
+        # Only those rows (a few per chunk): masked_fill_ with a broadcast row mask is a scalar loop over the whole
+        # chunk on CPU (3 ms of a 127 ms step of benchmarks/throughput.py). nonzero waits for no device here.
+        grad.index_fill_(0, rows.nonzero().squeeze(1), 0.0)
+    else:  # nonzero would be a host read of the device
+        grad.masked_fill_(rows[:, None], 0.0)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
