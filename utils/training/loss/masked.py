@@ -168,19 +168,20 @@ def chunk_loss_and_correct(chunk_logits: torch.Tensor, targets: torch.Tensor):
 def chunk_logits_grad(chunk_logits, log_sum_exp, targets, grad_loss, out=None) -> torch.Tensor:
     """d(summed cross-entropy)/d(logits) of one chunk, times ``grad_loss``: ``softmax - one_hot`` on real rows.
 
-    Written into ``out`` when it has the working dtype (no extra chunk-sized tensor); ``out=chunk_logits``
-    overwrites the logits (the linear path's recomputed chunk). Rows of excluded targets are set to exactly zero
-    (even a non-finite logit there cannot leak a NaN).
+    Written into ``out`` when it has the working dtype (no extra chunk-sized tensor). ``out=chunk_logits`` (the
+    linear path's recomputed chunk) overwrites the logits and needs the forward's ``log_sum_exp`` of each row;
+    otherwise it is unused. Rows of excluded targets are set to exactly zero (even a non-finite logit there
+    cannot leak a NaN).
     """
     dtype = loss_dtype(chunk_logits.dtype)
     grad = out if out is not None and out.dtype == dtype else None
-    if grad is not None and grad.data_ptr() == chunk_logits.data_ptr():
-        # In place: exp(logits - the forward's log-sum-exp), so the linear path holds one chunk, not two.
+    if grad is chunk_logits:
+        # In place: exp(logits - log-sum-exp), so the linear path holds one chunk of logits, not two.
         torch.sub(chunk_logits, log_sum_exp[:, None], out=grad).exp_()
     else:
         # One fused kernel that upcasts as it reads. exp(logits - log-sum-exp) took two passes and torch.exp's
-        # slower exponential: 3x the time on CPU, which made training 0.95x as fast as F.cross_entropy's backward
-        # (benchmarks/throughput.py; CLAUDE.md "Measured numbers").
+        # slower exponential: 3x the time on CPU, and training ran 0.95x the tokens/s of F.cross_entropy's
+        # backward (benchmarks/throughput.py; CLAUDE.md "Measured numbers").
         grad = torch.softmax(chunk_logits, dim=-1, dtype=dtype, out=grad)
     real = targets != IGNORE_INDEX
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], -real.to(dtype)[:, None])
@@ -200,8 +201,8 @@ def _zero_rows(grad: torch.Tensor, rows: torch.Tensor) -> None:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Loss sum and correct count over row chunks of ``(rows, vocab)`` logits.
 
-    Saves the logits (which exist anyway), the targets and one log-sum-exp per row; backward writes the gradient
-    chunk by chunk into one tensor of the logits' dtype. ``F.cross_entropy`` over the whole batch would keep a
+    Saves the logits (which exist anyway) and the targets; backward recomputes each chunk's softmax into one
+    gradient tensor of the logits' dtype. ``F.cross_entropy`` over the whole batch would keep a
     full float32 log-softmax for backward, and its backward would add a full float32 gradient of it.
     """
 
@@ -209,26 +210,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, chunk_rows):
         loss_sum = logits.new_zeros((), dtype=loss_dtype(logits.dtype))
         correct = targets.new_zeros(())
-        log_sum_exp = []
         for start in range(0, logits.shape[0], chunk_rows):
-            loss, right, lse = chunk_loss_and_correct(logits[start:start + chunk_rows],
-                                                      targets[start:start + chunk_rows])
+            loss, right, _ = chunk_loss_and_correct(logits[start:start + chunk_rows], targets[start:start + chunk_rows])
             loss_sum += loss
             correct += right
-            log_sum_exp.append(lse)
-        ctx.save_for_backward(logits, targets, torch.cat(log_sum_exp) if log_sum_exp else loss_sum.new_zeros(0))
+        ctx.save_for_backward(logits, targets)
         ctx.chunk_rows = chunk_rows
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        logits, targets, log_sum_exp = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         rows = ctx.chunk_rows
         for start in range(0, logits.shape[0], rows):
             part = slice(start, start + rows)
-            chunk = chunk_logits_grad(logits[part], log_sum_exp[part], targets[part], grad_loss, out=grad[part])
+            chunk = chunk_logits_grad(logits[part], None, targets[part], grad_loss, out=grad[part])
             if chunk.data_ptr() != grad[part].data_ptr():  # computed in float32 for half-precision logits
                 grad[part] = chunk
         return grad, None, None
