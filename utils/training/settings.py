@@ -26,7 +26,7 @@ from pathlib import Path
 LR_SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GROUPINGS = ("auto", "tokens", "lines", True, False)
-BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
+BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (data/subsets.py)
 LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss/loss_path.py
 MODEL_CHECKS = ("examples", "causal", "padding")  # the start-up probes of the model's behaviour (model/probes.py)
 MAX_SEED = 2**32 - 1
