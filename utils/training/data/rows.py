@@ -4,7 +4,8 @@ A row is what one example of the user's data is: a token sequence (a list, a tup
 ``return_tensors="pt"`` output for one text), a dict with ``input_ids`` (and optional ``attention_mask``,
 ``labels``), or one row of a collated batch (:func:`batch_rows`). :func:`read_example` parses it
 (:func:`to_example`) and applies the pad rule once (:func:`cut_to_real_span`); every source reads its rows through
-it: tables per batch, streams as they are read, a user's DataLoader for its probe batch. Which rows a source keeps,
+it: tables per batch, streams as they are read, a user's DataLoader for its probe batch. A DataLoader's batches are
+used as given, so the same rule is applied to the batch (:func:`batch_with_pad_rule`). Which rows a source keeps,
 holds out or gives a process is :mod:`subsets`'; how examples become a padded batch, :mod:`collate`'.
 """
 from __future__ import annotations
@@ -109,6 +110,33 @@ def cut_to_real_span(example: Example, pad_token_id: int, pad_is_eos: bool) -> E
     span = real[start:end]
     cut = lambda t: None if t is None else t[start:end]  # noqa: E731
     return Example(example.input_ids[start:end], None if bool(span.all()) else span.long(), cut(example.labels))
+
+
+def batch_with_pad_rule(batch: dict, pad_token_id: int, pad_is_eos: bool) -> dict:
+    """A user's collated batch (a DataLoader's, used as given) with the pad rule applied as its attention mask,
+    left-padded rows moved to the right (exact for a causal model, and the only form in which a model without
+    ``attention_mask``/``position_ids`` arguments sees the positions of the unpadded text) and ``right_padded``."""
+    batch["attention_mask"] = real_token_mask(batch["input_ids"], batch.get("attention_mask"), pad_token_id,
+                                              pad_is_eos).long()
+    batch = _left_padding_moved_right(batch, pad_token_id)
+    mask = batch["attention_mask"]
+    batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all())  # on the CPU, before the device copy
+    return batch
+
+
+def _left_padding_moved_right(batch: dict, pad_token_id: int) -> dict:
+    mask = batch["attention_mask"]
+    leading = (mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # padding before each row's first real token
+    if not bool(leading.any()):
+        return batch
+    source = torch.arange(mask.shape[1]) + leading
+    inside = source < mask.shape[1]
+    source = source.clamp(max=mask.shape[1] - 1)
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    for key, fill in fills.items():
+        if batch.get(key) is not None:
+            batch[key] = torch.where(inside, batch[key].gather(1, source), fill)
+    return batch
 
 
 def batch_rows(batch: Mapping) -> list[dict]:

@@ -10,8 +10,8 @@ run equals an uninterrupted one. The position is reached by reading the stream u
 source; it costs the reading); at an epoch's end it is that epoch read to its end, so a resume there reads that
 epoch's pass again (rows compared, nothing trained) before the next one. Every row read again is compared with
 the one the checkpoint recorded (:class:`source_contract.ReadLog`). Under torchrun each process reads its own
-shard (``split_dataset_by_node`` for a ``datasets`` stream, every k-th example otherwise); before each step the
-processes agree that each still has one, so they stop together when the first shard ends.
+shard (:func:`subsets.stream_shard`); before each step the processes agree that each still has one, so they stop
+together when the first shard ends.
 """
 from __future__ import annotations
 
