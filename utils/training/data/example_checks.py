@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 
 from ..loss import IGNORE_INDEX
-from ..settings import BAD_EXAMPLES
 from ..warn import caller_stacklevel
+from .data_settings import BAD_EXAMPLES
 
 
 def length_fix(limit: int) -> str:
