@@ -141,3 +141,34 @@ def test_a_search_can_minimise_bits_per_byte(shipped, tmp_path):
     # Bits per byte over the same validation text is the loss rescaled by one constant (tokens / bytes / ln 2).
     ratios = trials["val_bits_per_byte"] / trials["val_loss"]
     assert ratios.iloc[0] == pytest.approx(ratios.iloc[1], rel=1e-12)
+
+
+def test_validation_computes_each_batchs_shifted_targets_once_with_bits_per_byte(shipped):
+    """The loss and the bytes come from one computation of the batch's targets (on the device, no host read):
+    counted by Python's own profiler hook on the real functions during validation, nothing replaced."""
+    import sys
+
+    from utils.training import evaluation
+    from utils.training.loss import masked
+
+    tokenizer, _, val_lines = shipped
+    examples = prepare_lm_dataset(val_lines[:10], tokenizer, max_length=128)
+    model = _model(len(tokenizer))
+    watched = {evaluation.evaluate.__code__: "validation", masked.shifted_targets.__code__: "targets",
+               type(model).forward.__code__: "forwards"}
+    counts, depth = {"targets": 0, "forwards": 0}, []
+
+    def profile(frame, event, _arg):
+        name = watched.get(frame.f_code) if event in ("call", "return") else None  # not C calls made from them
+        if name == "validation":
+            depth.append(1) if event == "call" else depth.pop()
+        elif name and depth and event == "call":
+            counts[name] += 1
+
+    sys.setprofile(profile)
+    try:
+        result = evaluate_perplexity(model, examples, batch_size=3, tokenizer=tokenizer)
+    finally:
+        sys.setprofile(None)
+    assert result["bits_per_byte"] is not None
+    assert counts["forwards"] == 4 and counts["targets"] == counts["forwards"], counts  # 10 lines, batches of 3

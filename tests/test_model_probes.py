@@ -347,3 +347,63 @@ def test_batch_norm_with_running_statistics_passes_the_probes_but_is_warned_abou
     with pytest.warns(UserWarning, match=r"norm \(BatchNorm1d\) normalise with the batch's statistics while training"):
         checks = test_fine_tuning(BatchNormConvLM(), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
     assert checks["causal"]["passed"] and checks["causal"]["batch_norm_while_training"] == ["norm (BatchNorm1d)"]
+
+
+# -- the full-length try only where nothing says the model's length (on a GPU a forward past a table's end is a
+# device-side assert that poisons the CUDA context: it must not be caught, it must not happen) -------------------
+class RecordsLengths(RotaryLike):
+    """Correct (causal), no position table, no declared positions; records every line length it is called with."""
+
+    def __init__(self):
+        super().__init__(vocab_size=VOCAB)
+        self.lengths = []
+
+    def forward(self, idx):
+        self.lengths.append(idx.shape[1])
+        seq = idx.shape[1]
+        where = torch.arange(seq, device=idx.device, dtype=torch.float32)[:, None]
+        h = self.embed(idx) + torch.sin(where / 10.0 ** (torch.arange(32, device=idx.device) / 16))
+        return self.head(self.blocks(h, mask=self.causal_mask(seq), is_causal=True))
+
+    def causal_mask(self, seq):
+        return nn.Transformer.generate_square_subsequent_mask(seq)
+
+
+class BlockSizeInConfig(RecordsLengths):
+    """nanoGPT keeps its GPTConfig on the model: ``block_size`` says how long a line it takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=16, vocab_size=VOCAB)
+
+
+class CausalMaskTable(RecordsLengths):
+    """nanoGPT's slow attention path: a (1, 1, 16, 16) tril buffer, sliced to the line's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def causal_mask(self, seq):
+        return torch.zeros(seq, seq).masked_fill(self.bias[0, 0, :seq, :seq] == 0, float("-inf"))
+
+
+@pytest.mark.parametrize("model_class", [BlockSizeInConfig, CausalMaskTable])
+def test_a_model_that_names_its_block_size_is_never_probed_beyond_it(model_class):
+    lines = random_lines(16, seed=1, low=4, high=17, vocab_size=VOCAB)  # up to the model's 16 positions
+    model = model_class()
+    checks = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines, lines[:4],
+                              **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert max(model.lengths) <= 16, sorted(set(model.lengths))  # no forward past the block, caught or not
+
+
+def test_a_block_size_is_read_from_a_config_or_a_causal_mask_table_and_nothing_else():
+    from utils.training.model.probes import declared_block_size, probe_sizes
+
+    assert declared_block_size(RecordsLengths()) is None  # nothing says: a CPU tries the full length, a GPU may not
+    assert declared_block_size(CausalMaskTable()) == 16 == declared_block_size(BlockSizeInConfig())
+    square = RecordsLengths()
+    square.register_buffer("rotation", torch.linalg.qr(torch.randn(8, 8))[0])  # square, not a mask table
+    assert declared_block_size(square) is None
+    assert probe_sizes(None, 12) == (6, 6)  # the data's longest line (12) bounds lines and padding together

@@ -80,6 +80,42 @@ def probe_sizes(limit: int | None, longest: int) -> tuple[int, int]:
     return max(2, min(PROBE_LENGTH, room - padding)), padding
 
 
+# Sizes of the longest line a model takes, as its config or the model itself names them where the fields
+# checks.max_positions reads (n_positions, max_position_embeddings) are absent: nanoGPT's block_size, GPT-2's n_ctx,
+# Llama-style max_seq_len and others. They only bound the probes' length here (probing fewer positions is harmless);
+# the lines of the data are checked against declared positions only.
+BLOCK_SIZE_NAMES = ("block_size", "n_ctx", "max_seq_len", "max_seq_length", "max_sequence_length", "context_length")
+
+
+def declared_block_size(model: nn.Module) -> int | None:
+    """The longest line ``model`` says it takes where no position table or declared position count did: a block
+    size in ``model.config`` or on the model (:data:`BLOCK_SIZE_NAMES`), else the size of a square causal-mask
+    table among its buffers (nanoGPT's ``bias`` of shape (1, 1, T, T): attention slices it to the line's length);
+    None when nothing says."""
+    inner = unwrap(model)
+    for holder in (getattr(inner, "config", None), inner):
+        for name in BLOCK_SIZE_NAMES:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    tables = [int(buffer.shape[-1]) for buffer in inner.buffers() if _is_causal_mask_table(buffer)]
+    return min(tables) if tables else None
+
+
+def _is_causal_mask_table(buffer: torch.Tensor) -> bool:
+    """One square (T, T) table (leading dimensions of size 1) of two values, triangular: a causal mask built for
+    lines of up to T tokens (ones below the diagonal, or -inf above it)."""
+    if buffer.dim() < 2 or buffer.shape[-1] != buffer.shape[-2] or buffer.shape[-1] < 2 or buffer.is_meta:
+        return False
+    if buffer.numel() != buffer.shape[-1] ** 2 or buffer.numel() > 1 << 24 or buffer.is_complex():
+        return False
+    table = buffer.reshape(buffer.shape[-2:])
+    above = torch.unique(table[torch.triu(torch.ones_like(table, dtype=torch.bool), diagonal=1)])
+    below = torch.unique(table[torch.tril(torch.ones_like(table, dtype=torch.bool), diagonal=-1)])
+    # One value strictly above the diagonal, another strictly below (and on it): a 0/1 tril, a bool mask, 0/-inf.
+    return len(above) == 1 and len(below) == 1 and not torch.equal(above, below) and len(torch.unique(table)) == 2
+
+
 def trusted_by_construction(model: nn.Module) -> str | None:
     """Why a model needs no probe: a Hugging Face decoder-only causal LM whose forward is transformers' own, without
     hooks (causal, per-example and right-padding-exact by construction); None for every other model."""
@@ -360,10 +396,15 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
     batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
+    limit = limit if limit is not None else declared_block_size(model)
     probes, refusal = None, None
-    if limit is None:
-        # Nothing says how long a line the model takes (rotary or hand-made positions): the full probe length is
-        # tried, and where the model fails on it (a table of fixed size) lines no longer than the data's are used.
+    if limit is None and base_device(model).type == "cpu":
+        # Nothing says how long a line the model takes (rotary or hand-made positions, no size in its config and no
+        # causal-mask table): the full probe length is tried, and where the model fails on it (a table of fixed size)
+        # lines no longer than the data's are used. Only on a CPU, where such a failure is an ordinary exception and
+        # the process goes on; on a GPU an index out of range is a device-side assert that leaves the CUDA context
+        # unusable for the rest of the process, so there the probes stay within the lengths the start-up forward
+        # already ran (the data's longest line, below).
         try:
             probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed), skip,
                                  vocab_size)
