@@ -8,7 +8,7 @@ from ..setting_rules import (FREE, MATCH, PER_PROCESS, POSITIVE, POSITIVE_OR_NON
                              check_int, number, one_of, setting)
 
 GROUPINGS = ("auto", "tokens", "lines", True, False)
-BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (example_checks)
+BAD_EXAMPLES = ("error", "skip", "truncate")  # what a stream's row that fails its checks does (subsets.py)
 
 
 def _check_padding_multiple(name, value):
