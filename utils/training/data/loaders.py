@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings
 from .collate import PaddingCollator, padded_probe
-from .example_checks import check_batch_ids, check_batch_shapes, check_length, check_loader_batch
-from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
 from ..loss import IGNORE_INDEX, real_token_mask
-from .source_contract import ROW_KEYS, BatchSource, ReadLog, group_into_steps
+from .rows import (ROW_KEYS, batch_rows, check_batch_ids, check_batch_shapes, check_length, check_loader_batch,
+                   pad_id_among_real_tokens, read_example)
+from .source_contract import BatchSource, ReadLog, group_into_steps
 
 
 class LoaderBatches(BatchSource):
@@ -89,10 +89,8 @@ class LoaderBatches(BatchSource):
         where = f"epoch {epoch + 1}"
         for k, batch in enumerate(batches):
             check_loader_batch(batch, self.what)
-            columns = {key: batch[key] for key in ROW_KEYS if batch.get(key) is not None}
-            for row in range(len(batch["input_ids"])):
-                self.log.note({key: column[row] for key, column in columns.items()}, where,
-                              f" (in batch {k + 1} of this epoch as its row {row})")
+            for row, values in enumerate(batch_rows(batch)):
+                self.log.note(values, where, f" (in batch {k + 1} of this epoch as its row {row})")
             yield k, batch
         self.log.replay_ended(where)
 
@@ -161,8 +159,7 @@ class LoaderBatches(BatchSource):
         batch = self.first_batch()
         if not bool(batch["attention_mask"].all()):
             return batch
-        rows = [cut_to_real_span(to_example({k: batch[k][r] for k in ROW_KEYS if batch.get(k) is not None}, r),
-                                 self.pad_token_id, self.pad_is_eos) for r in range(len(batch["input_ids"]))]
+        rows = [read_example(row, r, self.pad_token_id, self.pad_is_eos) for r, row in enumerate(batch_rows(batch))]
         return padded_probe(rows, PaddingCollator(self.pad_token_id))
 
     def check_ids(self, vocab_size: int) -> None:

@@ -1,6 +1,6 @@
 """Start-up checks of the model against the data: a clear ValueError beats a device-side assert.
 
-The checks on examples and batches (ids, lengths) are :mod:`example_checks`'; here they are applied to every
+The checks on examples and batches (ids, lengths) are the data seam's (``data/rows.py``); here they are applied to every
 source before the first optimizer step, together with one forward pass's logits.
 """
 from __future__ import annotations

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
-from ..settings import MODEL_CHECKS as PROBES
 from ..reproducibility import one_cpu_thread
 from ..warn import caller_stacklevel
+from .model_settings import MODEL_CHECKS as PROBES
 from .suspects import Suspects, watch
 
 PROBE_LENGTH = 24  # positions probed; > 17 so a mask that fails from a middle position on is reached
