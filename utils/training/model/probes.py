@@ -109,7 +109,10 @@ def declared_block_size(model: nn.Module) -> int | None:
     inner = unwrap(model)
     for holder in (getattr(inner, "config", None), inner):
         for name in BLOCK_SIZE_NAMES:
-            value = getattr(holder, name, None) if holder is not None else None
+            try:
+                value = getattr(holder, name, None) if holder is not None else None
+            except Exception:  # noqa: BLE001 - a property that fails says nothing about the model's length
+                value = None
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     tables = [int(buffer.shape[-1]) for buffer in inner.buffers() if _is_causal_mask_table(buffer)]
