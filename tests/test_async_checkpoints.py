@@ -122,13 +122,13 @@ def test_staging_copies_complete_folders_into_output_dir(tmp_path):
 
 
 def test_staging_is_on_by_default_for_google_drive_only(tmp_path):
-    drive = FineTuneSettings(output_dir="/content/drive/MyDrive/run", checkpoint_every=10)
+    drive = FineTuneSettings(output_dir="/content/drive/MyDrive/run", checkpoint_every=10).checkpoints
     assert drive.checkpoint_staging_dir == "auto" and drive.checkpoint_staging_folder() is not None
     assert Path("/content/drive") not in drive.checkpoint_staging_folder().parents
-    assert FineTuneSettings(output_dir=str(tmp_path)).checkpoint_staging_folder() is None
-    other = FineTuneSettings(output_dir=str(tmp_path / "b"), checkpoint_staging_dir=str(tmp_path / "s"))
+    assert FineTuneSettings(output_dir=str(tmp_path)).checkpoints.checkpoint_staging_folder() is None
+    other = FineTuneSettings(output_dir=str(tmp_path / "b"), checkpoint_staging_dir=str(tmp_path / "s")).checkpoints
     assert other.checkpoint_staging_folder().parent == tmp_path / "s"
-    third = FineTuneSettings(output_dir=str(tmp_path / "c"), checkpoint_staging_dir=str(tmp_path / "s"))
+    third = FineTuneSettings(output_dir=str(tmp_path / "c"), checkpoint_staging_dir=str(tmp_path / "s")).checkpoints
     assert other.checkpoint_staging_folder() != third.checkpoint_staging_folder()
 
 

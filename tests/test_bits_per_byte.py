@@ -3,6 +3,7 @@ for, from validation's own sums, equal to an independent per-line computation fo
 tokenizer and for a tokenizer of single bytes."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ def test_bits_per_byte_equals_an_independent_computation_for_the_shipped_bpe_tok
     expected = _independent_bits_per_byte(model, lines)
     assert result["val_bits_per_byte"] == pytest.approx(expected, rel=RELATIVE)
     assert result["metrics_summary"]["val/bits_per_byte"].iloc[-1] == result["val_bits_per_byte"]
+    written = pd.read_csv(result["metrics_csv"])["val/bits_per_byte"].iloc[-1]  # the metrics CSV, as README says
+    assert written == pytest.approx(result["val_bits_per_byte"], rel=1e-12)
     # The ratio to the loss is the targets' tokens per byte / ln 2, nothing else.
     n_targets = sum(len(ids) - 1 for ids, _ in lines)
     assert result["val_bits_per_byte"] == pytest.approx(

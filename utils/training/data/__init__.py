@@ -8,6 +8,7 @@ contract and the read log (source_contract), the plans (batch_plans), the paddin
 """
 from .batch_plans import MEGA_BATCH_FACTOR, PlanSettings
 from .collate import PaddingCollator, to_device
+from .data_settings import DataSettings
 from .loaders import LoaderBatches
 from .rows import Example, check_pad_token_id
 from .source_contract import BatchSource
@@ -17,7 +18,7 @@ from .streaming import StreamBatches
 from .subsets import shard_batches
 from .tables import ExampleBatches, to_examples
 
-__all__ = ["BatchSource", "Example", "ExampleBatches", "LoaderBatches", "MEGA_BATCH_FACTOR", "PaddingCollator",
-           "PlanSettings", "SourceOptions", "StreamBatches", "batch_source", "check_pad_token_id", "run_length",
-           "shard_batches", "source_options", "synthetic_sequences", "to_device", "to_examples",
+__all__ = ["BatchSource", "DataSettings", "Example", "ExampleBatches", "LoaderBatches", "MEGA_BATCH_FACTOR",
+           "PaddingCollator", "PlanSettings", "SourceOptions", "StreamBatches", "batch_source", "check_pad_token_id",
+           "run_length", "shard_batches", "source_options", "synthetic_sequences", "to_device", "to_examples",
            "train_and_val_sources"]

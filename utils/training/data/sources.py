@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings
 from .collate import PaddingCollator
+from .data_settings import DataSettings
 from .loaders import LoaderBatches
 from .source_contract import BatchSource
 from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream
@@ -68,10 +69,10 @@ class SourceOptions:
     bad_examples: str = "error"
 
 
-def source_options(settings, device, pad_token_id: int, pad_is_eos: bool) -> SourceOptions:
-    """The data settings of a run (``FineTuneSettings``) on ``device``, in the one form the sources take."""
-    return SourceOptions(pad_token_id, settings.padding_multiple(device), pad_is_eos, settings.val_fraction,
-                         settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
+def source_options(data: DataSettings, seed: int, device, pad_token_id: int, pad_is_eos: bool) -> SourceOptions:
+    """A run's data settings and seed on ``device``, in the one form the sources take."""
+    return SourceOptions(pad_token_id, data.padding_multiple(device), pad_is_eos, data.val_fraction, seed,
+                         data.stream_buffer_size, data.bad_examples)
 
 
 def train_and_val_sources(train_data, val_data, options: SourceOptions):
@@ -136,7 +137,6 @@ class RunLength:
         return epoch >= self.n_epochs or self.steps_done(global_step)
 
 
-def run_length(source: BatchSource, spec: PlanSettings, settings) -> RunLength:
-    counts = steps_per_epoch(source, spec, settings.n_epochs, settings.max_steps)
-    return RunLength(counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts),
-                     settings.max_steps)
+def run_length(source: BatchSource, spec: PlanSettings, n_epochs: int, max_steps: int | None) -> RunLength:
+    counts = steps_per_epoch(source, spec, n_epochs, max_steps)
+    return RunLength(counts, 2**62 if counts == [None] else len(counts), max_steps or sum(counts), max_steps)

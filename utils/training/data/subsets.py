@@ -21,9 +21,9 @@ from itertools import islice
 import numpy as np
 import torch
 
-from ..settings import BAD_EXAMPLES
 from ..warn import caller_stacklevel
 from .batch_plans import Plan
+from .data_settings import BAD_EXAMPLES
 from .rows import check_length, first_id_outside, ids_error
 
 

@@ -11,7 +11,8 @@ import torch
 
 from ..data import check_pad_token_id, to_device
 from ..loss import ModelCaller, eval_mode, unwrap, vocab_size_of
-from .embeddings import EmbeddingRoles, embedding_roles, one_cpu_thread
+from ..reproducibility import one_cpu_thread
+from .embeddings import EmbeddingRoles, embedding_roles
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:
