@@ -3,7 +3,8 @@
 - the hold-out for ``val_data=None`` (:func:`split_positions`: a seeded ``val_fraction`` of the positions);
 - each process's shard under torchrun: :func:`shard_batches` for examples in memory or on disk (as
   ``DistributedSampler`` does), :func:`stream_shard` for a stream (a ``datasets`` stream's own shards, else
-  every k-th row); a user's DataLoader is not sharded by the package;
+  every k-th row); token-budget steps are divided among processes inside each step (:func:`batch_plans.token_plan`,
+  part of the plan); a user's DataLoader is not sharded by the package;
 - rows gone past: rows without a real target (:func:`keep_with_real_targets`: warned, or refused when none is
   left), and a stream's rows that fail their checks (:class:`RowChecks`, ``bad_examples``).
 
