@@ -125,3 +125,18 @@ class ForwardWritesLM(nn.Module):
         h = (h + self.ema) * self.gain
         causal = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
         return lm.head(lm.blocks(h, mask=causal, is_causal=True))
+
+
+class BlockedPickle:
+    """Pickling waits for ``release``: a write held inside its serialisation (a real pickle, nothing replaced)."""
+
+    def __init__(self):
+        self.pickling, self.release = threading.Event(), threading.Event()
+
+    def __deepcopy__(self, memo):
+        return self  # the snapshot keeps it as it is
+
+    def __reduce__(self):
+        self.pickling.set()
+        assert self.release.wait(timeout=60)
+        return (dict, ())

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models import ForwardWritesLM, TinyCausalLM, random_lines
+from models import BlockedPickle, ForwardWritesLM, TinyCausalLM, random_lines
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.checkpoints import checkpoint
 from utils.training.checkpoints import WRITER_NICENESS, CheckpointWriteError, CheckpointWriter
@@ -122,13 +122,13 @@ def test_staging_copies_complete_folders_into_output_dir(tmp_path):
 
 
 def test_staging_is_on_by_default_for_google_drive_only(tmp_path):
-    drive = FineTuneSettings(output_dir="/content/drive/MyDrive/run", checkpoint_every=10)
+    drive = FineTuneSettings(output_dir="/content/drive/MyDrive/run", checkpoint_every=10).checkpoints
     assert drive.checkpoint_staging_dir == "auto" and drive.checkpoint_staging_folder() is not None
     assert Path("/content/drive") not in drive.checkpoint_staging_folder().parents
-    assert FineTuneSettings(output_dir=str(tmp_path)).checkpoint_staging_folder() is None
-    other = FineTuneSettings(output_dir=str(tmp_path / "b"), checkpoint_staging_dir=str(tmp_path / "s"))
+    assert FineTuneSettings(output_dir=str(tmp_path)).checkpoints.checkpoint_staging_folder() is None
+    other = FineTuneSettings(output_dir=str(tmp_path / "b"), checkpoint_staging_dir=str(tmp_path / "s")).checkpoints
     assert other.checkpoint_staging_folder().parent == tmp_path / "s"
-    third = FineTuneSettings(output_dir=str(tmp_path / "c"), checkpoint_staging_dir=str(tmp_path / "s"))
+    third = FineTuneSettings(output_dir=str(tmp_path / "c"), checkpoint_staging_dir=str(tmp_path / "s")).checkpoints
     assert other.checkpoint_staging_folder() != third.checkpoint_staging_folder()
 
 
@@ -225,21 +225,6 @@ def test_a_file_changed_after_its_streamed_hash_is_refused_on_load(tmp_path):
     with pytest.warns(UserWarning, match=f"Skipping checkpoint {step_folder}.*sha256"):
         assert checkpoint.find_resumable(tmp_path) is None
     checkpoint.verify_folder(best_folder)  # its own file, not a second name of the step's: still intact
-
-
-class BlockedPickle:
-    """Pickling waits for ``release``: a write held inside its serialisation (a real pickle, nothing replaced)."""
-
-    def __init__(self):
-        self.pickling, self.release = threading.Event(), threading.Event()
-
-    def __deepcopy__(self, memo):
-        return self  # the snapshot keeps it as it is
-
-    def __reduce__(self):
-        self.pickling.set()
-        assert self.release.wait(timeout=60)
-        return (dict, ())
 
 
 def _niceness(thread_id):

@@ -3,6 +3,7 @@ for, from validation's own sums, equal to an independent per-line computation fo
 tokenizer and for a tokenizer of single bytes."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ def test_bits_per_byte_equals_an_independent_computation_for_the_shipped_bpe_tok
     expected = _independent_bits_per_byte(model, lines)
     assert result["val_bits_per_byte"] == pytest.approx(expected, rel=RELATIVE)
     assert result["metrics_summary"]["val/bits_per_byte"].iloc[-1] == result["val_bits_per_byte"]
+    written = pd.read_csv(result["metrics_csv"])["val/bits_per_byte"].iloc[-1]  # the metrics CSV, as README says
+    assert written == pytest.approx(result["val_bits_per_byte"], rel=1e-12)
     # The ratio to the loss is the targets' tokens per byte / ln 2, nothing else.
     n_targets = sum(len(ids) - 1 for ids, _ in lines)
     assert result["val_bits_per_byte"] == pytest.approx(
@@ -141,3 +144,34 @@ def test_a_search_can_minimise_bits_per_byte(shipped, tmp_path):
     # Bits per byte over the same validation text is the loss rescaled by one constant (tokens / bytes / ln 2).
     ratios = trials["val_bits_per_byte"] / trials["val_loss"]
     assert ratios.iloc[0] == pytest.approx(ratios.iloc[1], rel=1e-12)
+
+
+def test_validation_computes_each_batchs_shifted_targets_once_with_bits_per_byte(shipped):
+    """The loss and the bytes come from one computation of the batch's targets (on the device, no host read):
+    counted by Python's own profiler hook on the real functions during validation, nothing replaced."""
+    import sys
+
+    from utils.training import evaluation
+    from utils.training.loss import masked
+
+    tokenizer, _, val_lines = shipped
+    examples = prepare_lm_dataset(val_lines[:10], tokenizer, max_length=128)
+    model = _model(len(tokenizer))
+    watched = {evaluation.evaluate.__code__: "validation", masked.shifted_targets.__code__: "targets",
+               type(model).forward.__code__: "forwards"}
+    counts, depth = {"targets": 0, "forwards": 0}, []
+
+    def profile(frame, event, _arg):
+        name = watched.get(frame.f_code) if event in ("call", "return") else None  # not C calls made from them
+        if name == "validation":
+            depth.append(1) if event == "call" else depth.pop()
+        elif name and depth and event == "call":
+            counts[name] += 1
+
+    sys.setprofile(profile)
+    try:
+        result = evaluate_perplexity(model, examples, batch_size=3, tokenizer=tokenizer)
+    finally:
+        sys.setprofile(None)
+    assert result["bits_per_byte"] is not None
+    assert counts["forwards"] == 4 and counts["targets"] == counts["forwards"], counts  # 10 lines, batches of 3

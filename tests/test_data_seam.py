@@ -259,7 +259,7 @@ def test_every_source_implements_the_contract_and_nothing_else_asks_the_kind():
 
 
 def test_no_source_class_is_over_250_lines():
-    modules = ("data/streaming.py", "data/loaders.py", "data/table_batches.py", "data/source_contract.py")
+    modules = ("data/streaming.py", "data/loaders.py", "data/tables.py", "data/source_contract.py")
     sizes = {node.name: node.end_lineno - node.lineno + 1 for module in modules
              for node in ast.parse((PACKAGE / module).read_text()).body if isinstance(node, ast.ClassDef)}
     assert {"StreamBatches", "LoaderBatches", "ExampleBatches"} <= set(sizes)
@@ -272,3 +272,26 @@ def test_no_module_imports_another_modules_private_names():
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
                 private = [alias.name for alias in node.names if alias.name.startswith("_")]
                 assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_reading_splitting_and_subsetting_rows_each_live_in_one_module():
+    """Issue 44: a row -> Example is rows.py's job; which rows a part holds (the val_fraction hold-out, each
+    process's shard, rows gone past) is subsets.py's. Each is defined there once, and the sources call it there:
+    no other module of the data seam parses a row, draws a hold-out or shards a stream itself."""
+    texts = {path.name: path.read_text() for path in sorted((PACKAGE / "data").glob("*.py"))}
+    homes = {"rows.py": ("read_example", "to_example", "cut_to_real_span", "batch_rows", "batch_with_pad_rule"),
+             "subsets.py": ("split_positions", "shard_batches", "stream_shard", "keep_with_real_targets", "RowChecks")}
+    for home, names in homes.items():
+        for name in names:
+            defined = [module for module, text in texts.items() if re.search(rf"^(def|class) {name}\b", text, re.M)]
+            assert defined == [home], (name, defined)
+    for source in ("tables.py", "streaming.py", "loaders.py"):
+        assert re.search(r"from \.rows import [^)]*read_example", texts[source]), source
+    for source, calls in (("tables.py", ("split_positions(", "shard_batches(", "keep_with_real_targets(")),
+                          ("streaming.py", ("stream_shard(", "RowChecks("))):
+        assert all(call in texts[source] for call in calls), source
+    for module, text in texts.items():
+        if module != "subsets.py":
+            assert not re.search(r"split_dataset_by_node|islice\([^)]*rank", text), module
+        if module != "rows.py":
+            assert not re.search(r"_as_long_1d|real_token_mask\(", text), module

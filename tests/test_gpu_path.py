@@ -66,13 +66,13 @@ def test_models_that_need_the_mask_keep_it():
 
 def test_precision_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert FineTuneSettings().autocast_dtype(cpu) is None  # auto: fp32 on CPU
-    assert FineTuneSettings(precision="bf16").autocast_dtype(cpu) == "bf16"  # explicit: CPU autocast (issue 35)
-    assert settings_from_call({"use_amp": True})[0].autocast_dtype(cpu) is None  # the previous keyword: CUDA only
-    assert FineTuneSettings(precision="fp32").autocast_dtype(cuda) is None
-    assert FineTuneSettings(precision="fp16").autocast_dtype(cuda) == "fp16"
-    assert settings_from_call({"mixed_precision": "bf16"})[0].autocast_dtype(cuda) == "bf16"  # the older keyword
-    assert settings_from_call({"use_amp": True})[0].autocast_dtype(cuda) == "fp16"  # the previous module's keyword
+    assert FineTuneSettings().numerics.autocast_dtype(cpu) is None  # auto: fp32 on CPU
+    assert FineTuneSettings(precision="bf16").numerics.autocast_dtype(cpu) == "bf16"  # explicit: CPU autocast (#35)
+    assert settings_from_call({"use_amp": True})[0].numerics.autocast_dtype(cpu) is None  # previous keyword: CUDA only
+    assert FineTuneSettings(precision="fp32").numerics.autocast_dtype(cuda) is None
+    assert FineTuneSettings(precision="fp16").numerics.autocast_dtype(cuda) == "fp16"
+    assert settings_from_call({"mixed_precision": "bf16"})[0].numerics.autocast_dtype(cuda) == "bf16"  # older keyword
+    assert settings_from_call({"use_amp": True})[0].numerics.autocast_dtype(cuda) == "fp16"  # previous module's
     with pytest.raises(ValueError, match="pass only one"):
         settings_from_call({"precision": "bf16", "mixed_precision": "fp16"})
 

@@ -194,8 +194,9 @@ CORRECT_MODELS = {
 
 @pytest.mark.parametrize("name", list(CORRECT_MODELS))
 def test_no_false_alarm_over_200_seeds(name):
-    """Each seed: fresh weights every 20 seeds, new probe lines and replacement tokens every seed; the probes run
-    directly (HF models are trusted by construction in a run, so the probes would otherwise not run on them)."""
+    """Each seed: fresh weights every 20 seeds, new probe lines and replacement tokens every seed (every 4th with
+    the long causal check over 64 positions); the probes run directly (HF models are trusted by construction in a
+    run, so the probes would otherwise not run on them)."""
     for seed in range(200):
         if seed % 20 == 0:
             model = CORRECT_MODELS[name](seed)
@@ -203,10 +204,12 @@ def test_no_false_alarm_over_200_seeds(name):
         lengths = torch.randint(3, 24, (6,), generator=generator)
         batch = {"input_ids": torch.randint(1, VOCAB, (6, 24), generator=generator),
                  "attention_mask": (torch.arange(24) < lengths[:, None]).long()}
-        probes = ModelProbes(model, probe_lines([batch], VOCAB, 0, PROBE_LENGTH, seed))
+        long_length = 64 if seed % 4 == 0 else 0  # the long causal check on every 4th seed (50 of 200)
+        probes = ModelProbes(model, probe_lines([batch], VOCAB, 0, PROBE_LENGTH, seed, long_length=long_length))
         refusal = probes.run()
         assert refusal is None, f"{name}, seed {seed}: {refusal}"
         assert all(probes.report[probe]["passed"] for probe in ("examples", "causal", "padding"))
+        assert probes.report["causal"].get("long_positions_probed", 0) == long_length
 
 
 def test_probe_model_reports_the_left_padding_difference_without_refusing():
@@ -347,3 +350,84 @@ def test_batch_norm_with_running_statistics_passes_the_probes_but_is_warned_abou
     with pytest.warns(UserWarning, match=r"norm \(BatchNorm1d\) normalise with the batch's statistics while training"):
         checks = test_fine_tuning(BatchNormConvLM(), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
     assert checks["causal"]["passed"] and checks["causal"]["batch_norm_while_training"] == ["norm (BatchNorm1d)"]
+
+
+# -- the full-length try only where nothing says the model's length (on a GPU a forward past a table's end is a
+# device-side assert that poisons the CUDA context: it must not be caught, it must not happen) -------------------
+class RecordsLengths(RotaryLike):
+    """Correct (causal), no position table, no declared positions; records every line length it is called with."""
+
+    def __init__(self):
+        super().__init__(vocab_size=VOCAB)
+        self.lengths = []
+
+    def forward(self, idx):
+        self.lengths.append(idx.shape[1])
+        seq = idx.shape[1]
+        where = torch.arange(seq, device=idx.device, dtype=torch.float32)[:, None]
+        h = self.embed(idx) + torch.sin(where / 10.0 ** (torch.arange(32, device=idx.device) / 16))
+        return self.head(self.blocks(h, mask=self.causal_mask(seq), is_causal=True))
+
+    def causal_mask(self, seq):
+        return nn.Transformer.generate_square_subsequent_mask(seq)
+
+
+class BlockSizeInConfig(RecordsLengths):
+    """nanoGPT keeps its GPTConfig on the model: ``block_size`` says how long a line it takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=16, vocab_size=VOCAB)
+
+
+class CausalMaskTable(RecordsLengths):
+    """nanoGPT's slow attention path: a (1, 1, 16, 16) tril buffer, sliced to the line's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def causal_mask(self, seq):
+        return torch.zeros(seq, seq).masked_fill(self.bias[0, 0, :seq, :seq] == 0, float("-inf"))
+
+
+@pytest.mark.parametrize("model_class", [BlockSizeInConfig, CausalMaskTable])
+def test_a_model_that_names_its_block_size_is_never_probed_beyond_it(model_class):
+    lines = random_lines(16, seed=1, low=4, high=17, vocab_size=VOCAB)  # up to the model's 16 positions
+    model = model_class()
+    checks = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines, lines[:4],
+                              **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert max(model.lengths) <= 16, sorted(set(model.lengths))  # no forward past the block, caught or not
+
+
+def test_a_block_size_is_read_from_a_config_or_a_causal_mask_table_and_nothing_else():
+    from utils.training.model.probes import declared_block_size, probe_sizes
+
+    assert declared_block_size(RecordsLengths()) is None  # nothing says: a CPU tries the full length, a GPU may not
+    assert declared_block_size(CausalMaskTable()) == 16 == declared_block_size(BlockSizeInConfig())
+    square = RecordsLengths()
+    square.register_buffer("rotation", torch.linalg.qr(torch.randn(8, 8))[0])  # square, not a mask table
+    assert declared_block_size(square) is None
+    assert probe_sizes(None, 12) == (6, 6)  # the data's longest line (12) bounds lines and padding together
+
+
+class FutureFrom40(TinyCausalLM):
+    """A mask causal for the first 40 rows only: beyond the 24 positions of the strided causal probe."""
+
+    def forward(self, idx):
+        seq = idx.shape[1]
+        h = self.embed(idx) + self.pos(torch.arange(seq, device=idx.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        mask[40:] = 0.0
+        return self.head(self.blocks(h, mask=mask))
+
+
+def test_a_model_that_sees_the_future_only_from_position_40_is_caught_by_the_long_check():
+    lines = random_lines(16, seed=1, low=30, high=64, vocab_size=VOCAB)  # lines up to 63 tokens: trained there
+    message = _refused(FutureFrom40(vocab_size=VOCAB), r"logits at position 40 \(counting from 0\) changed", lines)
+    assert "mask given to lm.blocks (TransformerEncoder) lets row 40 attend to later columns" in message
+    # A correct model on the same lines passes the long check too, and says how far it looked.
+    checks = test_fine_tuning(TinyCausalLM(vocab_size=VOCAB), CONFIG, lines, lines[:4], **QUIET)["model_checks"]
+    assert checks["causal"]["passed"] and checks["causal"]["long_positions_probed"] == max(len(line) for line in lines)
+    assert checks["causal"]["long_max_difference"] <= checks["causal"]["long_tolerance"]

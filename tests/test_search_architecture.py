@@ -1,5 +1,6 @@
 """Searching the model as well as the training (issue 46): model parameters passed to the factory, one study per
 model family, every trial's cost beside its loss, the Pareto front of two objectives."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -140,6 +141,11 @@ def test_two_objective_search_returns_exactly_the_non_dominated_trials_and_draws
     assert all(values[1] == tiny_parameters(t.params["n_layer"], t.params["n_embd"])
                for t, values in zip(completed, points.values()))
     assert set(result["pareto"]["number"]) == _non_dominated(points)
+    for t in completed:  # each trial records the model it trained: its class and the sha256 of its shapes
+        built = architecture({"n_layer": t.params["n_layer"], "n_embd": t.params["n_embd"]})
+        shapes = [[name, list(parameter.shape)] for name, parameter in built.named_parameters()]
+        assert t.user_attrs["model_class"] == type(built).__qualname__
+        assert t.user_attrs["model_fingerprint"] == hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
     assert set(result["trials"]["value_n_parameters"]) == {v[1] for v in points.values()}
     assert Path(result["plot_paths"]["pareto"]).stat().st_size > 0
     assert result["best_value"] == min(v[0] for v in points.values())

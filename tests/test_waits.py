@@ -15,11 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from models import BlockedPickle
 from utils.training.distributed import DistContext, ProcessStalledError, ProcessWatch
 from utils.training.settings import FineTuneSettings
-from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, load_checkpoint, step_folders
+from utils.training.checkpoints import WAIT_NOTICE_AFTER_S, CheckpointWriter, load_checkpoint, step_folders
 
 HERE = Path(__file__).parent
 NOTICE_DEADLINE_S = 10  # the issue's target: a stalled write is named within 10 s
@@ -219,3 +221,28 @@ def test_a_silent_process_and_a_silent_store_are_named(monkeypatch):
         time.sleep(1.5)
         error = first.error_for(RuntimeError("Timed out"), "CKPT.")
     assert "torchrun's store at 127.0.0.1:" in str(error) and "has not answered" in str(error), str(error)
+
+
+def test_a_long_wait_is_named_again_at_each_interval_not_once_nor_flooding(tmp_path):
+    """The repeat of the stalled-write notice (every WAIT_NOTICE_EVERY_S, 30 s, in a run): here with the intervals
+    given to the writer (0.3 s, then every 0.6 s), a write held inside its serialisation (a real pickle that waits)."""
+    notes, blocked = [], BlockedPickle()
+    writer = CheckpointWriter(tmp_path, keep=2, note=lambda message: notes.append((time.monotonic(), message)),
+                              notice_times=(0.3, 0.6))
+    writer.submit(1, {"model.pt": {"w": torch.ones(4)}, "trainer_state.pt": blocked}, {}, False,
+                  lambda step_folder, best_folder: None)
+    assert blocked.pickling.wait(timeout=60)
+    waiting = threading.Thread(target=writer.wait, args=("The run's end",))
+    started = time.monotonic()
+    waiting.start()
+    time.sleep(2.2)
+    blocked.release.set()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and writer.error is None
+    times = [at - started for at, _ in notes]
+    # First after 0.3 s, then one every 0.6 s: 4 within 2.2 s (0.3, 0.9, 1.5, 2.1), give or take a loaded core.
+    assert 3 <= len(notes) <= 4 and times[0] >= 0.3, times
+    assert all(later - earlier >= 0.6 for earlier, later in zip(times, times[1:])), times
+    assert all("The run's end waits for checkpoint step-1, writing its files into" in message and "Ctrl-C" in message
+               for _, message in notes), notes
+    assert load_checkpoint(tmp_path / "step-1")["model.pt"]["w"].sum() == 4

@@ -15,8 +15,8 @@ import torch
 from .model import (check_model_against_data, check_parameter_values, detect_pad_token_id, pad_is_eos, probe_model,
                     tokenizer_size)
 from .distributed import ProcessWatch, group_timeout_s, require_launch, restore_weights, setup_distributed
-from .metrics import (MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb, plot_rows, run_title,
-                      set_aside_earlier_outputs)
+from .metrics import (LoggingSettings, MetricRows, MetricsFiles, MetricsSummary, Progress, WandbSink, import_wandb,
+                      plot_rows, run_title, set_aside_earlier_outputs)
 from .loss import byte_lengths_tensor, vocab_size_of
 from .outcome import Outcome
 from .checkpoints import OutputDirLock, checkpoints_folder, claim_run_id, resume, step_folders
@@ -41,11 +41,13 @@ class RunHooks:
 def fine_tune(model, config, train_data, val_data, settings: FineTuneSettings, *, tokenizer=None, device=None,
               hooks: RunHooks | None = None) -> dict:
     hooks = hooks or RunHooks()
-    lock = OutputDirLock(Path(settings.output_dir)) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
-    with deterministic_algorithms(settings.deterministic), lock:
+    output_dir = Path(settings.checkpoints.output_dir)
+    lock = OutputDirLock(output_dir) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+    with deterministic_algorithms(settings.numerics.deterministic), lock:
         trainer, resumed = build_trainer(model, config, (train_data, val_data), settings, tokenizer, device, hooks)
         # Under torchrun a process that stops is named (rank and step) within process_timeout_minutes.
-        with ProcessWatch(trainer.ctx, settings.process_timeout_minutes, progress=lambda: trainer.state.global_step,
+        with ProcessWatch(trainer.ctx, settings.distributed.process_timeout_minutes,
+                          progress=lambda: trainer.state.global_step,
                           waiting_for=trainer.checkpoints.waiting_for) as watch:
             try:
                 return train_and_finish(trainer, resumed, hooks)
@@ -77,7 +79,7 @@ def _set_aside_earlier_outputs(trainer: Trainer) -> Path | None:
     """A fresh run, before it writes anything: an earlier run's metrics and plots in output_dir are moved aside."""
     if not trainer.ctx.is_main:
         return None
-    output_dir = Path(trainer.settings.output_dir)
+    output_dir = Path(trainer.settings.checkpoints.output_dir)
     moved = set_aside_earlier_outputs(output_dir)
     if moved is not None:
         trainer.tracker.message(f"{output_dir} held an earlier run's metrics and plots: moved to {moved} (nothing is "
@@ -90,19 +92,21 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but CUDA is not available here. Pass device='cpu', or select a GPU "
                          "runtime (Colab: Runtime > Change runtime type).")
-    if settings.fsdp:
+    distributed, numerics = settings.distributed, settings.numerics
+    if distributed.fsdp:
         require_launch()  # before any work: a plain process is refused with the launch command
-    ctx, device = setup_distributed(torch.device(device) if device is not None else None, join_single=settings.fsdp,
-                                    timeout_s=group_timeout_s(60 * settings.process_timeout_minutes))
-    if settings.requested_precision and settings.autocast_dtype(device) is None:
-        if settings.precision_from_previous_keyword:
-            warnings.warn(f"use_amp/mixed_precision ({settings.requested_precision}) apply on CUDA only, as in the "
+    ctx, device = setup_distributed(torch.device(device) if device is not None else None,
+                                    join_single=distributed.fsdp,
+                                    timeout_s=group_timeout_s(60 * distributed.process_timeout_minutes))
+    if numerics.requested_precision and numerics.autocast_dtype(device) is None:
+        if numerics.precision_from_previous_keyword:
+            warnings.warn(f"use_amp/mixed_precision ({numerics.requested_precision}) apply on CUDA only, as in the "
                           f"previous module; training in float32 on {device.type}. For CPU autocast pass "
-                          f"precision={settings.requested_precision!r}.", UserWarning, stacklevel=caller_stacklevel())
+                          f"precision={numerics.requested_precision!r}.", UserWarning, stacklevel=caller_stacklevel())
         else:
-            warnings.warn(f"precision={settings.requested_precision!r} applies on CUDA and CPU only; training in "
+            warnings.warn(f"precision={numerics.requested_precision!r} applies on CUDA and CPU only; training in "
                           f"float32 on {device.type}.", UserWarning, stacklevel=caller_stacklevel())
-    seed_everything(settings.random_seed)
+    seed_everything(settings.run.random_seed)
     config = config if config is not None else getattr(model, "config", None)
     _check_parameters(model, settings, device)
     model.to(device)
@@ -112,15 +116,15 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     if ctx.enabled and not (run_data.train.shards_itself and run_data.val.shards_itself):
         raise ValueError("Under torchrun, pass train_data and val_data as lists of examples (not DataLoaders): the "
                          "package shards them across processes itself so that no example counts twice.")
-    output_dir = Path(settings.output_dir)
-    run_id = claim_run_id(output_dir, resuming=bool(settings.resume_from_checkpoint),
-                          writes_checkpoints=settings.writes_checkpoints,
+    output_dir = Path(settings.checkpoints.output_dir)
+    run_id = claim_run_id(output_dir, resuming=bool(settings.checkpoints.resume_from_checkpoint),
+                          writes_checkpoints=settings.checkpoints.writes_checkpoints,
                           has_checkpoints=bool(step_folders(checkpoints_folder(output_dir)))) if ctx.is_main else ""
-    tracker, wandb = build_metrics(settings, ctx, hooks)
+    tracker, wandb = build_metrics(settings.logging, output_dir, ctx, hooks)
     # Sharded, each process holds a slice of every gradient: rank 0 alone cannot take a layer's norm, and asking
     # the others would put a collective into rank 0's step only (the processes then deadlock or abort).
-    gradient_stats = wandb.gradients if wandb and not settings.fsdp else None
-    if wandb and settings.fsdp:
+    gradient_stats = wandb.gradients if wandb and not distributed.fsdp else None
+    if wandb and distributed.fsdp:
         tracker.message("fsdp=True: per-layer gradient norms and histograms are not logged to W&B (each process "
                         "holds a shard of each gradient); train/grad_norm, the global norm, is.")
     trainer = Trainer(model, settings, run_data, ctx=ctx, device=device,
@@ -133,15 +137,17 @@ def build_trainer(model, config, data, settings, tokenizer, device, hooks: RunHo
     return trainer, resumed
 
 
-def build_metrics(settings, ctx, hooks: RunHooks) -> tuple[MetricRows, WandbSink | None]:
-    """The run's metric rows; on rank 0 with their sinks: progress, the metrics files, W&B when asked."""
+def build_metrics(logging: LoggingSettings, output_dir: Path, ctx, hooks: RunHooks) -> tuple[MetricRows,
+                                                                                               WandbSink | None]:
+    """The run's metric rows; on rank 0 with their sinks: progress, the metrics files in ``output_dir``, W&B when
+    asked."""
     if not ctx.is_main:
         return MetricRows(), None
     # W&B's local run folder goes under output_dir, not the working directory (unless WANDB_DIR says).
-    wandb = WandbSink(project=settings.wandb_project, name=settings.wandb_run_name, mode=settings.wandb_mode,
-                      group=settings.wandb_group, directory=os.environ.get("WANDB_DIR") or str(settings.output_dir),
-                      module_getter=hooks.wandb_module) if settings.use_wandb else None
-    sinks = [Progress(show_bar=bool(settings.progress)), MetricsFiles(settings.output_dir)] + ([wandb] if wandb else [])
+    wandb = WandbSink(project=logging.wandb_project, name=logging.wandb_run_name, mode=logging.wandb_mode,
+                      group=logging.wandb_group, directory=os.environ.get("WANDB_DIR") or str(output_dir),
+                      module_getter=hooks.wandb_module) if logging.use_wandb else None
+    sinks = [Progress(show_bar=bool(logging.progress)), MetricsFiles(output_dir)] + ([wandb] if wandb else [])
     return MetricRows(sinks), wandb
 
 
@@ -152,12 +158,13 @@ def _check_parameters(model, settings, device) -> None:
                          "Pass the model itself (an nn.Module with layers), not a wrapper without them.")
     check_parameter_values(model)
     dtype = parameters[0].dtype
-    if dtype.is_floating_point and settings.learning_rate > torch.finfo(dtype).max:
-        raise ValueError(f"learning_rate={settings.learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
+    learning_rate, numerics = settings.optimisation.learning_rate, settings.numerics
+    if dtype.is_floating_point and learning_rate > torch.finfo(dtype).max:
+        raise ValueError(f"learning_rate={learning_rate:g} is not finite in the parameters' dtype ({dtype}): "
                          "the first update would make every weight inf. Typical values are 1e-5 to 5e-4.")
     half = sorted({str(p.dtype)[6:] for p in parameters if p.dtype in (torch.bfloat16, torch.float16)})  # "torch.x"
-    if half and settings.autocast_dtype(device) == "fp16":
-        raise ValueError(f"The model's weights are {' and '.join(half)}, but precision={settings.precision!r} runs "
+    if half and numerics.autocast_dtype(device) == "fp16":
+        raise ValueError(f"The model's weights are {' and '.join(half)}, but precision={numerics.precision!r} runs "
                          f"{device.type} float16 autocast with a GradScaler, which needs float32 weights (it cannot "
                          "unscale half-precision gradients, and the step fails). Mixed precision keeps the weights in "
                          "float32 and computes in half: call model.float() before training, or pass precision='bf16' "
@@ -175,15 +182,16 @@ def prepare_data(model, config, data, settings, tokenizer, device) -> RunData:
         warnings.warn("train_data=None: training on a SYNTHETIC set of 256 variable-length sequences (arithmetic "
                       "progressions of token ids). Pass your tokenized text as train_data for real fine-tuning.",
                       UserWarning, stacklevel=caller_stacklevel())
-        train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.random_seed)
-    train, val = train_and_val_sources(train_data, val_data, source_options(settings, device, pad_token_id,
-                                                                          pad_is_eos(pad_token_id, config, tokenizer)))
+        train_data = synthetic_sequences(vocab_size, pad_token_id, seed=settings.run.random_seed)
+    options = source_options(settings.data, settings.run.random_seed, device, pad_token_id,
+                             pad_is_eos(pad_token_id, config, tokenizer))
+    train, val = train_and_val_sources(train_data, val_data, options)
     sizes = check_model_against_data(model, config, [train, val], pad_token_id, device, tokenizer)
     vocab_size = sizes.vocab_size
     # The model's behaviour on lines of the user's own data, before any step: causal, per example, padding-blind.
     model_checks = probe_model(model, train, vocab_size=vocab_size,
                                pad_token_id=pad_token_id, limit=sizes.positions,
-                               skip=settings.skip_model_checks, seed=settings.random_seed)
+                               skip=settings.model.skip_model_checks, seed=settings.run.random_seed)
     _warn_if_vocabulary_oversized(vocab_size, tokenizer)
     if pad_source == "default 0" and train.pad_id_inside_real_tokens(pad_token_id):
         warnings.warn("The pad id fell back to 0, but token 0 occurs inside the training sequences, so it is a real "
@@ -221,18 +229,19 @@ def _start_tracker(trainer: Trainer, model) -> None:
                       world_size=ctx.world_size, steps_per_epoch=trainer.length.steps_per_epoch[0],
                       model_class=type(model).__name__)
     trainer.tracker.start(run_config, total_steps=trainer.length.total_steps)
-    effective_batch_size = settings.batch_size * settings.gradient_accumulation_steps * ctx.world_size
+    accumulation = settings.optimisation.gradient_accumulation_steps
+    effective_batch_size = settings.data.batch_size * accumulation * ctx.world_size
     trainer.tracker.message(f"Effective batch size: {effective_batch_size}")
-    trainer.tracker.message(f"Gradient accumulation steps: {settings.gradient_accumulation_steps}")
+    trainer.tracker.message(f"Gradient accumulation steps: {accumulation}")
     trainer.tracker.log_config_lines({"config/effective_batch_size": effective_batch_size,
-                                      "config/gradient_accumulation_steps": settings.gradient_accumulation_steps})
+                                      "config/gradient_accumulation_steps": accumulation})
 
 
 def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, previous_keywords: dict) -> dict:
     tracker, state, settings = trainer.tracker, trainer.state, trainer.settings
-    files = MetricsFiles(settings.output_dir)  # where rank 0 writes them
+    files = MetricsFiles(settings.checkpoints.output_dir)  # where rank 0 writes them
     partial_epoch = state.step_in_epoch and state.epoch_sums.real_targets  # interrupted or stopped mid-epoch
-    if settings.load_best_model_at_end and trainer.best_weights is not None:
+    if settings.checkpoints.load_best_model_at_end and trainer.best_weights is not None:
         restore_weights(trainer.model, trainer.best_weights)
         tracker.message(f"Loaded the best model (epoch {state.best_epoch}, "
                         f"val loss excl. padding {state.best_val_loss:.4f}).")
@@ -260,7 +269,8 @@ def shape_results(trainer: Trainer, outcome: Outcome, resumed: dict | None, prev
         **trainer.checkpoints.result_keys(),  # completed by fine_tune once the last write ended
         "resumed_from_step": None if resumed is None else resumed["meta"]["step"],
         "resumed_from_checkpoint": None if resumed is None else str(resumed["folder"]),
-        "output_dir": settings.output_dir, "metrics_csv": str(files.epochs_csv), "steps_csv": str(files.steps_csv),
+        "output_dir": settings.checkpoints.output_dir, "metrics_csv": str(files.epochs_csv),
+        "steps_csv": str(files.steps_csv),
         "wandb_run_id": tracker.wandb_run_id,
         # Rows of a stream the run went past or cut (bad_examples), and why; validation: its last pass.
         "bad_examples": {"training data": trainer.data.train.report(), "validation data": trainer.data.val.report()},
@@ -286,10 +296,10 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
         {k: v for k, v in results.items() if v is not None and k in (
             "final_train_loss", "final_val_loss", "val_perplexity", "val_bits_per_byte", "global_step", "stopped_early",
             "interrupted")}))]
-    settings = trainer.settings
-    if settings.save_plots and trainer.ctx.is_main:
-        title = run_title(settings.output_dir, settings.wandb_run_name)
-        steps.append(("the plots", lambda: results.update(plot_paths=plot_rows(tracker, settings.output_dir, title))))
+    logging, output_dir = trainer.settings.logging, trainer.settings.checkpoints.output_dir
+    if logging.save_plots and trainer.ctx.is_main:
+        title = run_title(output_dir, logging.wandb_run_name)
+        steps.append(("the plots", lambda: results.update(plot_paths=plot_rows(tracker, output_dir, title))))
     for what, write in steps:
         try:
             write()
@@ -297,6 +307,6 @@ def _write_final_outputs(trainer: Trainer, results: dict) -> None:
             unfinished.append(what)
     if unfinished:
         warnings.warn(f"Interrupted while writing {' and '.join(unfinished)}; the results are returned without them "
-                      f"(the CSVs of completed steps are in {trainer.settings.output_dir}).",
+                      f"(the CSVs of completed steps are in {trainer.settings.checkpoints.output_dir}).",
                       UserWarning, stacklevel=caller_stacklevel())
     results["unfinished_outputs"] = unfinished

@@ -8,7 +8,7 @@ import torch
 
 from .distributed import DistContext, all_reduce_sum, is_sharded
 from .data import to_device
-from .loss import ModelCaller, TokenSums, bits_per_byte, count_real_target_bytes, eval_mode, unwrap
+from .loss import ModelCaller, TokenSums, batch_targets, bits_per_byte, eval_mode, real_target_bytes, unwrap
 from .metrics import safe_exp
 
 
@@ -37,10 +37,11 @@ def evaluate(model, source, pad_token_id: int, *, batch_size: int, device, ctx: 
     with eval_mode(model):
         for planned in source.eval_plan(batch_size, world_size=ctx.world_size, rank=ctx.rank):
             batch = to_device(source.collate(planned), device)
+            targets = batch_targets(batch, pad_token_id)  # once, for the loss and the bytes
             with autocast():
-                totals += caller.loss_sums(model, batch, pad_token_id)
+                totals += caller.loss_sums(model, batch, pad_token_id, targets)
             if token_bytes is not None:
-                target_bytes += count_real_target_bytes(batch, pad_token_id, token_bytes)
+                target_bytes += real_target_bytes(targets, token_bytes)
     summed = all_reduce_sum(torch.cat([totals.as_tensor(device), target_bytes.reshape(1)]), ctx)
     summed = summed.cpu()  # the pass's one host read
     totals, target_bytes = TokenSums.from_tensor(summed[:-1]), float(summed[-1])

@@ -3,15 +3,57 @@
 The device type is a parameter, not a branch: ``Precision("fp16", "cpu")`` runs the same lines as
 ``Precision("fp16", "cuda")`` (CPU autocast and ``torch.amp.GradScaler("cpu")``), so CI on a CPU executes the
 code every GPU user runs. ``name`` is ``"bf16"``, ``"fp16"`` or None (float32); which one a run gets is
-``FineTuneSettings.autocast_dtype``'s decision.
+``NumericsSettings.autocast_dtype``'s decision (the numerics group of the settings, declared here).
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
+from .setting_rules import FREE, MATCH, SettingsGroup, check_bool, one_of, setting
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSS_PATHS = ("auto", "linear", "chunked")  # utils/training/loss/loss_path.py
+
+
+@dataclass
+class NumericsSettings(SettingsGroup):
+    # Deterministic algorithms for the duration of the call. Free on resume: it picks kernels for the same
+    # arithmetic (on CUDA; nothing changes on CPU), as a resume on another GPU does.
+    deterministic: bool = setting(False, check=check_bool, resume=FREE, setup=True, search=True)
+    # "auto": bf16 autocast on GPUs that support it, fp16 + GradScaler on those that do not (T4, V100), fp32 on CPU.
+    precision: str = setting("auto", check=one_of(PRECISIONS), resume=MATCH, setup=True, search=True)
+    # torch.compile the model once. Must match on resume: compiled code draws dropout's random numbers by its own
+    # generator, so a toggled resume would not continue the run it resumes.
+    compile: bool = setting(False, check=check_bool, resume=MATCH, setup=True, search=True)
+    # "auto": hidden states x head weight (no full logits) where that is the model's own loss and saves memory
+    # (CLAUDE.md); "linear": wherever it is the model's own loss; "chunked": always the model's own forward.
+    # Must match on resume: the paths compute the loss and its gradient with other operations.
+    loss_path: str = setting("auto", check=one_of(LOSS_PATHS), resume=MATCH, setup=True, search=True)
+
+    # Not a keyword: set by previous_interface when use_amp/mixed_precision asked for the precision. Those keep
+    # the previous module's meaning (autocast on CUDA only; float32 with a warning elsewhere), so an old caller's
+    # CPU run does not turn into a slower half-precision one. precision= itself applies on CPU too.
+    precision_from_previous_keyword = False
+
+    @property
+    def requested_precision(self) -> str | None:
+        """An autocast dtype asked for explicitly (``precision="bf16"``/``"fp16"``, or a previous keyword)."""
+        return self.precision if self.precision in ("bf16", "fp16") else None
+
+    def autocast_dtype(self, device) -> str | None:
+        """The autocast dtype this run uses on ``device``; None is float32 (decisions table in CLAUDE.md)."""
+        if self.precision == "fp32":
+            return None
+        if self.requested_precision:
+            runs_here = device.type == "cuda" or (device.type == "cpu" and not self.precision_from_previous_keyword)
+            return self.requested_precision if runs_here else None
+        if device.type != "cuda":
+            return None  # "auto": float32 off CUDA (CPU half-precision kernels are slower than float32 on most CPUs)
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class Precision:

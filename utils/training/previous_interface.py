@@ -41,7 +41,7 @@ def settings_from_call(keywords: dict, *, gradient_clip_norm=CLIP_NORM_DEFAULT) 
     _resolve_schedule(keywords, given)
     settings = FineTuneSettings.from_keywords(keywords, known_extra=set(PREVIOUS_DEFAULTS) | {"gradient_clip_norm",
                                                                                                "tokenizer", "device"})
-    settings.precision_from_previous_keyword = from_previous_keyword
+    settings.numerics.precision_from_previous_keyword = from_previous_keyword
     return settings, given
 
 

@@ -69,6 +69,13 @@ class RunRecord:
     gradient_stats: GradientStats | None = None
 
 
+def batch_plan_of(settings: FineTuneSettings, ctx: DistContext) -> PlanSettings:
+    """What decides each epoch's batches: the data group's batching, the seed, the accumulation, this process."""
+    data, optimisation = settings.data, settings.optimisation
+    return PlanSettings(data.batch_size, data.shuffle, data.group_by_length, settings.run.random_seed,
+                        optimisation.gradient_accumulation_steps, ctx.world_size, ctx.rank, data.max_tokens_per_batch)
+
+
 class Trainer:
     def __init__(self, model, settings: FineTuneSettings, data: RunData, *, ctx: DistContext, device: torch.device,
                  record: RunRecord, on_evaluation=None):
@@ -76,22 +83,22 @@ class Trainer:
         self.tracker, self.run_id, self.gradient_stats = record.tracker, record.run_id, record.gradient_stats
         self.on_evaluation = on_evaluation  # (step, val loss, final) -> a reason to prune the search trial, or None
         probe = to_device(data.train.padded_batch(), device)  # one batch with padding for the start-up probes
-        self.setup = set_up_model(model, settings, probe, (data.pad_token_id, data.vocab_size), ctx=ctx, device=device)
+        self.setup = set_up_model(model, settings.numerics, probe, (data.pad_token_id, data.vocab_size),
+                                  data=settings.data, sharded=settings.distributed.fsdp, ctx=ctx, device=device)
         self.caller, self.amp, self.train_model = self.setup.caller, self.setup.amp, self.setup.train_model
-        self.plan_spec = PlanSettings(settings.batch_size, settings.shuffle, settings.group_by_length,
-                                      settings.random_seed, settings.gradient_accumulation_steps, ctx.world_size,
-                                      ctx.rank, settings.max_tokens_per_batch)
-        self.length = run_length(data.train, self.plan_spec, settings)
-        self.optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, settings.lr_schedule, self.length.total_steps,
-                                         settings.warmup_steps_for(self.length.total_steps))
+        self.plan_spec, run, optimisation = batch_plan_of(settings, ctx), settings.run, settings.optimisation
+        self.length = run_length(data.train, self.plan_spec, run.n_epochs, run.max_steps)
+        self.optimizer = build_optimizer(model, optimisation.learning_rate, optimisation.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, optimisation.lr_schedule, self.length.total_steps,
+                                         optimisation.warmup_steps_for(self.length.total_steps))
         self.fingerprints = {"train": data.train.fingerprint(), "val": data.val.fingerprint()}
         self.state = TrainState()
         # Sticky on the device: set by the first non-finite step, it makes every later update a no-op (fused
         # AdamW's found_inf) until the host reads it with the step rows. No host read per step.
         self.stop_flag = torch.zeros((), device=device)
         self.best_weights = None  # the best epoch's weights on the CPU, when load_best_model_at_end
-        self.checkpoints = RunCheckpoints(settings, ctx, device, sharded=self.setup.sharded, note=self.tracker.message)
+        self.checkpoints = RunCheckpoints(settings.checkpoints, ctx, device, sharded=self.setup.sharded,
+                                          note=self.tracker.message)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -99,7 +106,7 @@ class Trainer:
         settings, state = self.settings, self.state
         started = time.perf_counter() - state.run_seconds
         if state.global_step and self.length.nothing_left(state.epoch, state.global_step):
-            outcome = nothing_to_train(settings.max_steps, settings.n_epochs, state.global_step)
+            outcome = nothing_to_train(settings.run.max_steps, settings.run.n_epochs, state.global_step)
             self.tracker.message(outcome.reason)
             return outcome
         try:
@@ -113,11 +120,11 @@ class Trainer:
                 if not self.length.cut_short(state, lambda: self.data.train.steps_in_epoch(self.plan_spec, epoch)):
                     state.start_epoch(epoch + 1)
                 state.run_seconds = time.perf_counter() - started
-                if settings.writes_checkpoints:
+                if settings.checkpoints.writes_checkpoints:
                     self.checkpoints.save(self, best=improved)
                 finished = self.length.ends_after(epoch, state.global_step)
                 stop = self.after_validation(val, final=finished, when=f"epoch {epoch + 1}")
-                if stop or (stop := early_stopped(state, settings.early_stopping_patience, finished)) or finished:
+                if stop or (stop := early_stopped(state, settings.run.early_stopping_patience, finished)) or finished:
                     return stop or COMPLETED
             return COMPLETED
         except KeyboardInterrupt:
@@ -131,13 +138,13 @@ class Trainer:
             self.checkpoints.finish(None)  # the write in flight completes; a failure of it is warned about
             if isinstance(error, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(out_of_memory_message(
-                    state.global_step, settings.batch_size, settings.gradient_accumulation_steps)) from error
+                    state.global_step, self.plan_spec.batch_size, self.plan_spec.accumulation)) from error
             raise
         finally:
             state.run_seconds = time.perf_counter() - started
 
     def train_epoch(self, epoch: int) -> None:
-        settings, state = self.settings, self.state
+        run, logging, state = self.settings.run, self.settings.logging, self.state
         steps = self.data.train.steps(self.plan_spec, epoch, state.step_in_epoch)
         steps_in_epoch = self.length.steps_in(epoch)  # None: a stream's (its epoch ends with the data)
         self.train_model.train()
@@ -145,7 +152,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             # max_steps ends the run
-            left = max(0, settings.max_steps - state.global_step) if settings.max_steps else None
+            left = max(0, run.max_steps - state.global_step) if run.max_steps else None
             for step_in_epoch, micro_batches in islice(steps, left):
                 pending.append(self.optimizer_step([to_device(batch, self.device) for batch in micro_batches]))
                 state.global_step += 1
@@ -154,10 +161,9 @@ class Trainer:
                 # Not at an epoch's last step: the epoch-end checkpoint follows its validation (a second write of the
                 # same step, which would wait for the first).
                 checkpoint_due = not last_of_epoch and self.checkpoints.due(state.global_step,
-                                                                            len(pending) >= settings.log_every)
-                eval_due = (bool(settings.eval_every) and state.global_step % settings.eval_every == 0
-                            and not last_of_epoch)
-                if checkpoint_due or eval_due or len(pending) >= settings.log_every or last_of_epoch:
+                                                                            len(pending) >= logging.log_every)
+                eval_due = bool(run.eval_every) and state.global_step % run.eval_every == 0 and not last_of_epoch
+                if checkpoint_due or eval_due or len(pending) >= logging.log_every or last_of_epoch:
                     flushing, pending = pending, []
                     self.record_steps(flushing, epoch)
                 if checkpoint_due or eval_due:  # the checkpoint carries the training time so far; writes and
@@ -191,8 +197,8 @@ class Trainer:
         self.state.note_shapes(batches)
         self.amp.unscale_(self.optimizer)
         if self.gradient_stats is not None:
-            self.gradient_stats.record_if_due(self.model, self.state.global_step + 1, settings)
-        max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
+            self.gradient_stats.record_if_due(self.model, self.state.global_step + 1, settings.logging)
+        max_norm = settings.optimisation.max_grad_norm or math.inf  # None: no clipping (it is > 0 when set)
         # The norm before clipping; over shards it is one all-reduce, and a replicated DTensor made plain here.
         grad_norm = replicated_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -239,11 +245,11 @@ class Trainer:
         self.state.global_step -= skipped  # the flagged step and those after it were not applied
         self.state.step_in_epoch -= skipped
         raise StopTraining(non_finite_step(step, sums.loss_sum, grad_norm, learning_rate,
-                                           weight_decay=self.settings.weight_decay,
-                                           max_grad_norm=self.settings.max_grad_norm))
+                                           weight_decay=self.settings.optimisation.weight_decay,
+                                           max_grad_norm=self.settings.optimisation.max_grad_norm))
 
     def validate(self) -> dict:
-        return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.batch_size,
+        return evaluate(self.model, self.data.val, self.data.pad_token_id, batch_size=self.settings.data.batch_size,
                         device=self.device, ctx=self.ctx,
                         call=EvalCall(self.caller, self.amp.autocast, self.data.token_bytes))
 
@@ -273,7 +279,7 @@ class Trainer:
     def track_best(self, epoch: int, val: dict) -> bool:
         """Remember the best validation epoch (and its weights when they are to be restored)."""
         improved = self.state.note_validation(epoch, val["loss"])
-        if improved and self.settings.load_best_model_at_end:
+        if improved and self.settings.checkpoints.load_best_model_at_end:
             self.best_weights = local_weights(self.model)  # the CPU copy of every (local) weight
         return improved
 

@@ -266,9 +266,12 @@ class CheckpointWriter:
     """
 
     def __init__(self, checkpoints_dir: Path, keep: int, *, staging_dir: Path | None = None, asynchronous: bool = True,
-                 pin: bool = False, note=print):
+                 pin: bool = False, note=print, notice_times: tuple[float, float] = (WAIT_NOTICE_AFTER_S,
+                                                                                     WAIT_NOTICE_EVERY_S)):
         self.checkpoints_dir, self.keep, self.staging_dir = Path(checkpoints_dir), keep, staging_dir
         self.asynchronous, self.note = asynchronous, note
+        # Seconds until a wait for the write in flight is first named, then between its repeats.
+        self.notice_after_s, self.notice_every_s = notice_times
         self.snapshot = HostSnapshot(pin)
         self.thread: threading.Thread | None = None
         # Set by the writer thread when its write ends. Waited on instead of Thread.join(): Python 3.11's join,
@@ -322,19 +325,20 @@ class CheckpointWriter:
         """Wait for the write in flight; the error it met (a message), or None. Ctrl-C while waiting raises
         ``KeyboardInterrupt``; the write then goes on in the background (:meth:`in_flight` describes it).
 
-        ``waiter`` names who waits, in the notices a long wait prints (``WAIT_NOTICE_AFTER_S``)."""
+        ``waiter`` names who waits, in the notices a long wait prints (after ``notice_times[0]`` seconds, then
+        every ``notice_times[1]``: by default ``WAIT_NOTICE_AFTER_S`` and ``WAIT_NOTICE_EVERY_S``)."""
         if self.thread is not None:
             self.snapshot.judge()  # no forward runs any more before this write: the writer may publish
             with self.priority:  # training waits for it now: back to training's priority (where allowed)
                 self.waited = True
                 if not self.done.is_set():
                     _set_niceness(self.thread.native_id, self.training_niceness)
-            notice_at = time.monotonic() + WAIT_NOTICE_AFTER_S
-            while not self.done.wait(timeout=0.2):  # a bare wait() would not let Ctrl-C through
+            notice_at = time.monotonic() + self.notice_after_s
+            while not self.done.wait(timeout=min(0.2, self.notice_every_s)):  # a bare wait() would not let Ctrl-C in
                 if time.monotonic() >= notice_at:
                     self.note(f"{waiter} waits for {self.in_flight()}. A stalled disk or network mount (e.g. Google "
                               "Drive) holds it; Ctrl-C stops waiting (the checkpoints before it are intact).")
-                    notice_at = time.monotonic() + WAIT_NOTICE_EVERY_S
+                    notice_at = time.monotonic() + self.notice_every_s
             self.thread, self.writing_step = None, None
         error, self.error = self.error, None
         return error

@@ -9,12 +9,8 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint_format import check_format
-from .sharded_checkpoint import PER_PROCESS_SETTINGS, check_world_size_change
-from ..settings import MATCH, PER_PROCESS, FineTuneSettings
-
-# Settings a resume compares with the checkpoint's (declared MATCH or PER_PROCESS in settings.py): resuming with
-# other values would not continue the same run. RAISE (n_epochs, max_steps) is checked against the position below.
-RESUME_SETTINGS = FineTuneSettings.names_where(resume=MATCH) + FineTuneSettings.names_where(resume=PER_PROCESS)
+from .sharded_checkpoint import check_world_size_change
+from ..setting_rules import MATCH, PER_PROCESS
 
 
 def resume(trainer) -> dict | None:
@@ -23,7 +19,7 @@ def resume(trainer) -> dict | None:
     Lines of training: a resume from a checkpoint older than the newest in this run's ``checkpoints`` folder starts
     a new line; the newer folders (the abandoned continuation) are moved aside (:func:`abandon_newer`), so pruning
     and ``resume_from_checkpoint=True`` follow the new line. Damaged folders are moved aside too, never deleted."""
-    target, folder = trainer.settings.resume_from_checkpoint, trainer.checkpoints.folder
+    target, folder = trainer.settings.checkpoints.resume_from_checkpoint, trainer.checkpoints.folder
     if not target:
         return None
     if target is True:
@@ -95,27 +91,33 @@ def check_resumable(trainer, meta: dict) -> None:
     world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
     if world_changed:
         check_world_size_change(meta, trainer.settings, trainer.ctx.world_size, trainer.data.train.state_per_process)
-    step, max_steps = meta.get("step", 0), trainer.settings.max_steps
+    step, max_steps = meta.get("step", 0), trainer.settings.run.max_steps
     if max_steps is not None and step > max_steps:
         raise ValueError(f"Cannot resume: the checkpoint is at optimizer step {step}, past max_steps={max_steps} (it "
                          f"was made with max_steps={meta['settings'].get('max_steps')}). Pass max_steps >= {step}, or "
                          "resume from an earlier checkpoint folder, or start fresh.")
     epoch, step_in_epoch, n_epochs = meta.get("epoch", 0), meta.get("step_in_epoch", 0), trainer.length.n_epochs
     past_the_end = epoch > n_epochs or (epoch == n_epochs and step_in_epoch > 0)
-    if trainer.settings.max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
+    if max_steps is None and past_the_end:  # with max_steps, the steps decide the run's end
         raise ValueError(f"Cannot resume: the checkpoint is {step_in_epoch} step(s) into epoch {epoch + 1}, past "
                          f"n_epochs={n_epochs}. Pass n_epochs >= {epoch + (1 if step_in_epoch else 0)}, or resume from "
                          "an earlier checkpoint folder, or start fresh.")
 
+def compared_on_resume(rules: dict) -> tuple[str, ...]:
+    """The settings a resume compares with the checkpoint's (declared MATCH or PER_PROCESS): resuming with other
+    values would not continue the same run. RAISE (n_epochs, max_steps) is checked against the position."""
+    return tuple(name for name, rule in rules.items() if rule.resume in (MATCH, PER_PROCESS))
+
+
 def check_settings(trainer, meta: dict) -> None:
     """The settings declared MATCH (and PER_PROCESS, on the same number of processes) equal the checkpoint's; a
     setting declared MATCH only while it is used (``when``) is compared only then."""
-    settings, rules = trainer.settings.as_dict(), FineTuneSettings.rules()
+    settings, rules = trainer.settings.as_dict(), trainer.settings.rules()
     world_changed = meta.get("world_size", 1) != trainer.ctx.world_size
     used = {None: True, "stream": any(source.state_per_process for source in (trainer.data.train, trainer.data.val)),
             "held_out": trainer.data.val_held_out}
-    for name in RESUME_SETTINGS:
-        if world_changed and name in PER_PROCESS_SETTINGS:
+    for name in compared_on_resume(rules):
+        if world_changed and rules[name].resume == PER_PROCESS:
             continue  # compared per optimizer step (all processes) by check_world_size_change
         if not used[rules[name].when]:
             continue

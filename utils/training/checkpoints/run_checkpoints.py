@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt, sharded_checkpoint
+from .checkpoint_settings import CheckpointSettings
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from .ownership import OutputDirTaken, lost_ownership
 from ..distributed import DistContext, any_rank, barrier, is_sharded, local_weights_of
 from ..outcome import Outcome, OutcomeKind
-from ..settings import FineTuneSettings
 from ..warn import caller_stacklevel
 
 
 class RunCheckpoints:
-    def __init__(self, settings: FineTuneSettings, ctx: DistContext, device: torch.device, *, sharded: bool,
+    def __init__(self, settings: CheckpointSettings, ctx: DistContext, device: torch.device, *, sharded: bool,
                  note=print):
         self.settings, self.ctx, self.device, self.sharded = settings, ctx, device, sharded
         self.folder = ckpt.checkpoints_folder(settings.output_dir)

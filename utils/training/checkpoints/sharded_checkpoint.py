@@ -19,10 +19,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from . import checkpoint as ckpt
 from ..distributed import barrier
-from ..settings import PER_PROCESS, FineTuneSettings
+from ..setting_rules import PER_PROCESS
 
-# Per-process settings: with another number of processes, their product with it must stay (see below).
-PER_PROCESS_SETTINGS = FineTuneSettings.names_where(resume=PER_PROCESS)
 
 
 def _dcp_state(model, optimizer=None) -> dict:
@@ -59,7 +57,7 @@ def save_checkpoint(trainer, best: bool) -> None:
                          dict(meta, step=state.global_step), ctx)
     folders.last_checkpoint = str(final)
     if ctx.is_main:
-        ckpt.prune_checkpoints(folders.folder, trainer.settings.keep_checkpoints)
+        ckpt.prune_checkpoints(folders.folder, trainer.settings.checkpoints.keep_checkpoints)
     barrier(ctx)
 
 
@@ -91,8 +89,9 @@ def check_world_size_change(meta: dict, settings, world_size: int, streamed: boo
     if streamed:
         raise ValueError(f"Cannot resume: {changed}, and a stream's position is recorded per process. Launch {before} "
                          "process(es), or start fresh.")
-    for name in PER_PROCESS_SETTINGS:
-        old, new = meta["settings"].get(name), getattr(settings, name)
+    values = settings.as_dict()
+    for name in settings.names_where(resume=PER_PROCESS):  # with another number of processes, x processes stays
+        old, new = meta["settings"].get(name), values[name]
         if old is None and new is None:
             continue
         if old is None or new is None or old * before != new * world_size:

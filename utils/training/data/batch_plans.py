@@ -171,18 +171,6 @@ def token_plan(indices: np.ndarray, bounds: np.ndarray, accumulation: int, world
     return Plan(chosen, ~repeated, np.concatenate([[0], np.cumsum(sizes)]))
 
 
-def shard_batches(order, batch_size: int, world_size: int = 1, rank: int = 0) -> Plan:
-    """This rank's batches of ``(example index, counts)``, sharded exactly as DistributedSampler does.
-
-    Rank ``r`` takes global positions ``r, r+W, ...``; the sampler repeats the first positions to
-    even out shards, and those repeats are marked ``counts=False`` so no example counts twice.
-    """
-    order = np.asarray(order, dtype=np.int64)
-    total = -(-len(order) // world_size) * world_size
-    positions = np.arange(rank, total, world_size)
-    return Plan.from_batches(order[positions % len(order)], positions < len(order), batch_size)
-
-
 def buffer_steps(lengths: np.ndarray, spec: PlanSettings, epoch: int, buffer: int, step_budget: int) -> list:
     """The optimizer steps of one buffer of a stream, as arrays of positions in the buffer: a pure function of the
     lengths, the settings, the epoch and the buffer's number (its generator is seeded ``(seed, epoch, buffer)``).

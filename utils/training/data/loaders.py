@@ -1,8 +1,7 @@
 """A user's map-style DataLoader as a source: its batches used as given (its order, its padding), read lazily.
 
-Batches get the package's real-token rule as an attention mask when they carry none, and left-padded rows are
-moved to the right (exact for a causal model, and the only form in which a model without
-``attention_mask``/``position_ids`` arguments sees the positions of the unpadded text). A resumed epoch draws its
+Batches get the package's real-token rule as an attention mask and left-padded rows are moved to the right
+(:func:`rows.batch_with_pad_rule`). A resumed epoch draws its
 order from the random state recorded at the epoch's start, replays the batches already trained (each row is
 compared with the digest recorded for it) and goes on; a resume at an epoch's end replays that epoch's pass the
 same way before the next one. The loader's own generators (``generator=``, the sampler's) are restored from the
@@ -19,10 +18,9 @@ from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings
 from .collate import PaddingCollator, padded_probe
-from .example_checks import check_batch_ids, check_batch_shapes, check_length, check_loader_batch
-from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
-from ..loss import IGNORE_INDEX, real_token_mask
-from .source_contract import ROW_KEYS, BatchSource, ReadLog, group_into_steps
+from .rows import (ROW_KEYS, batch_rows, batch_with_pad_rule, check_batch_ids, check_batch_shapes, check_length,
+                   check_loader_batch, pad_id_among_real_tokens, read_example)
+from .source_contract import BatchSource, ReadLog, group_into_steps
 
 
 class LoaderBatches(BatchSource):
@@ -89,10 +87,8 @@ class LoaderBatches(BatchSource):
         where = f"epoch {epoch + 1}"
         for k, batch in enumerate(batches):
             check_loader_batch(batch, self.what)
-            columns = {key: batch[key] for key in ROW_KEYS if batch.get(key) is not None}
-            for row in range(len(batch["input_ids"])):
-                self.log.note({key: column[row] for key, column in columns.items()}, where,
-                              f" (in batch {k + 1} of this epoch as its row {row})")
+            for row, values in enumerate(batch_rows(batch)):
+                self.log.note(values, where, f" (in batch {k + 1} of this epoch as its row {row})")
             yield k, batch
         self.log.replay_ended(where)
 
@@ -161,8 +157,7 @@ class LoaderBatches(BatchSource):
         batch = self.first_batch()
         if not bool(batch["attention_mask"].all()):
             return batch
-        rows = [cut_to_real_span(to_example({k: batch[k][r] for k in ROW_KEYS if batch.get(k) is not None}, r),
-                                 self.pad_token_id, self.pad_is_eos) for r in range(len(batch["input_ids"]))]
+        rows = [read_example(row, r, self.pad_token_id, self.pad_is_eos) for r, row in enumerate(batch_rows(batch))]
         return padded_probe(rows, PaddingCollator(self.pad_token_id))
 
     def check_ids(self, vocab_size: int) -> None:
@@ -202,26 +197,7 @@ class LoaderBatches(BatchSource):
         if self.vocab_size is not None:
             check_batch_ids(batch, self.vocab_size, place)
         check_length(input_ids.shape[1], self.max_length, place)
-        batch["attention_mask"] = real_token_mask(input_ids, batch.get("attention_mask"), self.pad_token_id,
-                                                  self.pad_is_eos).long()
-        batch = self._left_padding_moved_right(batch)
-        mask = batch["attention_mask"]
-        batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all())  # on the CPU, before the device copy
-        return batch
-
-    def _left_padding_moved_right(self, batch: dict) -> dict:
-        mask = batch["attention_mask"]
-        leading = (mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # padding before each row's first real token
-        if not bool(leading.any()):
-            return batch
-        source = torch.arange(mask.shape[1]) + leading
-        inside = source < mask.shape[1]
-        source = source.clamp(max=mask.shape[1] - 1)
-        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
-        for key, fill in fills.items():
-            if batch.get(key) is not None:
-                batch[key] = torch.where(inside, batch[key].gather(1, source), fill)
-        return batch
+        return batch_with_pad_rule(batch, self.pad_token_id, self.pad_is_eos)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -3,7 +3,7 @@ guarantee kept once for all of them (every example read is fingerprinted; a repl
 refused, naming the example).
 
 The trainer, the engine, evaluation and the start-up checks talk to a source only through :class:`BatchSource`;
-nothing outside the sources asks which kind of source it holds. Implementations: :class:`table_batches.ExampleBatches`
+nothing outside the sources asks which kind of source it holds. Implementations: :class:`tables.ExampleBatches`
 (lists, dicts, tokenizer output, Arrow ``Dataset``s), :class:`loaders.LoaderBatches` (a user's map-style
 ``DataLoader``), :class:`streaming.StreamBatches` (streams, iterable loaders).
 """
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 
 from .batch_plans import PlanSettings
+from .rows import ROW_KEYS
 
 
 class BatchSource(ABC):
@@ -111,9 +112,6 @@ def group_into_steps(micro_batches: Iterable, accumulation: int, start: int = 0,
             step, group = step + 1, []
     if group and step >= start:
         yield step, group if collate is None else [collate(p) for p in group]
-
-
-ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def row_digest(row) -> int:

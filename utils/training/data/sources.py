@@ -1,23 +1,30 @@
 """Which source serves what the user passed, and how long a run over it is.
 
 Every source implements :class:`source_contract.BatchSource`: examples in memory or on disk
-(:class:`table_batches.ExampleBatches`), a user's map-style DataLoader (:class:`loaders.LoaderBatches`), a stream
+(:class:`tables.ExampleBatches`), a user's map-style DataLoader (:class:`loaders.LoaderBatches`), a stream
 (:class:`streaming.StreamBatches`). Nothing after this module asks which kind it holds.
+
+The path of ``train_data`` (and ``val_data``) to its first batch, for every form: :func:`train_and_val_sources` ->
+:func:`batch_source` picks the source -> each row is read by :func:`rows.read_example` (tables: per batch, or up
+front for lists of dicts; streams: as read; a DataLoader: its batches are used as they are) -> which rows a part
+holds (the hold-out, each process's shard, rows gone past) is :mod:`subsets`' -> plans (:mod:`batch_plans`) ->
+:mod:`collate`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings
 from .collate import PaddingCollator
-from .example_tables import example_table
+from .data_settings import DataSettings
 from .loaders import LoaderBatches
 from .source_contract import BatchSource
 from .streaming import DEFAULT_BUFFER_SIZE, StreamBatches, is_stream
-from .table_batches import ExampleBatches
+from .tables import ExampleBatches, example_table
 
 
 def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None, what: str = "training data",
@@ -34,6 +41,21 @@ def batch_source(data, pad_token_id: int, pad_to_multiple_of: int | None = None,
                           PaddingCollator(pad_token_id, pad_to_multiple_of), what)
 
 
+def synthetic_sequences(vocab_size: int, pad_token_id: int, n: int = 256, min_len: int = 8, max_len: int = 64,
+                        seed: int = 0):
+    """Learnable variable-length sequences (arithmetic progressions mod vocab) that never use the pad id: the
+    training data of a run given none."""
+    g = torch.Generator().manual_seed(seed)
+    usable = vocab_size - 1
+    sequences = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        start, step = (int(v) for v in torch.randint(0, usable, (2,), generator=g))
+        values = (start + step % 7 * torch.arange(length) + torch.arange(length)) % usable
+        sequences.append(values + (values >= pad_token_id).long())  # skip the pad id
+    return sequences
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """What the data seam takes from a run's settings, the device and the pad id to build its sources."""
@@ -47,10 +69,10 @@ class SourceOptions:
     bad_examples: str = "error"
 
 
-def source_options(settings, device, pad_token_id: int, pad_is_eos: bool) -> SourceOptions:
-    """The data settings of a run (``FineTuneSettings``) on ``device``, in the one form the sources take."""
-    return SourceOptions(pad_token_id, settings.padding_multiple(device), pad_is_eos, settings.val_fraction,
-                         settings.random_seed, settings.stream_buffer_size, settings.bad_examples)
+def source_options(data: DataSettings, seed: int, device, pad_token_id: int, pad_is_eos: bool) -> SourceOptions:
+    """A run's data settings and seed on ``device``, in the one form the sources take."""
+    return SourceOptions(pad_token_id, data.padding_multiple(device), pad_is_eos, data.val_fraction, seed,
+                         data.stream_buffer_size, data.bad_examples)
 
 
 def train_and_val_sources(train_data, val_data, options: SourceOptions):
@@ -115,7 +137,6 @@ class RunLength:
         return epoch >= self.n_epochs or self.steps_done(global_step)
 
 
-def run_length(source: BatchSource, spec: PlanSettings, settings) -> RunLength:
-    counts = steps_per_epoch(source, spec, settings.n_epochs, settings.max_steps)
-    return RunLength(counts, 2**62 if counts == [None] else len(counts), settings.max_steps or sum(counts),
-                     settings.max_steps)
+def run_length(source: BatchSource, spec: PlanSettings, n_epochs: int, max_steps: int | None) -> RunLength:
+    counts = steps_per_epoch(source, spec, n_epochs, max_steps)
+    return RunLength(counts, 2**62 if counts == [None] else len(counts), max_steps or sum(counts), max_steps)

@@ -10,8 +10,8 @@ run equals an uninterrupted one. The position is reached by reading the stream u
 source; it costs the reading); at an epoch's end it is that epoch read to its end, so a resume there reads that
 epoch's pass again (rows compared, nothing trained) before the next one. Every row read again is compared with
 the one the checkpoint recorded (:class:`source_contract.ReadLog`). Under torchrun each process reads its own
-shard (``split_dataset_by_node`` for a ``datasets`` stream, every k-th example otherwise); before each step the
-processes agree that each still has one, so they stop together when the first shard ends.
+shard (:func:`subsets.stream_shard`); before each step the processes agree that each still has one, so they stop
+together when the first shard ends.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 from .batch_plans import PlanSettings, buffer_steps
 from .collate import PaddingCollator, padded_probe
-from .example_checks import RowChecks, check_loader_batch
-from .examples import cut_to_real_span, pad_id_among_real_tokens, to_example
+from .rows import check_loader_batch, item_rows, pad_id_among_real_tokens, read_example
 from .source_contract import BatchSource, ReadLog, group_into_steps
+from .subsets import RowChecks, stream_shard
 
 DEFAULT_BUFFER_SIZE = 4096
 
@@ -39,15 +39,6 @@ def is_stream(data) -> bool:
     if isinstance(data, (torch.utils.data.IterableDataset, torch.utils.data.Dataset, Mapping, str, bytes, list, tuple)):
         return isinstance(data, torch.utils.data.IterableDataset)
     return hasattr(data, "__iter__") and not hasattr(data, "__len__")
-
-
-def _rows(item) -> list:
-    """The examples of one item a stream yields: an example, or a collated batch of them (a DataLoader's)."""
-    ids = item.get("input_ids") if isinstance(item, Mapping) else None
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-        keys = [k for k in ("input_ids", "attention_mask", "labels") if item.get(k) is not None]
-        return [{k: item[k][r] for k in keys} for r in range(ids.shape[0])]
-    return [item]
 
 
 def _all_agree(flag: bool) -> bool:
@@ -91,11 +82,7 @@ class StreamBatches(BatchSource):
         data = self.data
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)  # a datasets stream's own shuffle, if the user asked for one
-        if world_size > 1 and hasattr(data, "n_shards") and hasattr(data, "_ex_iterable"):
-            from datasets.distributed import split_dataset_by_node
-
-            data = split_dataset_by_node(data, rank=rank, world_size=world_size)
-            world_size = 1
+        data, own_rows = stream_shard(data, world_size, rank)
         current = torch.get_rng_state()
         if order_state is not None:
             torch.set_rng_state(order_state)
@@ -103,14 +90,13 @@ class StreamBatches(BatchSource):
         first = next(items, None)
         if replay:
             torch.set_rng_state(current)
-        rows = chain.from_iterable(map(self._rows, chain([first], items) if first is not None else ()))
-        return islice(rows, rank, None, world_size) if world_size > 1 else rows
+        return own_rows(chain.from_iterable(map(self._rows, chain([first], items) if first is not None else ())))
 
     def _rows(self, item) -> list:
         """The examples of one item a stream yields: an example, or a collated batch of them (a DataLoader's)."""
         if isinstance(self.data, DataLoader) and self.data.batch_size is not None:
             check_loader_batch(item, self.what)
-        return _rows(item)
+        return item_rows(item)
 
     def _logged(self, spec: PlanSettings, epoch: int, order_state, replay: bool):
         """This process's rows of ``epoch``, each noted in the epoch's log as it is read (see :meth:`_shard`)."""
@@ -122,7 +108,7 @@ class StreamBatches(BatchSource):
         (as for lists, but not warned: a stream is never read whole)."""
         pad, kept = self.collator.pad_token_id, []
         for k, row in enumerate(rows):
-            example = self.checks.check(cut_to_real_span(to_example(row, first + k), pad, self.pad_is_eos),
+            example = self.checks.check(read_example(row, first + k, pad, self.pad_is_eos),
                                         f"Row {first + k} of the {self.what} ({where})")
             if example is not None:
                 kept.append(example)

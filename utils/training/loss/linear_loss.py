@@ -90,8 +90,15 @@ def linear_masked_lm_loss(hidden, weight, bias, input_ids, labels=None, attentio
     Chunks hold ``chunk_rows`` rows (default: :func:`loss.rows_per_chunk` of the vocabulary). Batches reach it
     collated, with their attention mask, so the pad == EOS rule of unmasked lines has already been applied.
     """
-    targets, counted_rows = flat_targets(input_ids, labels, attention_mask, pad_token_id)
+    return linear_lm_sums(hidden, weight, bias, flat_targets(input_ids, labels, attention_mask, pad_token_id),
+                          chunk_rows)
+
+
+def linear_lm_sums(hidden, weight, bias, targets, chunk_rows: int | None = None) -> TokenSums:
+    """:func:`linear_masked_lm_loss` with its targets already computed (a ``(targets, counted_rows)`` pair of
+    :func:`loss.flat_targets`)."""
+    flat, counted_rows = targets
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    loss_sum, correct = _LinearCrossEntropy.apply(flat_hidden, weight, bias, targets,
+    loss_sum, correct = _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat,
                                                   chunk_rows or rows_per_chunk(weight.shape[0]))
-    return sums_from(loss_sum, correct, targets, counted_rows)
+    return sums_from(loss_sum, correct, flat, counted_rows)

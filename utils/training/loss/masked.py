@@ -106,12 +106,17 @@ def count_real_targets(batch, pad_token_id, pad_is_eos: bool = False) -> torch.T
     return (targets != IGNORE_INDEX).sum()
 
 
-def count_real_target_bytes(batch, pad_token_id, token_bytes: torch.Tensor) -> torch.Tensor:
-    """The bytes of text the real targets of a collated batch stand for (``token_bytes[id]`` each), counted by the
-    rule that counts them for the loss (:func:`shifted_targets`, called as :meth:`ModelCaller.loss_sums` calls it:
-    collated batches carry their mask). Stays on the device."""
-    targets = shifted_targets(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
-    return torch.where(targets != IGNORE_INDEX, token_bytes[targets.clamp(min=0)], 0).sum()
+def batch_targets(batch, pad_token_id):
+    """:func:`flat_targets` of a collated batch (it carries its mask): computed once per batch where both the loss
+    (:meth:`ModelCaller.loss_sums`) and the bytes (:func:`real_target_bytes`) need them."""
+    return flat_targets(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"), pad_token_id)
+
+
+def real_target_bytes(targets, token_bytes: torch.Tensor) -> torch.Tensor:
+    """The bytes of text the real targets stand for (``token_bytes[id]`` each; ``targets`` from
+    :func:`batch_targets`, the rule that counts them for the loss). Stays on the device."""
+    flat = targets[0]
+    return torch.where(flat != IGNORE_INDEX, token_bytes[flat.clamp(min=0)], 0).sum()
 
 
 # Rows of logits per chunk: about this many bytes of float32 per chunk, whatever the vocabulary. 64 MB keeps a
@@ -241,8 +246,15 @@ def masked_lm_loss(logits, input_ids, labels=None, attention_mask=None, pad_toke
     on its own. Excluded targets get ``ignore_index``: zero loss and exactly zero gradient. A batch with
     no real target returns zeros, never NaN.
     """
-    targets, counted_rows = flat_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos)
+    return chunked_lm_sums(logits, flat_targets(input_ids, labels, attention_mask, pad_token_id, pad_is_eos),
+                           chunk_rows)
+
+
+def chunked_lm_sums(logits, targets, chunk_rows: int | None = None) -> TokenSums:
+    """:func:`masked_lm_loss` with its targets already computed (:func:`flat_targets`, a ``(targets,
+    counted_rows)`` pair): the one computation both share."""
+    flat, counted_rows = targets
     # A view, not a copy: the last position's ignored target replaces slicing (batch, seq - 1, vocab).
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    loss_sum, correct = _ChunkedCrossEntropy.apply(flat_logits, targets, chunk_rows or rows_per_chunk(logits.shape[-1]))
-    return sums_from(loss_sum, correct, targets, counted_rows)
+    loss_sum, correct = _ChunkedCrossEntropy.apply(flat_logits, flat, chunk_rows or rows_per_chunk(logits.shape[-1]))
+    return sums_from(loss_sum, correct, flat, counted_rows)

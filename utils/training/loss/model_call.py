@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .linear_loss import linear_masked_lm_loss
-from .masked import TokenSums, masked_lm_loss
+from .linear_loss import linear_lm_sums
+from .masked import TokenSums, batch_targets, chunked_lm_sums
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,19 +85,19 @@ class ModelCaller:
     def loss_path(self) -> str:
         return "chunked" if self.output_layer is None else "linear"
 
-    def loss_sums(self, model: nn.Module, batch: Mapping, pad_token_id: int) -> TokenSums:
+    def loss_sums(self, model: nn.Module, batch: Mapping, pad_token_id: int, targets=None) -> TokenSums:
         """Forward ``batch`` and return its masked LM sums (``loss_sum`` carries the graph for backward).
+        ``targets``: the batch's :func:`loss.batch_targets` when the caller needs them too (validation's bytes).
 
         The linear path applies to the very module it was probed on; a wrapper of it (DDP, ``torch.compile``)
         goes through its own forward, since calling the body directly would bypass what the wrapper does.
         """
+        targets = targets if targets is not None else batch_targets(batch, pad_token_id)
         if self.output_layer is not None and model is self.output_layer.model:
-            return self.linear_sums(batch, pad_token_id)
-        logits = self(model, batch)
-        return masked_lm_loss(logits, batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
-                              pad_token_id)
+            return self.linear_sums(batch, pad_token_id, targets=targets)
+        return chunked_lm_sums(self(model, batch), targets)
 
-    def linear_sums(self, batch: Mapping, pad_token_id: int, layer=None) -> TokenSums:
+    def linear_sums(self, batch: Mapping, pad_token_id: int, layer=None, targets=None) -> TokenSums:
         layer = layer or self.output_layer
         if layer.body_caller is None:
             hidden = layer.model.forward_hidden(batch["input_ids"])
@@ -105,8 +105,8 @@ class ModelCaller:
             layer.body_caller.mask_free = self.mask_free
             hidden = _first_tensor(layer.body_caller.call(layer.body, batch))
         head = layer.head
-        return linear_masked_lm_loss(hidden, head.weight, head.bias, batch["input_ids"], batch.get("labels"),
-                                     batch.get("attention_mask"), pad_token_id)
+        return linear_lm_sums(hidden, head.weight, head.bias,
+                              targets if targets is not None else batch_targets(batch, pad_token_id))
 
 
 class OutputLayer:

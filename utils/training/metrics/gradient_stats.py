@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .logging_settings import LoggingSettings
+
 
 class GradientStats:
     """Statistics of ``model``'s gradients, taken in the optimizer step (no host sync) and read with its row.
@@ -15,10 +17,10 @@ class GradientStats:
         self.enabled = False
         self._held: dict[int, dict] = {}  # optimizer step -> its statistics, on the device
 
-    def record_if_due(self, model, step: int, settings) -> None:
-        """Every ``settings.log_grad_dist_every`` optimizer steps while a W&B run is live."""
-        if self.enabled and step % settings.log_grad_dist_every == 0:
-            self.record(model, step, histograms=settings.log_grad_histogram)
+    def record_if_due(self, model, step: int, logging: LoggingSettings) -> None:
+        """Every ``logging.log_grad_dist_every`` optimizer steps while a W&B run is live."""
+        if self.enabled and step % logging.log_grad_dist_every == 0:
+            self.record(model, step, histograms=logging.log_grad_histogram)
 
     def record(self, model, step: int, histograms: bool) -> None:
         """Of optimizer ``step``, before clipping, after AMP unscaling."""

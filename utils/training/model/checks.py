@@ -1,6 +1,6 @@
 """Start-up checks of the model against the data: a clear ValueError beats a device-side assert.
 
-The checks on examples and batches (ids, lengths) are :mod:`example_checks`'; here they are applied to every
+The checks on examples and batches (ids, lengths) are the data seam's (``data/rows.py``); here they are applied to every
 source before the first optimizer step, together with one forward pass's logits.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from ..data import check_pad_token_id, to_device
 from ..loss import ModelCaller, eval_mode, unwrap, vocab_size_of
-from .embeddings import EmbeddingRoles, embedding_roles, one_cpu_thread
+from ..reproducibility import one_cpu_thread
+from .embeddings import EmbeddingRoles, embedding_roles
 
 
 def check_vocabulary(vocab_size: int, pad_token_id: int, sources: dict) -> None:

@@ -7,13 +7,13 @@ A model that calls ``self.tok(idx)`` or ``self.where(torch.arange(seq))`` is rea
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..loss import ModelCaller, eval_mode, unwrap
+from ..reproducibility import one_cpu_thread
 
 DISCOVERY_SHAPE = (2, 4)  # rows x positions of the discovery forward: cheap, and long enough to see 0, 1, 2, 3
 
@@ -33,20 +33,6 @@ def _counts_positions(x: torch.Tensor, length: int) -> bool:
         return False
     return bool(torch.equal(x.reshape(-1, length), torch.arange(length, device=x.device).expand(x.numel() // length,
                                                                                                  length)))
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device):
-    """Start-up's small forwards and reductions on one thread: on a CPU shared with other work, splitting each over
-    two threads that wait for each other was 5x slower (the probes of a GPT-2-small-sized model: 33 s against 7 s
-    at load 14 on 2 cores)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _declared_input_embedding(inner: nn.Module) -> tuple[str, int] | None:

@@ -7,7 +7,9 @@ own data (real lines joined, so a short-line corpus still reaches positions past
   sequence-first layer fed batch-first tensors, or a normalisation over the batch, mixes them; a sequence-first
   RNN only one way);
 * ``"causal"`` - changing the tokens after position t leaves the logits at positions <= t unchanged, for every t
-  in steps of ``CAUSAL_STRIDE`` and the last one (all in one batch of rows, run after ``"examples"`` passed);
+  in steps of ``CAUSAL_STRIDE`` and the last one (all in one batch of rows, run after ``"examples"`` passed); then
+  on two rows as long as the data's longest line (at most ``LONG_PROBE_LENGTH``) that differ in their last token,
+  for a mask that fails only from a later position;
 * ``"padding"`` - the real positions' logits do not change when the batch is padded further on the right by
   ``EXTRA_PADDING``. Left padding (models that take an ``attention_mask``) is measured and recorded, not refused:
   the package never gives a model left padding (it moves it to the right).
@@ -36,12 +38,16 @@ import torch
 from torch import nn
 
 from ..loss import ModelCaller, eval_mode, hf_causal_lm_class_names, unwrap
-from ..settings import MODEL_CHECKS as PROBES
+from ..reproducibility import one_cpu_thread
 from ..warn import caller_stacklevel
-from .embeddings import one_cpu_thread
+from .model_settings import MODEL_CHECKS as PROBES
 from .suspects import Suspects, watch
 
 PROBE_LENGTH = 24  # positions probed; > 17 so a mask that fails from a middle position on is reached
+# One more forward of two lines this long (at most; never longer than the data's longest line or the model's
+# positions) that differ in their last token only: a position up to here that sees the future moves. Catches a mask
+# that fails from any position under it (from 40, from 100) at the cost of 2 x 128 tokens (the probes above: 368).
+LONG_PROBE_LENGTH = 128
 EXTRA_PADDING = 8  # pad positions added on the right (and, where a mask is taken, on the left)
 CAUSAL_STRIDE = 8  # cutoffs t = 0, 8, 16, ... and the last position but one
 EPS32 = torch.finfo(torch.float32).eps
@@ -55,11 +61,13 @@ class ProbeLines:
     replacements: torch.Tensor  # (2, length): never equal to lines
     pad_token_id: int
     extra_padding: int = EXTRA_PADDING  # pad positions the padding probe adds (fewer for a model of few positions)
+    long_rows: torch.Tensor | None = None  # (2, long length): a longer line, then the same with another last token
 
 
 def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, length: int, seed: int,
-                extra_padding: int = EXTRA_PADDING) -> ProbeLines:
-    """Two lines of ``length`` real tokens from ``batches`` (their real positions joined in order and cycled)."""
+                extra_padding: int = EXTRA_PADDING, long_length: int = 0) -> ProbeLines:
+    """Two lines of ``length`` real tokens from ``batches`` (their real positions joined in order and cycled), and
+    where ``long_length`` exceeds it the two long rows of the long causal check."""
     pool = torch.cat([batch["input_ids"][row][batch["attention_mask"][row].bool()].cpu()
                       for batch in batches for row in range(batch["input_ids"].shape[0])])
     generator = torch.Generator().manual_seed(seed)
@@ -68,7 +76,13 @@ def probe_lines(batches: list[Mapping], vocab_size: int, pad_token_id: int, leng
     lines = pool[index].view(2, length).long()
     # Another id at every position, drawn uniformly among the others (an offset of 1..vocab-1 modulo the vocabulary).
     offsets = torch.randint(1, max(vocab_size, 2), lines.shape, generator=generator)
-    return ProbeLines(lines, (lines + offsets) % max(vocab_size, 2), pad_token_id, extra_padding)
+    long_rows = None
+    if long_length > length + 1:
+        line = pool[(start + torch.arange(long_length)) % len(pool)].long()
+        long_rows = torch.stack([line, line.clone()])
+        long_rows[1, -1] = (line[-1] + int(torch.randint(1, max(vocab_size, 2), (1,), generator=generator))) % max(
+            vocab_size, 2)
+    return ProbeLines(lines, (lines + offsets) % max(vocab_size, 2), pad_token_id, extra_padding, long_rows)
 
 
 def probe_sizes(limit: int | None, longest: int) -> tuple[int, int]:
@@ -78,6 +92,45 @@ def probe_sizes(limit: int | None, longest: int) -> tuple[int, int]:
     room = limit if limit is not None else longest
     padding = min(EXTRA_PADDING, max(1, room // 2))
     return max(2, min(PROBE_LENGTH, room - padding)), padding
+
+
+# Sizes of the longest line a model takes, as its config or the model itself names them where the fields
+# checks.max_positions reads (n_positions, max_position_embeddings) are absent: nanoGPT's block_size, GPT-2's n_ctx,
+# Llama-style max_seq_len and others. They only bound the probes' length here (probing fewer positions is harmless);
+# the lines of the data are checked against declared positions only.
+BLOCK_SIZE_NAMES = ("block_size", "n_ctx", "max_seq_len", "max_seq_length", "max_sequence_length", "context_length")
+
+
+def declared_block_size(model: nn.Module) -> int | None:
+    """The longest line ``model`` says it takes where no position table or declared position count did: a block
+    size in ``model.config`` or on the model (:data:`BLOCK_SIZE_NAMES`), else the size of a square causal-mask
+    table among its buffers (nanoGPT's ``bias`` of shape (1, 1, T, T): attention slices it to the line's length);
+    None when nothing says."""
+    inner = unwrap(model)
+    for holder in (getattr(inner, "config", None), inner):
+        for name in BLOCK_SIZE_NAMES:
+            try:
+                value = getattr(holder, name, None) if holder is not None else None
+            except Exception:  # noqa: BLE001 - a property that fails says nothing about the model's length
+                value = None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    tables = [int(buffer.shape[-1]) for buffer in inner.buffers() if _is_causal_mask_table(buffer)]
+    return min(tables) if tables else None
+
+
+def _is_causal_mask_table(buffer: torch.Tensor) -> bool:
+    """One square (T, T) table (leading dimensions of size 1) of two values, triangular: a causal mask built for
+    lines of up to T tokens (ones below the diagonal, or -inf above it)."""
+    if buffer.dim() < 2 or buffer.shape[-1] != buffer.shape[-2] or buffer.shape[-1] < 2 or buffer.is_meta:
+        return False
+    if buffer.numel() != buffer.shape[-1] ** 2 or buffer.numel() > 1 << 24 or buffer.is_complex():
+        return False
+    table = buffer.reshape(buffer.shape[-2:])
+    above = torch.unique(table[torch.triu(torch.ones_like(table, dtype=torch.bool), diagonal=1)])
+    below = torch.unique(table[torch.tril(torch.ones_like(table, dtype=torch.bool), diagonal=-1)])
+    # One value strictly above the diagonal, another strictly below (and on it): a 0/1 tril, a bool mask, 0/-inf.
+    return len(above) == 1 and len(below) == 1 and not torch.equal(above, below) and len(torch.unique(table)) == 2
 
 
 def trusted_by_construction(model: nn.Module) -> str | None:
@@ -185,7 +238,7 @@ class ModelProbes:
                 first = (int(bad[0]), cutoff)
         found = {"first_position_seeing_future": None if first is None else first[0], "positions_probed": length}
         if self._record("causal", worst, tolerance, **found):
-            return None
+            return self.causal_far() if self.lines.long_rows is not None else None
         # Only after a failure: the failing row alone. Unchanged alone, it moved with the other rows of its batch
         # (a model that couples examples only in batches over 2): that is the cause to name, not the future.
         row = cutoffs.index(first[1])
@@ -194,6 +247,27 @@ class ModelProbes:
             self.report["causal"]["mixes_examples_of_a_batch_of"] = len(cutoffs)
             return examples_message(worst, tolerance, self.suspects, rows=len(cutoffs))
         return causal_message(first, worst, tolerance, self.suspects)
+
+    def causal_far(self) -> str | None:
+        """The long check: two rows that differ in their last token only, one forward (the rows are independent:
+        the examples probe passed); a position before the last that moved sees the future. Watched again, so a
+        mask that leaks only at this length is the one named."""
+        rows = self.lines.long_rows
+        length = rows.shape[1]
+        with watch(unwrap(self.model), tuple(rows.shape)) as suspects:
+            logits = self.forward(rows)
+        tolerance = (_rounding_terms(self.model, length) * max(torch.finfo(next(self.model.parameters()).dtype).eps,
+                                                                EPS32) * max(float(logits.abs().max()), EPS32))
+        moved = (logits[1, :length - 1] - logits[0, :length - 1]).abs().amax(dim=-1)
+        worst = float(moved.max())
+        bad = torch.nonzero(moved > tolerance).flatten()
+        report = self.report["causal"]
+        report.update(long_positions_probed=length, long_max_difference=worst, long_tolerance=tolerance)
+        if not len(bad):
+            return None
+        report.update(passed=False, first_position_seeing_future=int(bad[0]), max_difference=worst,
+                      tolerance=tolerance)
+        return causal_message((int(bad[0]), length - 2), worst, tolerance, suspects)
 
     def padding(self, base: torch.Tensor, tolerance: float) -> str | None:
         lines, pad, extra = self.lines.lines, self.lines.pad_token_id, self.lines.extra_padding
@@ -360,19 +434,26 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
     batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
+    limit = limit if limit is not None else declared_block_size(model)
+    # The long check stays within lines the model already took (the start-up forward ran the longest one).
+    long_length = min(LONG_PROBE_LENGTH, longest, limit or longest)
     probes, refusal = None, None
-    if limit is None:
-        # Nothing says how long a line the model takes (rotary or hand-made positions): the full probe length is
-        # tried, and where the model fails on it (a table of fixed size) lines no longer than the data's are used.
+    if limit is None and base_device(model).type == "cpu":
+        # Nothing says how long a line the model takes (rotary or hand-made positions, no size in its config and no
+        # causal-mask table): the full probe length is tried, and where the model fails on it (a table of fixed size)
+        # lines no longer than the data's are used. Only on a CPU, where such a failure is an ordinary exception and
+        # the process goes on; on a GPU an index out of range is a device-side assert that leaves the CUDA context
+        # unusable for the rest of the process, so there the probes stay within the lengths the start-up forward
+        # already ran (the data's longest line, below).
         try:
-            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed), skip,
-                                 vocab_size)
+            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed,
+                                                    long_length=long_length), skip, vocab_size)
             refusal = probes.run()
         except (IndexError, RuntimeError, AssertionError):  # an index, a shape or `assert seq <= block_size`
             probes = None
     if probes is None:
         length, extra_padding = probe_sizes(limit, longest)
-        lines = probe_lines(batches, vocab_size, pad_token_id, length, seed, extra_padding)
+        lines = probe_lines(batches, vocab_size, pad_token_id, length, seed, extra_padding, long_length)
         probes = ModelProbes(model, lines, skip, vocab_size)
         refusal = probes.run()
     if refusal:

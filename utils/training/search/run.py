@@ -105,7 +105,7 @@ class SearchRequest:
                      random_seed=positional.get("random_seed", arguments["random_seed"]),
                      use_wandb=arguments["use_wandb"])
         settings = settings_from_call(dict(fixed, progress=False))[0]  # bad fixed keywords fail now
-        if settings.fsdp or launched_by_torchrun():
+        if settings.distributed.fsdp or launched_by_torchrun():
             # Every process would draw its own trial and the collectives of two different trials would meet.
             raise ValueError("test_hyperparameter_search runs each trial in this one process, so it does not run "
                              "under torchrun or with fsdp=True. Search with fsdp=False in one process per GPU (several "
@@ -151,7 +151,8 @@ class SearchRequest:
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.fixed_settings
         self.prepared = train_and_val_sources(self.train_data, self.val_data,
-                                              source_options(settings, device, pad_token_id, eos_is_pad))
+                                              source_options(settings.data, settings.run.random_seed, device,
+                                                             pad_token_id, eos_is_pad))
 
 
 def bind_legacy_positionals(val_data, n_trials, legacy_args) -> tuple:
@@ -325,7 +326,7 @@ def _objective(fine_tune, request: SearchRequest, study, trial):
     folder = request.output_dir / study.study_name / f"trial-{trial.number if first_try is None else first_try}"
     settings, _ = settings_from_call(dict(
         request.fixed, **{request.space[name][0]: value for name, value in params.items()}, output_dir=str(folder),
-        resume_from_checkpoint=first_try is not None and request.fixed_settings.writes_checkpoints,
+        resume_from_checkpoint=first_try is not None and request.fixed_settings.checkpoints.writes_checkpoints,
         progress=request.progress == "all", wandb_group=study.study_name,
         wandb_run_name=f"{study.study_name}-trial-{trial.number}"))
     return _run_trial(fine_tune, (study, trial), request, settings, model_params)
@@ -411,7 +412,7 @@ def _run_trial(fine_tune, study_trial, request: SearchRequest, settings: FineTun
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
         if isinstance(error, torch.OutOfMemoryError):
-            reason = f"out of GPU memory with batch_size={settings.batch_size}"
+            reason = f"out of GPU memory with batch_size={settings.data.batch_size}"
         trial.set_user_attr("reason", reason[:500])
         raise
     finally:

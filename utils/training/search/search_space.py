@@ -15,7 +15,7 @@ LEGACY_NAMES = {"lr": "learning_rate", "wd": "weight_decay", "warmup": "warmup_s
 # both span orders of magnitude. Every other range is linear.
 LOG_SCALE_SETTINGS = ("learning_rate", "weight_decay")
 KINDS = ("log", "float", "int", "categorical")
-NOT_SEARCHABLE = set(FineTuneSettings.names_where(search=False))  # declared in settings.py
+NOT_SEARCHABLE = set(FineTuneSettings.names_where(search=False))  # declared in the settings groups
 
 
 def parse_search_space(space: dict | None) -> dict[str, tuple[str, str, tuple]]:

@@ -25,7 +25,7 @@ SETUP_ATTR = "tier3_setup"
 DEFAULT_SHARED_STUDY = "tier3-search"
 CREATION_TRIES = 8
 # Settings that do not change a trial's value: where it writes, what it logs or shows, how often it checkpoints,
-# which weights the model holds at the end (declared in settings.py). Every other resolved setting is part of a
+# which weights the model holds at the end (declared in the settings groups). Every other resolved setting is part of a
 # study's set-up.
 NOT_IN_SETUP = set(FineTuneSettings.names_where(setup=False))
 

@@ -1,29 +1,139 @@
-"""Examples read per batch from what the user holds: the corpus is never turned into per-example objects up front.
+"""Examples in memory or on disk as a source: the user's rows in one table, planned over one array of lengths,
+read and collated per batch.
 
-A table knows, before the first step, only what a plan and the start-up checks need: each kept example's real
-length (one numpy array) and whether every token id fits the vocabulary; the examples of a batch are built
-(cut to their real span, as :func:`examples.to_examples` does) when the batch is collated. Three kinds:
+:class:`ExampleBatches` is the source: its epochs are planned (shuffled, grouped, sharded: :mod:`batch_plans`,
+:mod:`subsets`) over the table's lengths. Every token was hashed before the run (the fingerprint), so a resume
+needs nothing but the plan, which is recomputed from the settings.
+
+A table knows, before the first step, only what a plan and the start-up checks need: each kept row's real length
+(one numpy array) and whether every token id fits the vocabulary; the examples of a batch are read
+(:func:`rows.read_example`) when the batch is collated. Three kinds (:func:`example_table` picks one):
 
 - :class:`TokenLists`: a list of plain token sequences (lists, tuples or 1-D tensors). Lengths come from
   ``len()``; only rows ending in the pad id need the pad rule applied up front (a trailing run of pad ids).
 - :class:`ArrowRows`: a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow). Lengths, last tokens, masks and
   id ranges are read from the Arrow buffers in vectorised passes; rows are read per batch with ``dataset[indices]``.
-- :class:`ExampleList`: examples already built (lists of dicts, other indexables): the earlier in-memory path.
+- :class:`ExampleList`: examples built up front (:func:`to_examples`: lists of dicts, columns, other indexables).
+
+A table's rows are a subset of the user's: those with a real target (:func:`subsets.keep_with_real_targets`), then
+the hold-out's part (:meth:`ExampleBatches.split`, positions from :func:`subsets.split_positions`).
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from .example_checks import check_batch_ids, no_real_target_error, warn_skipped_without_target
-from .examples import (Example, cut_to_real_span, pad_id_among_real_tokens, to_example, to_examples,
-                       warn_if_eos_padding_is_ambiguous)
 from ..loss import IGNORE_INDEX
+from .batch_plans import (MEGA_BATCH_FACTOR, Plan, PlanSettings, epoch_order, resolve_grouping, token_budget_steps,
+                          token_plan)
+from .collate import PaddingCollator, padded_probe
+from .rows import (Example, check_batch_ids, check_length, cut_to_real_span, pad_id_among_real_tokens,
+                   read_example, rows_of_columns, to_example, warn_if_eos_padding_is_ambiguous)
+from .source_contract import BatchSource, group_into_steps
+from .subsets import keep_with_real_targets, shard_batches, split_positions
 
 SCAN_ROWS = 65_536  # rows per chunk of the id scan: bounded memory whatever the corpus size
+
+class ExampleBatches(BatchSource):
+    """Examples planned (shuffled, grouped, sharded) over one array of lengths, read and collated per batch.
+
+    ``examples`` is a table (see the module docstring); a list of ``Example`` is taken as it is.
+    """
+
+    def __init__(self, examples, collator: PaddingCollator, what: str = "training data"):
+        self.examples = ExampleList(examples) if isinstance(examples, list) else examples
+        self.collator = collator
+        self.what = what
+        self.lengths = self.examples.lengths  # numpy int64, one entry per example
+        # What the start-up checks passed, so a search's trials do not rescan the same examples.
+        self._checked = {"vocab_size": None, "max_length": None}
+        self._last_plan = (None, None)
+
+    def plan(self, spec: PlanSettings, epoch: int) -> Plan:
+        """This rank's micro-batches of one epoch, in order; consecutive ``accumulation`` of them form a step."""
+        if self._last_plan[0] != (spec, epoch):  # counted before the run, then run: made once
+            self._last_plan = ((spec, epoch), self._make_plan(spec, epoch))
+        return self._last_plan[1]
+
+    def _make_plan(self, spec: PlanSettings, epoch: int) -> Plan:
+        grouping = resolve_grouping(spec.group_by_length, spec.shuffle)
+        if grouping == "tokens":
+            per_step = spec.micro_batches_per_step
+            indices, bounds = token_budget_steps(
+                self.lengths, step_budget=self.step_token_budget(spec), micro_batches_per_step=per_step,
+                examples_per_mega_batch=spec.batch_size * per_step * MEGA_BATCH_FACTOR, shuffle=spec.shuffle,
+                seed=spec.seed, epoch=epoch)
+            return token_plan(indices, bounds, spec.accumulation, spec.world_size, spec.rank)
+        order = epoch_order(self.lengths, spec.batch_size * spec.micro_batches_per_step, shuffle=spec.shuffle,
+                            group_by_length=bool(grouping), seed=spec.seed, epoch=epoch)
+        return shard_batches(order, spec.batch_size, spec.world_size, spec.rank)
+
+    def step_token_budget(self, spec: PlanSettings) -> int:
+        """Tokens of one optimizer step: ``max_tokens_per_batch`` per micro-batch, else ``batch_size`` x the
+        mean example length, so the mean micro-batch holds about ``batch_size`` lines and learning rates tuned
+        for ``batch_size`` carry over. Computed per step, so 8 x 1 and 2 x 4 get the same budget exactly."""
+        per_step = spec.micro_batches_per_step
+        if spec.max_tokens_per_batch is not None:
+            return spec.max_tokens_per_batch * per_step
+        # Python ints: the same rounding as the list code had, for any corpus size.
+        return max(1, round(spec.batch_size * per_step * int(self.lengths.sum()) / len(self.lengths)))
+
+    def eval_plan(self, batch_size, world_size=1, rank=0) -> Plan:
+        """Validation order does not change token-weighted sums, so sort by length: least padding."""
+        return shard_batches(np.argsort(-self.lengths, kind="stable"), batch_size, world_size, rank)
+
+    def collate(self, planned_batch):
+        examples = self.examples.examples([i for i, _ in planned_batch])
+        return self.collator([(example, counts) for example, (_, counts) in zip(examples, planned_batch)])
+
+    def steps_in_epoch(self, spec: PlanSettings, epoch: int) -> int:
+        return -(-len(self.plan(spec, epoch)) // spec.accumulation)
+
+    def steps(self, spec: PlanSettings, epoch: int, start: int):
+        """The plan's steps from ``start`` on: the plan is a pure function of the settings and the epoch."""
+        return group_into_steps(self.plan(spec, epoch), spec.accumulation, start, self.collate)
+
+    def first_batch(self) -> dict:
+        return self.collate(self.plan(PlanSettings(batch_size=2), epoch=0)[0])
+
+    def padded_batch(self) -> dict:
+        by_length = np.argsort(self.lengths, kind="stable")
+        return padded_probe(self.examples.examples([int(by_length[-1]), int(by_length[0])]), self.collator)
+
+    def check_ids(self, vocab_size: int) -> None:
+        """Every token id fits the vocabulary, naming the first example that does not."""
+        if self._checked["vocab_size"] != vocab_size:
+            self.examples.check_ids(vocab_size, self.what)
+            self._checked["vocab_size"] = vocab_size
+
+    def check_lengths(self, limit: int | None) -> None:
+        if limit is not None and self._checked["max_length"] != limit:
+            too_long = np.flatnonzero(self.lengths > limit)
+            if len(too_long):
+                check_length(int(self.lengths[too_long[0]]), limit, f"Example {int(too_long[0])} of the {self.what}")
+            self._checked["max_length"] = limit
+
+    def pad_id_inside_real_tokens(self, pad_token_id: int) -> bool:
+        """Whether the pad id occurs where a token is real (then it is a real token of the vocabulary)."""
+        return self.examples.pad_inside(pad_token_id)
+
+    def fingerprint(self) -> str:
+        """Identifies the data, so a resume sees the same: every token for data in memory, the Dataset's own
+        fingerprint and the lengths for an Arrow ``Dataset``."""
+        return self.examples.fingerprint()
+
+    def split(self, val_fraction: float, seed: int) -> tuple["ExampleBatches", "ExampleBatches"]:
+        """Seeded random hold-out; both parts keep the original order (``shuffle=False`` stays meaningful)."""
+        train, val = split_positions(len(self), val_fraction, seed)
+        return (ExampleBatches(self.examples.subset(train), self.collator, "training data"),
+                ExampleBatches(self.examples.subset(val), self.collator, "validation data"))
+
+    def __len__(self) -> int:
+        return len(self.examples)
 
 
 class ExampleList:
@@ -80,8 +190,7 @@ class _LazyRows:
 
     def examples(self, positions) -> list[Example]:
         rows = self.kept[np.asarray(positions, dtype=np.int64)].tolist()
-        return [cut_to_real_span(to_example(item, j), self.pad_token_id, self.pad_is_eos)
-                for j, item in zip(rows, self._read(rows))]
+        return [read_example(item, j, self.pad_token_id, self.pad_is_eos) for j, item in zip(rows, self._read(rows))]
 
     def subset(self, positions):
         part = object.__new__(type(self))
@@ -89,20 +198,17 @@ class _LazyRows:
                              given_lengths=self.given_lengths[positions])
         return part
 
-    def _settle(self, rows: np.ndarray, raw_lengths: np.ndarray, needs_rule: np.ndarray, what: str) -> None:
-        """Keep rows with a real target: rows the fast rule cannot decide (``needs_rule``) are built one by one."""
-        lengths, kept, parsed, cut = raw_lengths.copy(), raw_lengths >= 2, [], []
+    def _settle(self, raw_lengths: np.ndarray, needs_rule: np.ndarray, what: str) -> None:
+        """Keep rows with a real target: rows the fast rule cannot decide (``needs_rule``) are read one by one."""
+        lengths, has_target, parsed, cut = raw_lengths.copy(), raw_lengths >= 2, [], []
         for k in np.flatnonzero(needs_rule).tolist():
-            parsed.append(to_example(self._read([int(rows[k])])[0], int(rows[k])))
+            parsed.append(to_example(self._read([k])[0], k))
             cut.append(cut_to_real_span(parsed[-1], self.pad_token_id, self.pad_is_eos))
-            lengths[k], kept[k] = len(cut[-1]), cut[-1].real_targets() > 0
+            lengths[k], has_target[k] = len(cut[-1]), cut[-1].real_targets() > 0
         if self.pad_is_eos:
             warn_if_eos_padding_is_ambiguous(parsed, cut, self.pad_token_id, what)
-        if not kept.any():
-            raise no_real_target_error(what, self.pad_token_id)
-        if not kept.all():
-            warn_skipped_without_target(int((~kept).sum()), len(kept), int(rows[np.flatnonzero(~kept)[0]]), what)
-        self.kept, self.lengths, self.given_lengths = rows[kept], lengths[kept], raw_lengths[kept]
+        kept = keep_with_real_targets(has_target, what, self.pad_token_id)
+        self.kept, self.lengths, self.given_lengths = np.flatnonzero(kept), lengths[kept], raw_lengths[kept]
 
     def _first_bad(self, candidates: np.ndarray, vocab_size: int, what: str) -> None:
         """Name the first kept example among physical rows ``candidates`` whose ids do not fit."""
@@ -123,7 +229,7 @@ class TokenLists(_LazyRows):
             to_example(rows[int(np.argmax(raw == 0))], int(np.argmax(raw == 0)))  # raises, naming the example
         last = np.fromiter((int(row[-1]) for row in rows), np.int64, n)
         # Only a trailing run of pad ids is padding in this form: other rows are real as they are.
-        self._settle(np.arange(n), raw, last == pad_token_id, what)
+        self._settle(raw, last == pad_token_id, what)
 
     @staticmethod
     def accepts(data) -> bool:
@@ -241,7 +347,7 @@ class ArrowRows(_LazyRows):
         if "labels" in columns:
             needs_rule = needs_rule | physical(self._rows_with(IGNORE_INDEX, "labels"))
         self.rows = self.dataset
-        self._settle(np.arange(len(raw)), real, needs_rule, what)
+        self._settle(real, needs_rule, what)
 
     def _rows_with(self, value: int, column: str) -> np.ndarray:
         flags = []
@@ -312,3 +418,25 @@ def example_table(data, pad_token_id: int, what: str, pad_is_eos: bool):
     if TokenLists.accepts(data):
         return TokenLists(data, pad_token_id, pad_is_eos, what)
     return ExampleList(to_examples(data, pad_token_id, what, pad_is_eos))
+
+
+def to_examples(data, pad_token_id: int, what: str = "training data", pad_is_eos: bool = False) -> list[Example]:
+    """Examples from a list/Dataset of sequences or dicts; examples with no real target are skipped (warned)."""
+    if isinstance(data, Mapping) and "input_ids" in data:  # columns, e.g. a tokenizer's output for many texts
+        data = rows_of_columns(data)
+    try:
+        items = [data[i] for i in range(len(data))]
+    except TypeError as error:
+        raise TypeError(
+            f"The {what} is a {type(data).__name__}; expected a list of token sequences, a list of dicts with "
+            "'input_ids', a torch Dataset of those, or a DataLoader yielding dict batches."
+        ) from error
+    if not items:
+        raise ValueError(f"The {what} is empty. Pass at least one tokenized sequence.")
+    parsed = [to_example(item, i) for i, item in enumerate(items)]
+    examples = [cut_to_real_span(example, pad_token_id, pad_is_eos) for example in parsed]
+    if pad_is_eos:
+        warn_if_eos_padding_is_ambiguous(parsed, examples, pad_token_id, what)
+    has_target = np.fromiter((example.real_targets() > 0 for example in examples), bool, len(examples))
+    kept = keep_with_real_targets(has_target, what, pad_token_id)
+    return [example for example, keep in zip(examples, kept.tolist()) if keep]
