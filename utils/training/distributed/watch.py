@@ -98,7 +98,10 @@ class ProcessWatch:
             # Joined (a store call in flight ends within its own short timeout): a daemon thread still inside a
             # store call when the interpreter exits aborted the process ("terminate called without an active
             # exception", SIGABRT) after a run that had completed.
-            self.thread.join(timeout=max(2 * self.period, 1.0) + 1.0)
+            # A beat is at most three store calls, each ending within the client's timeout.
+            self.thread.join(timeout=3 * max(2 * self.period, 1.0) + 1.0)
+        # The client is closed here, while the interpreter is whole, not by whichever finaliser reaches it at exit.
+        self.store = None
         return False
 
     def _run(self) -> None:
