@@ -75,11 +75,13 @@ class ScaledByLength(TinyCausalLM):
 class FutureFrom17(TinyCausalLM):
     """A mask that is causal for the first 17 rows only: positions from 17 on see every token."""
 
+    causal_rows = 17
+
     def forward(self, idx):
         seq = idx.shape[1]
         h = self.embed(idx) + self.pos(torch.arange(seq, device=idx.device))
         mask = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
-        mask[17:] = 0.0
+        mask[self.causal_rows:] = 0.0
         return self.head(self.blocks(h, mask=mask))
 
 
@@ -412,15 +414,10 @@ def test_a_block_size_is_read_from_a_config_or_a_causal_mask_table_and_nothing_e
     assert probe_sizes(None, 12) == (6, 6)  # the data's longest line (12) bounds lines and padding together
 
 
-class FutureFrom40(TinyCausalLM):
+class FutureFrom40(FutureFrom17):
     """A mask causal for the first 40 rows only: beyond the 24 positions of the strided causal probe."""
 
-    def forward(self, idx):
-        seq = idx.shape[1]
-        h = self.embed(idx) + self.pos(torch.arange(seq, device=idx.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
-        mask[40:] = 0.0
-        return self.head(self.blocks(h, mask=mask))
+    causal_rows = 40
 
 
 def test_a_model_that_sees_the_future_only_from_position_40_is_caught_by_the_long_check():
