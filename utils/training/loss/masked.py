@@ -185,8 +185,8 @@ def chunk_logits_grad(chunk_logits, log_sum_exp, targets, grad_loss, out=None) -
         torch.sub(chunk_logits, log_sum_exp[:, None], out=grad).exp_()
     else:
         # One fused kernel that upcasts as it reads. exp(logits - log-sum-exp) took two passes and torch.exp's
-        # slower exponential: 3x the time on CPU, and training ran 0.95x the tokens/s of F.cross_entropy's
-        # backward (benchmarks/throughput.py; CLAUDE.md "Measured numbers").
+        # slower exponential: 3x F.cross_entropy's backward on CPU, and benchmarks/throughput.py trained at
+        # 0.93x the tokens/s of 93855a2 (CLAUDE.md "Measured numbers").
         grad = torch.softmax(chunk_logits, dim=-1, dtype=dtype, out=grad)
     real = targets != IGNORE_INDEX
     grad.scatter_add_(1, targets.clamp(min=0)[:, None], -real.to(dtype)[:, None])
