@@ -403,6 +403,34 @@ def test_a_model_that_names_its_block_size_is_never_probed_beyond_it(model_class
     assert max(model.lengths) <= 16, sorted(set(model.lengths))  # no forward past the block, caught or not
 
 
+class MaskTableLongerThanPositions(RecordsLengths):
+    """A causal-mask table of 64 (so a declared block size of 64) but a position table of 16 positions held as a
+    plain parameter (the start-up checks find no positions): the declaration says more than the model takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+        self.where = nn.Parameter(torch.zeros(16, 32))
+
+    def forward(self, idx):
+        self.lengths.append(idx.shape[1])
+        seq = idx.shape[1]
+        h = self.embed(idx) + self.where[:seq]  # a shape error past 16 positions
+        mask = torch.zeros(seq, seq).masked_fill(self.bias[0, 0, :seq, :seq] == 0, float("-inf"))
+        return self.head(self.blocks(h, mask=mask, is_causal=True))
+
+
+def test_a_declared_block_size_longer_than_the_model_takes_falls_back_to_the_data_lengths_on_a_cpu():
+    # Before the fallback: the declared 64 was trusted and the probes' 32 positions raised a bare RuntimeError from
+    # the model, so a model that trains on these lines could not start (it did before block sizes were read).
+    lines = random_lines(16, seed=1, low=4, high=13, vocab_size=VOCAB)  # within the model's 16 positions
+    model = MaskTableLongerThanPositions()
+    checks = test_fine_tuning(model, SimpleNamespace(vocab_size=VOCAB, pad_token_id=0), lines, lines[:4],
+                              **QUIET)["model_checks"]
+    assert all(checks[name]["ran"] and checks[name]["passed"] for name in ("examples", "causal", "padding"))
+    assert max(model.lengths) <= 64, sorted(set(model.lengths))  # never past the declared block
+
+
 def test_a_block_size_is_read_from_a_config_or_a_causal_mask_table_and_nothing_else():
     from utils.training.model.probes import declared_block_size, probe_sizes
 

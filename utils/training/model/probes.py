@@ -434,25 +434,29 @@ def probe_model(model: nn.Module, source, *, vocab_size: int, pad_token_id: int,
         return {name: {"ran": False, "why": "skip_model_checks"} for name in PROBES}
     batches = source if isinstance(source, list) else [source.first_batch(), source.padded_batch()]
     longest = max(int(batch["input_ids"].shape[1]) for batch in batches)
-    limit = limit if limit is not None else declared_block_size(model)
+    # A block size the model or its config names is a declaration, not checked positions: it bounds the probes,
+    # but it may say more than the model takes (a mask table longer than its position table).
+    block = declared_block_size(model) if limit is None else None
+    bound = limit if limit is not None else block
     # The long check stays within lines the model already took (the start-up forward ran the longest one).
-    long_length = min(LONG_PROBE_LENGTH, longest, limit or longest)
+    long_length = min(LONG_PROBE_LENGTH, longest, bound or longest)
     probes, refusal = None, None
     if limit is None and base_device(model).type == "cpu":
-        # Nothing says how long a line the model takes (rotary or hand-made positions, no size in its config and no
-        # causal-mask table): the full probe length is tried, and where the model fails on it (a table of fixed size)
-        # lines no longer than the data's are used. Only on a CPU, where such a failure is an ordinary exception and
-        # the process goes on; on a GPU an index out of range is a device-side assert that leaves the CUDA context
-        # unusable for the rest of the process, so there the probes stay within the lengths the start-up forward
-        # already ran (the data's longest line, below).
+        # No checked positions (rotary or hand-made positions): the full probe length is tried (within a declared
+        # block size), and where the model fails on it (a table of fixed size, a declaration longer than the model
+        # takes) lines no longer than the data's are used. Only on a CPU, where such a failure is an ordinary
+        # exception and the process goes on; on a GPU an index out of range is a device-side assert that leaves the
+        # CUDA context unusable for the rest of the process, so there the probes stay within the declared block size
+        # or, where none is declared, the lengths the start-up forward already ran (the data's longest line, below).
+        length, extra_padding = probe_sizes(block, longest) if block else (PROBE_LENGTH, EXTRA_PADDING)
         try:
-            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, PROBE_LENGTH, seed,
-                                                    long_length=long_length), skip, vocab_size)
+            probes = ModelProbes(model, probe_lines(batches, vocab_size, pad_token_id, length, seed, extra_padding,
+                                                    long_length), skip, vocab_size)
             refusal = probes.run()
         except (IndexError, RuntimeError, AssertionError):  # an index, a shape or `assert seq <= block_size`
-            probes = None
+            probes, bound = None, None
     if probes is None:
-        length, extra_padding = probe_sizes(limit, longest)
+        length, extra_padding = probe_sizes(bound, longest)
         lines = probe_lines(batches, vocab_size, pad_token_id, length, seed, extra_padding, long_length)
         probes = ModelProbes(model, lines, skip, vocab_size)
         refusal = probes.run()
