@@ -236,12 +236,14 @@ def test_a_long_wait_is_named_again_at_each_interval_not_once_nor_flooding(tmp_p
     started = time.monotonic()
     waiting.start()
     time.sleep(2.2)
+    released = time.monotonic() - started
     blocked.release.set()
     waiting.join(timeout=60)
     assert not waiting.is_alive() and writer.error is None
     times = [at - started for at, _ in notes]
-    # First after 0.3 s, then one every 0.6 s: 4 within 2.2 s (0.3, 0.9, 1.5, 2.1), give or take a loaded core.
-    assert 3 <= len(notes) <= 4 and times[0] >= 0.3, times
+    # First after 0.3 s, then one every 0.6 s: 4 before the release (0.3, 0.9, 1.5, 2.1), give or take a loaded
+    # core. On a loaded core the write may still be finishing 0.6 s after the release: a notice then is right.
+    assert 3 <= sum(at < released for at in times) <= 4 and times[0] >= 0.3, times
     assert all(later - earlier >= 0.6 for earlier, later in zip(times, times[1:])), times
     assert all("The run's end waits for checkpoint step-1, writing its files into" in message and "Ctrl-C" in message
                for _, message in notes), notes
