@@ -75,6 +75,29 @@ def search(storage, n_trials, *, kill_at=None, heartbeat_interval=60, output_dir
                                       **keywords)
 
 
+def run_worker(cwd: Path, *args: str):
+    """This file run in a fresh process (as a killed trial's retry must be, to compare bit for bit)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, __file__, *args], cwd=cwd, timeout=300)
+
+
+def kill_a_trial_then_retry(cwd: Path, keywords: dict, kill_at: int):
+    """Trial 0 of study 'shared' SIGKILLed at its ``kill_at``-th training forward, then retried by a second search
+    past the heartbeat's grace period: (the checkpoint steps the kill left, the failed trial, its retry)."""
+    import optuna
+
+    storage = f"sqlite:///{cwd / 'study.db'}"
+    assert run_worker(cwd, storage, "1", "kill", json.dumps(dict(keywords, kill_at=kill_at))).returncode == -9
+    checkpoints = cwd / "outputs" / "search" / "shared" / "trial-0" / "checkpoints"
+    left = sorted(int(p.name[len("step-"):]) for p in checkpoints.glob("step-*"))
+    assert left, "the killed trial wrote no checkpoint"
+    time.sleep(3)  # past the grace period (2 x heartbeat_interval=1 s)
+    assert run_worker(cwd, storage, "1", "ok", json.dumps(keywords)).returncode == 0
+    first, retry = optuna.load_study(study_name="shared", storage=storage).trials
+    return left, first, retry
+
+
 def race(folder: Path, rounds: int, me: str, other: str) -> None:
     """Both processes create round r's new SQLite study within a millisecond of each other."""
     outcomes = []

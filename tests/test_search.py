@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import TinyCausalLM
-from search_worker import CONFIG, data
+from search_worker import CONFIG, data, kill_a_trial_then_retry, run_worker
 from utils.tier3_training_utilities import test_fine_tuning, test_hyperparameter_search
 
 WORKER = Path(__file__).with_name("search_worker.py")
@@ -168,21 +168,13 @@ def test_two_processes_creating_one_new_sqlite_study_at_once_both_finish(tmp_pat
 
 
 def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     # Two epochs of 8 token-budget steps, a checkpoint every 2 steps: the 12th training forward is step 4 of epoch 2.
     keywords = dict(n_epochs=2, checkpoint_every=2, search_space={"learning_rate": ("log", 1e-4, 1e-2)})
-    run = lambda *args: subprocess.run([sys.executable, str(WORKER), *args], cwd=tmp_path, timeout=300)  # noqa: E731
-    assert run(storage, "1", "kill", json.dumps(dict(keywords, kill_at=12))).returncode == -9
-    folder = tmp_path / "outputs" / "search" / "shared" / "trial-0"
-    left = sorted(int(p.name[len("step-"):]) for p in (folder / "checkpoints").glob("step-*"))
-    assert left, "the killed trial wrote no checkpoint"
-    time.sleep(3)  # past the grace period (2 x heartbeat_interval=1 s)
     # The retry and the uninterrupted reference run in fresh worker processes, as the killed trial did: the exact
     # equality below compares the same operations on the same kernels in the same kind of process. (Run in this
     # long-lived pytest process after the earlier tests, the reference once ended 1e-7 away from the retry.)
-    assert run(storage, "1", "ok", json.dumps(keywords)).returncode == 0
-    study = optuna.load_study(study_name="shared", storage=storage)
-    first, retry = study.trials
+    left, first, retry = kill_a_trial_then_retry(tmp_path, keywords, kill_at=12)
+    folder = tmp_path / "outputs" / "search" / "shared" / "trial-0"
     assert first.state == optuna.trial.TrialState.FAIL
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == first.params
     assert retry.system_attrs["failed_trial"] == 0  # Optuna's record of the trial it retries
@@ -190,7 +182,7 @@ def test_trial_killed_mid_epoch_is_retried_from_its_own_checkpoint(tmp_path):
     assert retry.user_attrs["resumed_from_step"] == left[-1]
     assert not (folder.parent / "trial-1").exists()
     fixed = dict(n_epochs=2, checkpoint_every=2, **retry.params)
-    assert run(str(tmp_path / "uninterrupted"), "0", "reference", json.dumps(fixed)).returncode == 0
+    assert run_worker(tmp_path, str(tmp_path / "uninterrupted"), "0", "reference", json.dumps(fixed)).returncode == 0
     uninterrupted = json.loads((tmp_path / "reference.json").read_text())
     assert retry.user_attrs["resumed_from_step"] % (uninterrupted["global_step"] // 2) != 0  # inside an epoch
     assert retry.value == uninterrupted["final_val_loss"]  # bit for bit

@@ -4,7 +4,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from models import TinyCausalLM, tiny_gpt2
-from search_worker import CONFIG, MODEL_SPACE, VOCAB, architecture, data, search
+from search_worker import CONFIG, MODEL_SPACE, VOCAB, architecture, data, kill_a_trial_then_retry, search
 from utils.tier3_training_utilities import test_hyperparameter_search
 
 WORKER = Path(__file__).with_name("search_worker.py")
@@ -103,16 +102,8 @@ def test_two_processes_search_depth_width_and_rate_on_a_journal_each_trial_train
 
 
 def test_a_killed_architecture_trial_resumes_from_its_own_checkpoint_to_the_uninterrupted_value(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
     keywords = dict(architecture=True, checkpoint_every=2, search_space=LEARNING_RATE)
-    run = lambda *args: subprocess.run([sys.executable, str(WORKER), *args], cwd=tmp_path, timeout=300)  # noqa: E731
-    assert run(storage, "1", "kill", json.dumps(dict(keywords, kill_at=5))).returncode == -9
-    folder = tmp_path / "outputs" / "search" / "shared" / "trial-0"
-    left = sorted(int(p.name[len("step-"):]) for p in (folder / "checkpoints").glob("step-*"))
-    assert left, "the killed trial wrote no checkpoint"
-    time.sleep(3)  # past the grace period (2 x heartbeat_interval=1 s)
-    assert run(storage, "1", "ok", json.dumps(keywords)).returncode == 0
-    first, retry = optuna.load_study(study_name="shared", storage=storage).trials
+    left, first, retry = kill_a_trial_then_retry(tmp_path, keywords, kill_at=5)
     assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == first.params and retry.user_attrs["resumed_from_step"] == left[-1]
     assert retry.user_attrs["n_parameters"] == tiny_parameters(retry.params["n_layer"], retry.params["n_embd"])
