@@ -167,9 +167,11 @@ class ModelProbes:
         batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "right_padded": True}
         return self.caller(self.model, batch).float().cpu()
 
-    def tolerance(self, logits: torch.Tensor) -> float:
+    def tolerance(self, logits: torch.Tensor, positions: int | None = None) -> float:
+        """Rounding allowed in ``logits`` (lines of the probe length, or of ``positions`` tokens)."""
+        terms = self.terms if positions is None else _rounding_terms(self.model, positions)
         eps = torch.finfo(next(self.model.parameters()).dtype).eps  # half-precision weights round more
-        return self.terms * max(eps, EPS32) * max(float(logits.abs().max()), EPS32)
+        return terms * max(eps, EPS32) * max(float(logits.abs().max()), EPS32)
 
     def run(self) -> str | None:
         """Every probe not skipped; the refusal message of the first that failed (examples, causal, padding)."""
@@ -256,8 +258,7 @@ class ModelProbes:
         length = rows.shape[1]
         with watch(unwrap(self.model), tuple(rows.shape)) as suspects:
             logits = self.forward(rows)
-        tolerance = (_rounding_terms(self.model, length) * max(torch.finfo(next(self.model.parameters()).dtype).eps,
-                                                                EPS32) * max(float(logits.abs().max()), EPS32))
+        tolerance = self.tolerance(logits, positions=length)
         moved = (logits[1, :length - 1] - logits[0, :length - 1]).abs().amax(dim=-1)
         worst = float(moved.max())
         bad = torch.nonzero(moved > tolerance).flatten()
