@@ -47,11 +47,6 @@ class SettingsGroup:
         """Every field's declared rules, in declaration order (KeyError: a field declared without them)."""
         return {f.name: f.metadata[RULES_KEY] for f in fields(cls)}
 
-    def check_fields(self) -> None:
-        """Each field's declared check."""
-        for name, rules in self.rules().items():
-            rules.check(name, getattr(self, name))
-
     def check_together(self) -> None:
         """Checks between this group's fields (after every field's own check); a group may add them."""
 
